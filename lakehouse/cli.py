@@ -1,0 +1,135 @@
+"""The ``cxr`` command line. Each stage's heavy imports happen inside its subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lakehouse import __version__
+from lakehouse.config import load_settings
+from lakehouse.errors import CxrError
+
+log = logging.getLogger("cxr")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, console=_stderr())],
+    )
+    for noisy in ("py4j", "botocore", "boto3", "urllib3", "s3transfer", "openjpeg", "pydicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stderr():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from transforms.preprocess import run_preprocess
+
+    settings = load_settings().with_overrides(
+        resize_size=args.size,
+        resize_engine=args.resize_engine,
+        tensor_dtype=args.dtype,
+        max_pixels=args.max_pixels,
+    )
+    input_uri = args.input or settings.input_uri
+    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
+    if not input_uri or not lakehouse_uri:
+        raise CxrError("give --input and --lakehouse (or set CXR_INPUT_URI / CXR_LAKEHOUSE_URI)")
+    summary = run_preprocess(input_uri, lakehouse_uri, settings=settings, run_id=args.run_id, progress=not args.no_progress)
+    if args.json:
+        print(summary.to_json())
+        return 0
+    console = Console()
+    table = Table(title=f"preprocess {summary.run_id}", show_header=False)
+    for label, value in [
+        ("discovered", summary.discovered),
+        ("new tensors", summary.new),
+        ("already present", summary.already_present),
+        ("duplicates", summary.duplicates),
+        ("quarantined", summary.quarantined),
+        ("decoded", summary.decoded),
+        ("seconds", f"{summary.seconds:.1f}"),
+    ]:
+        table.add_row(label, str(value))
+    console.print(table)
+    for cls, n in sorted(summary.quarantine_reasons.items()):
+        console.print(f"  quarantined {n} x {cls}  (see the quarantine table for each file's reason)")
+    for pair in summary.duplicate_pairs[:10]:
+        console.print(f"  duplicate: {pair['source_uri']} = {pair['duplicate_of']}")
+    if len(summary.duplicate_pairs) > 10:
+        console.print(f"  ... {len(summary.duplicate_pairs) - 10} more duplicates in {lakehouse_uri}/runs/{summary.run_id}.json")
+    check = "=" if summary.reconciles else "!="
+    console.print(
+        f"discovered {summary.discovered} {check} new {summary.new} + already present {summary.already_present}"
+        f" + duplicates {summary.duplicates} + quarantined {summary.quarantined}"
+    )
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from transforms.sample import write_samples
+
+    paths = write_samples(Path(args.output), count=args.count, include_invalid=args.include_invalid, seed=args.seed)
+    log.info("wrote %d sample files under %s", len(paths), args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cxr`` argument parser."""
+    p = argparse.ArgumentParser(prog="cxr", description="Chest X-ray lakehouse pipeline")
+    p.add_argument("--version", action="version", version=f"cxr {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("preprocess", help="images (folder or s3://) -> Delta tensors + quarantine")
+    pre.add_argument("--input", help="folder or s3://bucket/prefix of PNG/JPEG/DICOM files (recursive)")
+    pre.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    pre.add_argument("--size", type=int, help="output size in pixels (default 224)")
+    pre.add_argument("--resize-engine", choices=["cv2", "skimage"], help="cv2 INTER_AREA (default) or skimage (xrv's training default)")
+    pre.add_argument("--dtype", choices=["float16", "float32"], help="tensor storage dtype (default float16)")
+    pre.add_argument("--max-pixels", type=int, help="refuse images whose header declares more pixels (default 64000000)")
+    pre.add_argument("--run-id", help="run id recorded in every row (default: generated)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress display")
+    pre.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pre.set_defaults(func=_cmd_preprocess)
+
+    smp = sub.add_parser("sample", help="write synthetic chest-X-ray-like PNG/JPEG/DICOM files")
+    smp.add_argument("--output", required=True, help="folder to write into")
+    smp.add_argument("--count", type=int, default=34, help="number of valid images (default 34: two of each kind)")
+    smp.add_argument("--include-invalid", action="store_true", help="also write one file of every invalid kind")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.set_defaults(func=_cmd_sample)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cxr`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except CxrError as exc:
+        print(f"cxr {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cxr {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The project's named errors.
+
+Every error carries a message a user can act on. Input errors (one bad file) become a row in the
+``quarantine`` table with the class name as ``error_class``; the run goes on. Stage errors (the stage
+itself cannot run) end the CLI with a one-line reason and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+
+class CxrError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+# --- one input file cannot become a tensor: quarantined, the run goes on ---------------------------
+class InputError(CxrError):
+    """One input file cannot become a tensor; it is quarantined with this error's class and message."""
+
+
+class EmptyFileError(InputError):
+    """The file has zero bytes."""
+
+
+class UnsupportedFormatError(InputError):
+    """The bytes are not PNG, JPEG or DICOM (checked by signature, not by file extension)."""
+
+
+class DecodeError(InputError):
+    """The file claims a supported format but its content cannot be decoded (corrupt or truncated)."""
+
+
+class NoPixelDataError(InputError):
+    """A DICOM file without a Pixel Data element (e.g. a structured report or a presentation state)."""
+
+
+class UnsupportedImageError(InputError):
+    """A decodable image this pipeline does not turn into a tensor (photometric, frames, sign, ...)."""
+
+
+class ImageTooLargeError(InputError):
+    """The header declares more pixels than the configured limit; refused before decoding."""
+
+
+class PixelRangeError(InputError):
+    """Pixel values exceed the maximum the header allows (e.g. above 2**BitsStored - 1)."""
+
+
+class SourceReadError(InputError):
+    """The file was listed but its bytes could not be read (permissions, vanished, network)."""
+
+
+# --- the stage itself cannot run ----------------------------------------------------------------------
+class ConfigError(CxrError):
+    """A setting is missing or invalid."""
+
+
+class StorageError(CxrError):
+    """A folder or s3:// location cannot be listed, read or written."""
+
+
+class JarsNotFoundError(CxrError):
+    """The Delta / S3A jars are neither in the local Maven repository nor downloadable."""
+
+
+class WeightsNotFoundError(CxrError):
+    """No model weights could be found or downloaded."""

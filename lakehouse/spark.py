@@ -1,0 +1,211 @@
+"""The Spark session factory (the only module of ``lakehouse/`` that imports pyspark).
+
+- Locally: ``local[*]``, Delta Lake enabled, S3A for ``s3://`` with an endpoint override for a local
+  S3 server. The Delta and S3A jars come from the local Maven repository (resolved by ``make setup``
+  into ``jvm/classpath.txt``), so no network is needed; without that file the standard
+  ``configure_spark_with_delta_pip`` path downloads them (machines with internet).
+- Under ``spark-submit`` (EMR, the Airflow SparkSubmitOperator) the session that spark-submit
+  configured is used unchanged; only settings it lacks are added.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lakehouse.config import Settings
+from lakehouse.storage import hadoop_uri, table_uri
+from lakehouse.tables import TableSpec
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+log = logging.getLogger(__name__)
+
+DELTA_VERSION = "4.4.0"  # keep in step with jvm/pom.xml and the delta-spark pin
+HADOOP_AWS_PACKAGE = "org.apache.hadoop:hadoop-aws:3.4.2"  # = the hadoop-client jars in pyspark/jars
+CLASSPATH_FILE = Path(__file__).resolve().parent.parent / "jvm" / "classpath.txt"
+
+
+def _artifact_id(jar: Path) -> str:
+    """``delta-storage-4.4.0.jar`` -> ``delta-storage`` (the name without its version)."""
+    parts = jar.stem.split("-")
+    for i, p in enumerate(parts):
+        if p[:1].isdigit():
+            return "-".join(parts[:i])
+    return jar.stem
+
+
+def local_jars(classpath_file: Path = CLASSPATH_FILE) -> list[str] | None:
+    """The resolved jars Spark itself lacks, or None when ``make setup`` has not resolved them.
+
+    Jars whose artifact Spark already ships (jackson, parquet, hadoop-client, scala-library, ...) are
+    left out so Spark's own versions win.
+    """
+    path = Path(os.environ.get("CXR_SPARK_CLASSPATH_FILE", classpath_file))
+    if not path.is_file():
+        return None
+    import pyspark
+
+    jars = [Path(p) for p in path.read_text().strip().split(os.pathsep) if p]
+    if not jars or not all(j.is_file() for j in jars):
+        log.warning("%s lists jars that are missing; run `make setup` again", path)
+        return None
+    shipped = {_artifact_id(j) for j in (Path(pyspark.__file__).parent / "jars").glob("*.jar")}
+    return [str(j) for j in jars if _artifact_id(j) not in shipped]
+
+
+def _s3a_conf(settings: Settings) -> dict[str, str]:
+    conf = {
+        "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "spark.hadoop.fs.s3a.aws.credentials.provider": (
+            "software.amazon.awssdk.auth.credentials.DefaultCredentialsProvider"
+        ),
+        "spark.hadoop.fs.s3a.endpoint.region": settings.s3_region,
+    }
+    if not _on_emr():
+        # On EMR s3:// is EMRFS; elsewhere map it to S3A so the same URIs work everywhere.
+        conf["spark.hadoop.fs.s3.impl"] = "org.apache.hadoop.fs.s3a.S3AFileSystem"
+    if settings.s3_endpoint_url:
+        conf.update(
+            {
+                "spark.hadoop.fs.s3a.endpoint": settings.s3_endpoint_url,
+                "spark.hadoop.fs.s3a.path.style.access": "true",
+                "spark.hadoop.fs.s3a.connection.ssl.enabled": str(
+                    settings.s3_endpoint_url.startswith("https")
+                ).lower(),
+                "spark.hadoop.fs.s3a.change.detection.mode": "none",
+            }
+        )
+    return conf
+
+
+def _on_emr() -> bool:
+    return Path("/usr/lib/spark/conf/spark-defaults.conf").exists() and Path("/emr").exists()
+
+
+def spark_conf(settings: Settings) -> dict[str, str]:
+    """Every configuration value the pipeline sets on its session (besides the jars)."""
+    conf = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.parquet.compression.codec": "zstd",
+        # New tables stay readable by delta-rs and Athena: no deletion vectors, no row tracking.
+        "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
+        "spark.databricks.delta.properties.defaults.enableRowTracking": "false",
+        "spark.databricks.delta.retentionDurationCheck.enabled": "true",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+    }
+    conf.update(_s3a_conf(settings))
+    return conf
+
+
+def get_spark(settings: Settings, *, app_name: str = "cxr") -> SparkSession:
+    """Return the process-wide Spark session, creating it when needed.
+
+    Args:
+        settings: the pipeline settings (master, S3 endpoint).
+        app_name: the Spark application name.
+
+    Returns:
+        A session with Delta Lake and S3 configured.
+    """
+    from pyspark.sql import SparkSession
+
+    # Python workers must run this interpreter (the venv), not whatever `python3` is on PATH.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    conf = spark_conf(settings)
+    if os.environ.get("SPARK_ENV_LOADED") or "SPARK_SUBMIT_OPTS" in os.environ or _launched_by_spark_submit():
+        # spark-submit (EMR, Airflow's SparkSubmitOperator) already chose master, jars and memory.
+        builder = SparkSession.builder.appName(app_name)
+        for k, v in conf.items():
+            builder = builder.config(k, v)
+        return builder.getOrCreate()
+
+    if (settings.spark_master or "local").startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .master(settings.spark_master or "local[*]")
+        .config("spark.driver.memory", os.environ.get("CXR_SPARK_DRIVER_MEMORY", "4g"))
+        .config("spark.ui.enabled", os.environ.get("CXR_SPARK_UI", "false"))
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", os.environ.get("CXR_SHUFFLE_PARTITIONS", "8"))
+        .config("spark.python.worker.reuse", "true")
+        # Delta rebuilds table state after each commit with this many shuffle partitions (default 50:
+        # seconds of task overhead on a laptop for a log of a few files).
+        .config("spark.databricks.delta.snapshotPartitions", os.environ.get("CXR_DELTA_SNAPSHOT_PARTITIONS", "2"))
+        .config("spark.driver.extraJavaOptions", "-Dlog4j.rootLogger=WARN")
+    )
+    for k, v in conf.items():
+        builder = builder.config(k, v)
+    jars = local_jars()
+    if jars is not None:
+        builder = builder.config("spark.jars", ",".join(jars))
+    else:
+        from delta import configure_spark_with_delta_pip
+
+        log.warning(
+            "jvm/classpath.txt not found (run `make setup`): asking Ivy for Delta %s and %s (needs internet)",
+            DELTA_VERSION,
+            HADOOP_AWS_PACKAGE,
+        )
+        builder = configure_spark_with_delta_pip(builder, extra_packages=[HADOOP_AWS_PACKAGE])
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("CXR_SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+def _launched_by_spark_submit() -> bool:
+    """True when this Python process was started by spark-submit (it sets PYSPARK_GATEWAY_PORT)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+# --- tables --------------------------------------------------------------------------------------------
+def spark_schema(spec: TableSpec) -> StructType:
+    """The table contract as a Spark schema."""
+    from pyspark.sql.types import StructField, StructType, _parse_datatype_string
+
+    return StructType(
+        [StructField(c.name, _parse_datatype_string(c.type), c.nullable, {"comment": c.doc} if c.doc else {}) for c in spec.columns]
+    )
+
+
+def read_table(spark: SparkSession, lakehouse_uri: str, spec: TableSpec, settings: Settings) -> DataFrame:
+    """The current version of a lakehouse table as a DataFrame (created empty when missing)."""
+    from lakehouse.delta import ensure_table
+
+    ensure_table(lakehouse_uri, spec, settings)
+    return spark.read.format("delta").load(hadoop_uri(table_uri(lakehouse_uri, spec.name)))
+
+
+def merge_insert_new(spark: SparkSession, source: DataFrame, lakehouse_uri: str, spec: TableSpec, settings: Settings) -> int:
+    """MERGE ``source`` into the table on its key, inserting only rows whose key is not there yet.
+
+    Keys are compared null-safely (``<=>``). Rerunning with the same source inserts nothing.
+
+    Returns:
+        The number of rows inserted (from the Delta commit's operation metrics).
+    """
+    from delta.tables import DeltaTable
+
+    from lakehouse.delta import ensure_table
+
+    ensure_table(lakehouse_uri, spec, settings)
+    uri = hadoop_uri(table_uri(lakehouse_uri, spec.name))
+    target = DeltaTable.forPath(spark, uri)
+    cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in spec.key)
+    metrics = (
+        target.alias("t").merge(source.select(*spec.column_names).alias("s"), cond).whenNotMatchedInsertAll().execute()
+    ).collect()
+    return int(metrics[0]["num_inserted_rows"]) if metrics else 0

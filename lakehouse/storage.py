@@ -1,0 +1,227 @@
+"""Storage in one place: local folders and ``s3://`` alike.
+
+Nothing outside ``lakehouse/`` builds a table path or an object-store client by hand. A URI is either
+a local path (relative or absolute) or ``s3://bucket/prefix``. An S3-compatible endpoint (moto, MinIO)
+is honoured everywhere through ``Settings.s3_endpoint_url``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lakehouse.errors import SourceReadError, StorageError
+
+if TYPE_CHECKING:
+    from lakehouse.config import Settings
+
+TABLE_NAMES = ("tensors", "quarantine", "predictions")
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One file found under an input URI."""
+
+    uri: str
+    size: int
+    #: modification time in milliseconds since the epoch (UTC).
+    mtime_ms: int
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://``, ``s3a://`` and ``s3n://`` URIs."""
+    return uri.split("://", 1)[0].lower() in ("s3", "s3a", "s3n") and "://" in uri
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into ``(bucket, key)``."""
+    if not is_s3(uri):
+        raise StorageError(f"not an s3:// URI: {uri!r}")
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def normalize_uri(uri: str) -> str:
+    """Canonical form: ``s3://bucket/prefix`` (no trailing slash) or an absolute local path."""
+    if not uri:
+        raise StorageError("empty URI: give a local folder or an s3://bucket/prefix")
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        key = key.strip("/")
+        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI, for folders and s3:// alike."""
+    base = normalize_uri(uri)
+    tail = "/".join(p.strip("/") for p in parts if p)
+    return f"{base}/{tail}" if tail else base
+
+
+def table_uri(lakehouse_uri: str, table: str) -> str:
+    """Where table ``table`` of the lakehouse lives."""
+    if table not in TABLE_NAMES:
+        raise StorageError(f"unknown table {table!r}: expected one of {TABLE_NAMES}")
+    return join(lakehouse_uri, table)
+
+
+def hadoop_uri(uri: str) -> str:
+    """The URI Spark/Hadoop understands: ``file:`` for local paths, s3:// kept as is.
+
+    ``s3://`` is served by EMRFS on EMR and mapped to S3A elsewhere by the session factory.
+    """
+    u = normalize_uri(uri)
+    return u if is_s3(u) else f"file:{u}"
+
+
+# --- object store clients --------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def _s3_client(endpoint_url: str, region: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or None,
+        region_name=region,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"} if endpoint_url else {}),
+    )
+
+
+def s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client for the configured endpoint (cached per process)."""
+    return _s3_client(settings.s3_endpoint_url, settings.s3_region)
+
+
+def delta_storage_options(uri: str, settings: Settings) -> dict[str, str]:
+    """Storage options for delta-rs (``deltalake``) for this URI; empty for local paths."""
+    if not is_s3(uri):
+        return {}
+    opts = {"AWS_REGION": settings.s3_region}
+    if settings.s3_endpoint_url:
+        opts["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
+        opts["AWS_ALLOW_HTTP"] = "true"
+        opts["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if os.environ.get(var):
+            opts[var] = os.environ[var]
+    return opts
+
+
+# --- listing and reading ---------------------------------------------------------------------------
+def list_files(uri: str, settings: Settings) -> Iterator[ListedFile]:
+    """Every regular file under ``uri``, recursively, hidden files included (nothing is skipped).
+
+    Args:
+        uri: a local folder, a single local file, or an ``s3://bucket/prefix``.
+        settings: for the S3 endpoint.
+
+    Returns:
+        An iterator of listed files in a stable (sorted) order.
+
+    Raises:
+        StorageError: when the location does not exist or cannot be listed.
+    """
+    u = normalize_uri(uri)
+    if is_s3(u):
+        yield from _list_s3(u, settings)
+        return
+    root = Path(u)
+    if root.is_file():
+        st = root.stat()
+        yield ListedFile(str(root), st.st_size, int(st.st_mtime * 1000))
+        return
+    if not root.is_dir():
+        raise StorageError(f"input folder not found: {u}")
+    found: list[ListedFile] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
+        dirnames.sort()
+        for name in filenames:
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()
+            except OSError as exc:  # a dangling link: still an input, quarantined when read
+                found.append(ListedFile(str(p), -1, 0))
+                del exc
+                continue
+            if p.is_file():
+                found.append(ListedFile(str(p), st.st_size, int(st.st_mtime * 1000)))
+    found.sort(key=lambda f: f.uri)
+    yield from found
+
+
+def _raise_walk_error(exc: OSError) -> None:
+    raise StorageError(f"cannot list {exc.filename}: {exc.strerror}") from exc
+
+
+def _list_s3(uri: str, settings: Settings) -> Iterator[ListedFile]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    prefix = f"{key}/" if key else ""
+    client = s3_client(settings)
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue  # a "folder" marker object, not a file
+                yield ListedFile(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), int(obj["LastModified"].timestamp() * 1000))
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageError(f"cannot list {uri}: {exc}") from exc
+
+
+def read_bytes(uri: str, settings: Settings) -> bytes:
+    """Read one input file.
+
+    Raises:
+        SourceReadError: when the bytes cannot be read (an input error: the file is quarantined).
+    """
+    if is_s3(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            body: bytes = s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise SourceReadError(f"cannot read {uri}: {exc}") from exc
+        return body
+    try:
+        return Path(uri).read_bytes()
+    except OSError as exc:
+        raise SourceReadError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+
+
+def write_text(uri: str, text: str, settings: Settings, *, content_type: str = "text/plain") -> None:
+    """Write a small text object (a run summary, a report) to a folder or s3://."""
+    u = normalize_uri(uri)
+    if is_s3(u):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(u)
+        try:
+            s3_client(settings).put_object(Bucket=bucket, Key=key, Body=text.encode(), ContentType=content_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot write {u}: {exc}") from exc
+        return
+    p = Path(u)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
+def read_text(uri: str, settings: Settings) -> str:
+    """Read a small text object written by :func:`write_text`."""
+    u = normalize_uri(uri)
+    if is_s3(u):
+        return read_bytes(u, settings).decode()
+    return Path(u).read_text()

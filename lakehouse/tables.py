@@ -1,0 +1,141 @@
+"""Table contracts: columns, keys and Delta table properties of ``tensors``, ``quarantine`` (and later
+``predictions``), defined once and rendered as Arrow (delta-rs, DuckDB) or Spark schemas.
+
+Tables stay readable by Athena engine v3 and by delta-rs: reader version 1, writer version 2, no
+deletion vectors, no column mapping, no VARIANT, no TIMESTAMP_NTZ (a test checks the protocol).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a table contract. ``type`` is a Spark SQL type name (also rendered for Arrow)."""
+
+    name: str
+    type: str
+    nullable: bool = True
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table's contract: its name, merge key, columns and Delta properties."""
+
+    name: str
+    key: tuple[str, ...]
+    columns: tuple[Column, ...]
+    properties: tuple[tuple[str, str], ...]
+
+    @property
+    def column_names(self) -> list[str]:
+        """Column names in contract order."""
+        return [c.name for c in self.columns]
+
+
+#: Delta properties of every table: the protocol Athena v3 and delta-rs read.
+READABLE_PROTOCOL: tuple[tuple[str, str], ...] = (
+    ("delta.minReaderVersion", "1"),
+    ("delta.minWriterVersion", "2"),
+    ("delta.enableDeletionVectors", "false"),
+    ("delta.enableChangeDataFeed", "false"),
+    ("delta.appendOnly", "false"),
+)
+
+DIRECT_IDENTIFIERS = (
+    "patient_name",
+    "patient_id",
+    "patient_birth_date",
+    "patient_address",
+    "other_patient_ids",
+    "accession_number",
+    "institution_name",
+    "referring_physician_name",
+)
+
+TENSORS = TableSpec(
+    name="tensors",
+    key=("image_id",),
+    columns=(
+        Column("image_id", "string", False, "sha256 hex of the source file's bytes"),
+        Column("tensor", "binary", False, "C-order little-endian values of tensor_dtype"),
+        Column("tensor_dtype", "string", False, "'float16' or 'float32'"),
+        Column("tensor_shape", "array<int>", False, "e.g. [1, 224, 224]"),
+        Column("tensor_min", "float", True, "minimum stored value (on the [-1024, 1024] scale)"),
+        Column("tensor_max", "float", True, "maximum stored value"),
+        Column("source_uri", "string", False, "first path the bytes were found under"),
+        Column("source_bytes", "bigint", False, "size of the source file"),
+        Column("source_modified_at", "timestamp", True, "modification time of the source file"),
+        Column("source_format", "string", False, "png, jpeg or dicom"),
+        Column("width", "int", False, "original width in pixels"),
+        Column("height", "int", False, "original height in pixels"),
+        Column("bits_stored", "int", False, "bit depth the normalisation used (maxval = 2**bits - 1)"),
+        Column("photometric", "string", True, "DICOM PhotometricInterpretation, or PNG/JPEG colour type"),
+        Column("transfer_syntax", "string", True, "DICOM transfer syntax UID"),
+        Column("study_uid", "string", True),
+        Column("series_uid", "string", True),
+        Column("sop_uid", "string", True),
+        Column("modality", "string", True),
+        Column("view_position", "string", True),
+        Column("patient_pseudonym", "string", True, "HMAC-SHA256 of PatientID with the secret pseudonym key"),
+        Column("preprocess_version", "string", False),
+        Column("preprocess_params", "string", False, "JSON: size, resize engine, dtype, library versions"),
+        Column("run_id", "string", False),
+        Column("ingested_at", "timestamp", False),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+
+QUARANTINE = TableSpec(
+    name="quarantine",
+    key=("source_uri", "content_sha256", "error_class"),
+    columns=(
+        Column("source_uri", "string", False),
+        Column("content_sha256", "string", True, "null when the bytes could not be read"),
+        Column("source_bytes", "bigint", True),
+        Column("stage", "string", False, "the stage that refused the input, e.g. 'preprocess'"),
+        Column("error_class", "string", False, "class name of the error, e.g. DecodeError"),
+        Column("error_message", "string", False, "what is wrong and what to do about it"),
+        Column("run_id", "string", False),
+        Column("quarantined_at", "timestamp", False),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+
+SPECS = {s.name: s for s in (TENSORS, QUARANTINE)}
+
+
+def arrow_type(type_name: str) -> pa.DataType:
+    """The Arrow type of a contract type name."""
+    import pyarrow as pa
+
+    simple = {
+        "string": pa.string(),
+        "binary": pa.binary(),
+        "int": pa.int32(),
+        "bigint": pa.int64(),
+        "float": pa.float32(),
+        "double": pa.float64(),
+        "boolean": pa.bool_(),
+        "timestamp": pa.timestamp("us", tz="UTC"),
+    }
+    if type_name in simple:
+        return simple[type_name]
+    if type_name.startswith("array<") and type_name.endswith(">"):
+        return pa.list_(arrow_type(type_name[6:-1]))
+    raise ValueError(f"unsupported contract type {type_name!r}")
+
+
+def arrow_schema(spec: TableSpec) -> pa.Schema:
+    """The table's Arrow schema (what delta-rs and DuckDB see)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [pa.field(c.name, arrow_type(c.type), nullable=c.nullable, metadata={"comment": c.doc} if c.doc else None) for c in spec.columns]
+    )

@@ -1,0 +1,1 @@
+"""The Spark preprocessing job and the pure decode/normalise functions it maps over partitions."""
