@@ -1,0 +1,99 @@
+"""Shared fixtures: one Spark session, one local S3 server (moto) on 127.0.0.1, generated data."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Never reach AWS: fake credentials, and every S3 client points at the local server below.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+
+from lakehouse.config import Settings, load_settings  # noqa: E402
+
+TEST_KEY = "test-pseudonym-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server in server mode on 127.0.0.1 for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(s3_endpoint: str) -> Settings:
+    """Test settings: local profile, the local S3 server, a test pseudonym key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update({"CXR_S3_ENDPOINT_URL": s3_endpoint, "CXR_PSEUDONYM_KEY": TEST_KEY, "CXR_FILES_PER_TASK": "8"})
+    return load_settings(env)
+
+
+@pytest.fixture(scope="session")
+def spark(settings: Settings):  # type: ignore[no-untyped-def]
+    """One Spark session (local[2], Delta, S3A -> the local S3 server) for the whole test session."""
+    from lakehouse.spark import get_spark
+
+    session = get_spark(settings.with_overrides(spark_master="local[2]"), app_name="cxr-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def samples_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One image of every valid kind and one file of every invalid kind (read-only for tests)."""
+    from transforms.sample import VALID_KINDS, write_samples
+
+    out = tmp_path_factory.mktemp("samples")
+    write_samples(out, count=len(VALID_KINDS), include_invalid=True, seed=100)
+    return out
+
+
+def make_bucket(settings: Settings, name: str) -> str:
+    """Create a bucket on the local S3 server; return its s3:// URI."""
+    from lakehouse.storage import s3_client
+
+    client = s3_client(settings)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if name not in existing:
+        client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload_dir(settings: Settings, local: Path, s3_uri: str) -> int:
+    """Upload every file under ``local`` to ``s3_uri`` keeping relative paths; return the count."""
+    from lakehouse.storage import s3_client, split_s3
+
+    bucket, prefix = split_s3(s3_uri)
+    client = s3_client(settings)
+    n = 0
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            key = f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/")
+            client.put_object(Bucket=bucket, Key=key, Body=p.read_bytes())
+            n += 1
+    return n
