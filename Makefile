@@ -1,0 +1,64 @@
+# Chest X-ray lakehouse pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CXR := $(VENV)/bin/cxr
+STAMP := $(VENV)/.installed
+CLASSPATH_FILE := jvm/classpath.txt
+SAMPLES ?= data/samples
+LAKEHOUSE ?= data/lakehouse
+COUNT ?= 34
+
+.PHONY: help setup run sample test test-fast lint bench lock clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10-3.13)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) check
+	touch $(STAMP)
+
+$(CLASSPATH_FILE): jvm/pom.xml
+	@command -v java >/dev/null || { echo "need a Java 17+ runtime for Spark (Debian: apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "need Maven to resolve the Delta/S3A jars (Debian: apt-get install maven)"; exit 1; }
+	cd jvm && mvn -q -B dependency:resolve && mvn -q -B dependency:build-classpath -Dmdep.outputFile=classpath.txt
+	@echo "Spark jars resolved into the local Maven repository ($(CLASSPATH_FILE))"
+
+setup: $(STAMP) $(CLASSPATH_FILE) ## create .venv, install everything (locked), resolve the Spark jars with Maven
+
+sample: setup ## generate synthetic sample X-rays into $(SAMPLES)
+	$(CXR) sample --output $(SAMPLES) --count $(COUNT) --include-invalid
+
+run: sample ## the main job: sample images -> Spark preprocessing -> Delta tensors + quarantine
+	$(CXR) preprocess --input $(SAMPLES) --lakehouse $(LAKEHOUSE)
+	@echo
+	@echo "tables:   $(LAKEHOUSE)/tensors  $(LAKEHOUSE)/quarantine   (Delta Lake)"
+	@echo "summary:  $(LAKEHOUSE)/runs/<run_id>.json"
+
+test: setup ## run the whole test suite (slow tests included, as in CI)
+	$(PY) -m pytest -q
+
+test-fast: setup ## run the tests that need no Spark / S3 server
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup ## ruff + mypy
+	$(VENV)/bin/ruff check lakehouse transforms tests bench
+	$(VENV)/bin/ruff format --check lakehouse transforms tests bench
+	$(VENV)/bin/mypy
+
+bench: setup ## preprocessing benchmark (results -> docs/benchmarks.md by hand)
+	$(PY) bench/preprocess.py
+
+lock: ## re-resolve and rewrite constraints.txt from the current .venv
+	$(PIP) freeze --exclude-editable > constraints.txt
+
+clean: ## remove generated data (keeps .venv and the Maven repository)
+	rm -rf data .pytest_cache
