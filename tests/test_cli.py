@@ -1,0 +1,53 @@
+"""The `cxr` console script as a process: exit codes, one-line errors, JSON summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transforms.sample import INVALID_KINDS
+
+CXR = str(Path(sys.executable).parent / "cxr")
+
+
+def _cxr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "CXR_PSEUDONYM_KEY": "cli-test-key", **(env or {})}
+    return subprocess.run([CXR, *args], capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def test_sample_writes_every_kind(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    r = _cxr("sample", "--output", str(out), "--count", "5", "--include-invalid")
+    assert r.returncode == 0, r.stderr
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(files) == 5 + len(INVALID_KINDS)
+    assert {p.suffix for p in files[:5]} >= {".png"}
+
+
+def test_missing_input_fails_with_one_line_reason(tmp_path: Path) -> None:
+    r = _cxr("preprocess", "--input", str(tmp_path / "nope"), "--lakehouse", str(tmp_path / "lake"))
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("cxr preprocess: StorageError: input folder not found:")
+
+
+def test_bad_setting_fails_before_spark(tmp_path: Path) -> None:
+    r = _cxr("preprocess", "--input", str(tmp_path), "--lakehouse", str(tmp_path / "l"), env={"CXR_RESIZE_ENGINE": "magic"})
+    assert r.returncode == 2 and "CXR_RESIZE_ENGINE='magic'" in r.stderr
+
+
+@pytest.mark.slow
+def test_preprocess_process_prints_reconciled_json(tmp_path: Path) -> None:
+    samples, lake = tmp_path / "s", tmp_path / "lake"
+    assert _cxr("sample", "--output", str(samples), "--count", "4", "--include-invalid").returncode == 0
+    r = _cxr("preprocess", "--input", str(samples), "--lakehouse", str(lake), "--json", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert summary["discovered"] == 4 + len(INVALID_KINDS)
+    assert (summary["new"], summary["quarantined"], summary["reconciles"]) == (4, len(INVALID_KINDS), True)
+    assert (lake / "tensors" / "_delta_log").is_dir() and (lake / "runs" / f"{summary['run_id']}.json").is_file()
