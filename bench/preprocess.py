@@ -89,7 +89,16 @@ def reference_loop(paths: list[Path]) -> float:
 def cxr_preprocess(folder: Path, lakehouse: Path) -> tuple[float, dict]:
     """Wall time of `cxr preprocess` as a fresh process, and its JSON summary."""
     shutil.rmtree(lakehouse, ignore_errors=True)
-    cmd = [str(ROOT / ".venv/bin/cxr"), "preprocess", "--input", str(folder), "--lakehouse", str(lakehouse), "--no-progress", "--json"]
+    cmd = [
+        str(ROOT / ".venv/bin/cxr"),
+        "preprocess",
+        "--input",
+        str(folder),
+        "--lakehouse",
+        str(lakehouse),
+        "--no-progress",
+        "--json",
+    ]
     env = {**os.environ, "CXR_PSEUDONYM_KEY": "bench-key"}
     t = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)

@@ -50,9 +50,11 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     lakehouse_uri = args.lakehouse or settings.lakehouse_uri
     if not input_uri or not lakehouse_uri:
         raise CxrError("give --input and --lakehouse (or set CXR_INPUT_URI / CXR_LAKEHOUSE_URI)")
-    summary = run_preprocess(input_uri, lakehouse_uri, settings=settings, run_id=args.run_id, progress=not args.no_progress)
+    summary = run_preprocess(
+        input_uri, lakehouse_uri, settings=settings, run_id=args.run_id, progress=not args.no_progress
+    )
     if args.json:
-        print(summary.to_json())
+        sys.stdout.write(summary.to_json() + "\n")
         return 0
     console = Console()
     table = Table(title=f"preprocess {summary.run_id}", show_header=False)
@@ -72,7 +74,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     for pair in summary.duplicate_pairs[:10]:
         console.print(f"  duplicate: {pair['source_uri']} = {pair['duplicate_of']}")
     if len(summary.duplicate_pairs) > 10:
-        console.print(f"  ... {len(summary.duplicate_pairs) - 10} more duplicates in {lakehouse_uri}/runs/{summary.run_id}.json")
+        console.print(
+            f"  ... {len(summary.duplicate_pairs) - 10} more duplicates in {lakehouse_uri}/runs/{summary.run_id}.json"
+        )
     check = "=" if summary.reconciles else "!="
     console.print(
         f"discovered {summary.discovered} {check} new {summary.new} + already present {summary.already_present}"
@@ -100,9 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--input", help="folder or s3://bucket/prefix of PNG/JPEG/DICOM files (recursive)")
     pre.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
     pre.add_argument("--size", type=int, help="output size in pixels (default 224)")
-    pre.add_argument("--resize-engine", choices=["cv2", "skimage"], help="cv2 INTER_AREA (default) or skimage (xrv's training default)")
+    pre.add_argument(
+        "--resize-engine",
+        choices=["cv2", "skimage"],
+        help="cv2 INTER_AREA (default) or skimage (xrv's training default)",
+    )
     pre.add_argument("--dtype", choices=["float16", "float32"], help="tensor storage dtype (default float16)")
-    pre.add_argument("--max-pixels", type=int, help="refuse images whose header declares more pixels (default 64000000)")
+    pre.add_argument(
+        "--max-pixels", type=int, help="refuse images whose header declares more pixels (default 64000000)"
+    )
     pre.add_argument("--run-id", help="run id recorded in every row (default: generated)")
     pre.add_argument("--no-progress", action="store_true", help="no progress display")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -124,10 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CxrError as exc:
-        print(f"cxr {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.stderr.write(f"cxr {args.command}: {type(exc).__name__}: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        print(f"cxr {args.command}: interrupted", file=sys.stderr)
+        sys.stderr.write(f"cxr {args.command}: interrupted\n")
         return 130
 
 

@@ -65,7 +65,7 @@ class Settings:
 
     def with_overrides(self, **overrides: object) -> Settings:
         """Return a copy with the non-None overrides applied (CLI flags)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
 
 def _int_env(name: str, default: int) -> int:

@@ -59,11 +59,14 @@ def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settin
     if rows.num_rows == 0:
         return 0
     dt = ensure_table(lakehouse_uri, spec, settings)
-    predicate = " AND ".join(
-        f"(t.{k} = s.{k} OR (t.{k} IS NULL AND s.{k} IS NULL))" for k in spec.key
-    )
+    predicate = " AND ".join(f"(t.{k} = s.{k} OR (t.{k} IS NULL AND s.{k} IS NULL))" for k in spec.key)
     metrics = (
-        dt.merge(rows.select(spec.column_names).cast(arrow_schema(spec)), predicate=predicate, source_alias="s", target_alias="t")
+        dt.merge(
+            rows.select(spec.column_names).cast(arrow_schema(spec)),
+            predicate=predicate,
+            source_alias="s",
+            target_alias="t",
+        )
         .when_not_matched_insert_all()
         .execute()
     )

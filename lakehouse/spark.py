@@ -75,9 +75,7 @@ def _s3a_conf(settings: Settings) -> dict[str, str]:
             {
                 "spark.hadoop.fs.s3a.endpoint": settings.s3_endpoint_url,
                 "spark.hadoop.fs.s3a.path.style.access": "true",
-                "spark.hadoop.fs.s3a.connection.ssl.enabled": str(
-                    settings.s3_endpoint_url.startswith("https")
-                ).lower(),
+                "spark.hadoop.fs.s3a.connection.ssl.enabled": str(settings.s3_endpoint_url.startswith("https")).lower(),
                 "spark.hadoop.fs.s3a.change.detection.mode": "none",
             }
         )
@@ -145,7 +143,10 @@ def get_spark(settings: Settings, *, app_name: str = "cxr") -> SparkSession:
         # Delta rebuilds table state after each commit with this many shuffle partitions (default 50:
         # seconds of task overhead on a laptop for a log of a few files).
         .config("spark.databricks.delta.snapshotPartitions", os.environ.get("CXR_DELTA_SNAPSHOT_PARTITIONS", "2"))
-        .config("spark.driver.extraJavaOptions", os.environ.get("CXR_SPARK_JAVA_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"))
+        .config(
+            "spark.driver.extraJavaOptions",
+            os.environ.get("CXR_SPARK_JAVA_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"),
+        )
     )
     for k, v in conf.items():
         builder = builder.config(k, v)
@@ -181,7 +182,10 @@ def spark_schema(spec: TableSpec) -> StructType:
     from pyspark.sql.types import StructField, StructType, _parse_datatype_string
 
     return StructType(
-        [StructField(c.name, _parse_datatype_string(c.type), c.nullable, {"comment": c.doc} if c.doc else {}) for c in spec.columns]
+        [
+            StructField(c.name, _parse_datatype_string(c.type), c.nullable, {"comment": c.doc} if c.doc else {})
+            for c in spec.columns
+        ]
     )
 
 
@@ -193,7 +197,9 @@ def read_table(spark: SparkSession, lakehouse_uri: str, spec: TableSpec, setting
     return spark.read.format("delta").load(hadoop_uri(table_uri(lakehouse_uri, spec.name)))
 
 
-def merge_insert_new(spark: SparkSession, source: DataFrame, lakehouse_uri: str, spec: TableSpec, settings: Settings) -> int:
+def merge_insert_new(
+    spark: SparkSession, source: DataFrame, lakehouse_uri: str, spec: TableSpec, settings: Settings
+) -> int:
     """MERGE ``source`` into the table on its key, inserting only rows whose key is not there yet.
 
     Keys are compared null-safely (``<=>``). Rerunning with the same source inserts nothing.

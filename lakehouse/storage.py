@@ -94,7 +94,9 @@ def _s3_client(endpoint_url: str, region: str) -> Any:
         "s3",
         endpoint_url=endpoint_url or None,
         region_name=region,
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"} if endpoint_url else {}),
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"} if endpoint_url else {}
+        ),
     )
 
 
@@ -176,7 +178,9 @@ def _list_s3(uri: str, settings: Settings) -> Iterator[ListedFile]:
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith("/"):
                     continue  # a "folder" marker object, not a file
-                yield ListedFile(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), int(obj["LastModified"].timestamp() * 1000))
+                yield ListedFile(
+                    f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), int(obj["LastModified"].timestamp() * 1000)
+                )
     except (BotoCoreError, ClientError) as exc:
         raise StorageError(f"cannot list {uri}: {exc}") from exc
 

@@ -137,5 +137,8 @@ def arrow_schema(spec: TableSpec) -> pa.Schema:
     import pyarrow as pa
 
     return pa.schema(
-        [pa.field(c.name, arrow_type(c.type), nullable=c.nullable, metadata={"comment": c.doc} if c.doc else None) for c in spec.columns]
+        [
+            pa.field(c.name, arrow_type(c.type), nullable=c.nullable, metadata={"comment": c.doc} if c.doc else None)
+            for c in spec.columns
+        ]
     )

@@ -37,7 +37,9 @@ def test_missing_input_fails_with_one_line_reason(tmp_path: Path) -> None:
 
 
 def test_bad_setting_fails_before_spark(tmp_path: Path) -> None:
-    r = _cxr("preprocess", "--input", str(tmp_path), "--lakehouse", str(tmp_path / "l"), env={"CXR_RESIZE_ENGINE": "magic"})
+    r = _cxr(
+        "preprocess", "--input", str(tmp_path), "--lakehouse", str(tmp_path / "l"), env={"CXR_RESIZE_ENGINE": "magic"}
+    )
     assert r.returncode == 2 and "CXR_RESIZE_ENGINE='magic'" in r.stderr
 
 

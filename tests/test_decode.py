@@ -53,7 +53,9 @@ def test_normalize_refuses_values_above_maxval() -> None:
     ("shape", "expected_rows", "expected_cols"),
     [((4, 6), (0, 4), (1, 5)), ((7, 3), (2, 5), (0, 3)), ((5, 5), (0, 5), (0, 5)), ((3, 8), (0, 3), (3, 6))],
 )
-def test_center_crop_matches_xrv(shape: tuple[int, int], expected_rows: tuple[int, int], expected_cols: tuple[int, int]) -> None:
+def test_center_crop_matches_xrv(
+    shape: tuple[int, int], expected_rows: tuple[int, int], expected_cols: tuple[int, int]
+) -> None:
     import torchxrayvision as xrv
 
     img = np.arange(shape[0] * shape[1], dtype=np.float32).reshape(shape)

@@ -51,7 +51,10 @@ def test_quarantine_has_a_reason_per_bad_kind(first_run, samples_dir: Path, sett
         row = by_name[f"{kind}_{fname}"]
         assert row["error_class"] == expected, kind
         assert row["error_message"] and row["stage"] == "preprocess" and row["run_id"] == s.run_id
-    assert by_name["zero_byte_empty.png"]["content_sha256"] == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert (
+        by_name["zero_byte_empty.png"]["content_sha256"]
+        == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
 
 
 def test_tensors_equal_the_pure_function_and_contract(first_run, samples_dir: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -72,7 +75,10 @@ def test_tensors_equal_the_pure_function_and_contract(first_run, samples_dir: Pa
         assert row["source_bytes"] == len(data) and row["width"] > 0 and row["height"] > 0
         assert row["run_id"] == s.run_id and row["preprocess_version"] == "1"
         assert json.loads(row["preprocess_params"])["resize_engine"] == "cv2"
-        assert row["source_format"] == {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "dcm": "dicom"}[row["source_uri"].rsplit(".", 1)[1]]
+        assert (
+            row["source_format"]
+            == {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "dcm": "dicom"}[row["source_uri"].rsplit(".", 1)[1]]
+        )
 
 
 def test_no_phi_in_any_column_or_file(first_run, samples_dir: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -118,7 +124,12 @@ def test_rerun_is_idempotent(spark, settings: Settings, samples_dir: Path, first
     before_t = read_arrow(str(lake), "tensors", settings).num_rows
     before_q = read_arrow(str(lake), "quarantine", settings).num_rows
     again = _run(spark, settings, samples_dir, lake)
-    assert (again.new, again.already_present, again.quarantined, again.duplicates) == (0, first.new, first.quarantined, 0)
+    assert (again.new, again.already_present, again.quarantined, again.duplicates) == (
+        0,
+        first.new,
+        first.quarantined,
+        0,
+    )
     # only the quarantined inputs are read again; known images are skipped before decoding
     assert again.decoded == first.quarantined
     assert read_arrow(str(lake), "tensors", settings).num_rows == before_t

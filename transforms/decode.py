@@ -219,8 +219,7 @@ def decode_dicom(data: bytes, *, max_pixels: int, pseudonym_key: str) -> Decoded
     if "PixelData" not in ds:
         sop = ds.get("SOPClassUID", "unknown")
         raise NoPixelDataError(
-            f"DICOM without pixel data (SOP Class {sop}, e.g. a report or presentation state): "
-            "nothing to feed a model"
+            f"DICOM without pixel data (SOP Class {sop}, e.g. a report or presentation state): nothing to feed a model"
         )
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -240,7 +239,16 @@ def decode_dicom(data: bytes, *, max_pixels: int, pseudonym_key: str) -> Decoded
         raise UnsupportedImageError(f"BitsStored={bits_stored} is not supported (expected 1..16)")
     try:
         arr = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, OSError, EOFError) as exc:
+    except (
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        AttributeError,
+        KeyError,
+        TypeError,
+        OSError,
+        EOFError,
+    ) as exc:
         ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
         raise DecodeError(f"DICOM pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
     if arr.ndim == 3:

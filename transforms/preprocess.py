@@ -18,7 +18,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from transforms.tensor import PREPROCESS_VERSION, PreprocessParams, preprocess_b
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 NEW, PRESENT, DUPLICATE, QUARANTINED = "new", "already_present", "duplicate", "quarantined"
 
 #: per-file result of the decode stage (tensor columns + status), as a contract so Arrow and Spark agree
-_TENSOR_FIELDS = [c for c in TENSORS.columns if c.name not in ("preprocess_version", "preprocess_params", "run_id", "ingested_at")]
+_TENSOR_FIELDS = [
+    c for c in TENSORS.columns if c.name not in ("preprocess_version", "preprocess_params", "run_id", "ingested_at")
+]
 RESULT_SPEC = TableSpec(
     name="preprocess_result",
     key=("source_uri",),
@@ -90,7 +93,7 @@ def new_run_id(prefix: str = "pre") -> str:
 
 # --- the per-partition function (runs in Spark's Python workers) ------------------------------------
 def process_files(
-    batches: Iterator[pa.RecordBatch],
+    batches: Iterable[pa.RecordBatch],
     *,
     known_files: dict[tuple[str, int, int], str],
     known_ids: frozenset[str],
@@ -108,7 +111,7 @@ def process_files(
     rows: list[dict[str, Any]] = []
     for batch in batches:
         cols = batch.to_pydict()
-        for uri, size, mtime_ms in zip(cols["source_uri"], cols["source_bytes"], cols["mtime_ms"]):
+        for uri, size, mtime_ms in zip(cols["source_uri"], cols["source_bytes"], cols["mtime_ms"], strict=True):
             rows.append(_process_one(uri, size, mtime_ms, known_files, known_ids, seen, params, settings))
             if len(rows) >= out_rows:
                 yield pa.RecordBatch.from_pylist(rows, schema=schema)
@@ -195,9 +198,14 @@ def run_preprocess(
     run_id = run_id or new_run_id()
     warn_if_dev_key(settings)
     params = PreprocessParams(
-        size=settings.resize_size, engine=settings.resize_engine, dtype=settings.tensor_dtype, max_pixels=settings.max_pixels
+        size=settings.resize_size,
+        engine=settings.resize_engine,
+        dtype=settings.tensor_dtype,
+        max_pixels=settings.max_pixels,
     )
-    summary = Summary(run_id=run_id, input_uri=input_uri, lakehouse_uri=lakehouse_uri, dev_pseudonym_key=settings.uses_dev_key)
+    summary = Summary(
+        run_id=run_id, input_uri=input_uri, lakehouse_uri=lakehouse_uri, dev_pseudonym_key=settings.uses_dev_key
+    )
 
     listing = list(storage.list_files(input_uri, settings))
     summary.discovered = len(listing)
@@ -212,7 +220,7 @@ def run_preprocess(
     known_ids = frozenset(known.column("image_id").to_pylist())
     known_files = {
         (uri, size, int(ts.timestamp() * 1000)): iid
-        for iid, uri, size, ts in zip(*(known.column(c).to_pylist() for c in known.column_names))
+        for iid, uri, size, ts in zip(*(known.column(c).to_pylist() for c in known.column_names), strict=True)
         if ts is not None
     }
     log.debug("read %d known tensors at %.1fs", len(known_ids), time.perf_counter() - started)
@@ -224,14 +232,20 @@ def run_preprocess(
 
     n_tasks = max(min(len(listing), sc.defaultParallelism * 2), -(-len(listing) // settings.files_per_task))
     listing_schema = StructType(
-        [StructField("source_uri", StringType(), False), StructField("source_bytes", LongType(), False), StructField("mtime_ms", LongType(), False)]
+        [
+            StructField("source_uri", StringType(), False),
+            StructField("source_bytes", LongType(), False),
+            StructField("mtime_ms", LongType(), False),
+        ]
     )
     files_df = spark.createDataFrame(
         sc.parallelize([(f.uri, f.size, f.mtime_ms) for f in listing], n_tasks), listing_schema
     )
 
-    def _map(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        return process_files(batches, known_files=bc_files.value, known_ids=bc_ids.value, params=params, settings=settings)
+    def _map(batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
+        return process_files(
+            batches, known_files=bc_files.value, known_ids=bc_ids.value, params=params, settings=settings
+        )
 
     result = files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).persist()
     try:
@@ -244,10 +258,18 @@ def run_preprocess(
         first_of: dict[str, str] = {}
         for r in sorted((r for r in small if r.status == NEW), key=lambda r: r.source_uri):
             first_of.setdefault(r.image_id, r.source_uri)
-        late_dups = {r.source_uri: first_of[r.image_id] for r in small if r.status == NEW and first_of[r.image_id] != r.source_uri}
+        late_dups = {
+            r.source_uri: first_of[r.image_id]
+            for r in small
+            if r.status == NEW and first_of[r.image_id] != r.source_uri
+        }
         summary.duplicate_pairs = sorted(
             [{"source_uri": u, "duplicate_of": d} for u, d in late_dups.items()]
-            + [{"source_uri": r.source_uri, "duplicate_of": first_of.get(r.image_id, r.duplicate_of)} for r in small if r.status == DUPLICATE],
+            + [
+                {"source_uri": r.source_uri, "duplicate_of": first_of.get(r.image_id, r.duplicate_of)}
+                for r in small
+                if r.status == DUPLICATE
+            ],
             key=lambda p: p["source_uri"],
         )
         for r in small:
@@ -271,16 +293,20 @@ def run_preprocess(
         log.debug("tensors merged at %.1fs", time.perf_counter() - started)
         n_quarantined = sum(summary.quarantine_reasons.values())
         if n_quarantined:  # small rows (no tensors): collected and merged with delta-rs
-            quarantine_rows = result.filter(F.col("status") == QUARANTINED).select(
-                "source_uri",
-                F.col("image_id").alias("content_sha256"),
-                "source_bytes",
-                F.lit("preprocess").alias("stage"),
-                "error_class",
-                "error_message",
-                F.lit(run_id).alias("run_id"),
-                F.lit(now).alias("quarantined_at"),
-            ).toArrow()
+            quarantine_rows = (
+                result.filter(F.col("status") == QUARANTINED)
+                .select(
+                    "source_uri",
+                    F.col("image_id").alias("content_sha256"),
+                    "source_bytes",
+                    F.lit("preprocess").alias("stage"),
+                    "error_class",
+                    "error_message",
+                    F.lit(run_id).alias("run_id"),
+                    F.lit(now).alias("quarantined_at"),
+                )
+                .toArrow()
+            )
             delta.merge_insert_new(lakehouse_uri, QUARANTINE, quarantine_rows, settings)
     finally:
         result.unpersist()
@@ -318,7 +344,11 @@ class _SparkProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"), TimeElapsedColumn()
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tasks"),
+            TimeElapsedColumn(),
         )
         self._task = self._progress.add_task(self.label, total=self.total)
         self._progress.start()
@@ -348,19 +378,13 @@ class _SparkProgress:
         self._progress.stop()
 
 
-class _status:  # noqa: N801 - used as a context manager like rich's Status
+@contextmanager
+def _status(label: str, enabled: bool) -> Iterator[None]:
     """A spinner with a label while a Spark action runs (nothing when disabled)."""
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
 
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label, self.enabled = label, enabled
-
-    def __enter__(self) -> None:
-        if self.enabled:
-            from rich.console import Console
-
-            self._s = Console(stderr=True).status(self.label)
-            self._s.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._s.__exit__(*exc)
+    with Console(stderr=True).status(label):
+        yield

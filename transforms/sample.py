@@ -39,8 +39,8 @@ def synthetic_cxr(height: int, width: int, *, seed: int = 0) -> np.ndarray:
     img[heart] = np.maximum(img[heart], 0.7)
     img += rng.normal(0, 0.025, img.shape).astype(np.float32)
     k = max(3, (min(height, width) // 64) | 1)
-    img = cv2.GaussianBlur(img, (k, k), 0)
-    return np.clip(img, 0, 1)
+    blurred = cv2.GaussianBlur(img, (k, k), 0)
+    return np.clip(blurred, 0, 1)
 
 
 def to_uint(img: np.ndarray, bits: int) -> np.ndarray:
@@ -80,7 +80,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 # --- DICOM -----------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def dicom_bytes(
 
     ts = UID(transfer_syntax)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray for presentation
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray for presentation
     meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[f"sop-{seed}"])
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -159,7 +161,7 @@ def dicom_bytes(
                 ds.PhotometricInterpretation = "YBR_FULL_422"
             else:
                 frame = imagecodecs.jpeg8_encode(pixels, level=92)
-            ds.PixelData = encapsulate([frame])
+            ds.PixelData = encapsulate([bytes(frame)])
             ds["PixelData"].VR = "OB"
             ds["PixelData"].is_undefined_length = True
             ds.file_meta.TransferSyntaxUID = ts
@@ -200,7 +202,15 @@ def _dcm(seed: int, bits: int, ts: str, photometric: str = "MONOCHROME2", rgb: b
     if photometric == "MONOCHROME1":
         px = (2**bits - 1 - px).astype(px.dtype)
     view = ("PA", "AP", "LL")[seed % 3]
-    return dicom_bytes(px, bits_stored=bits, photometric=photometric, transfer_syntax=ts, identity=_identity(seed), view_position=view, seed=seed)
+    return dicom_bytes(
+        px,
+        bits_stored=bits,
+        photometric=photometric,
+        transfer_syntax=ts,
+        identity=_identity(seed),
+        view_position=view,
+        seed=seed,
+    )
 
 
 #: name -> (file extension, maker). Every kind decodes to a valid tensor.
@@ -247,7 +257,9 @@ INVALID_KINDS: dict[str, tuple[str, Callable[[int], bytes], str]] = {
     "random_dcm": ("random.dcm", lambda s: np.random.default_rng(s + 2).bytes(4096), "UnsupportedFormatError"),
     "dicom_no_pixels": (
         "report.dcm",
-        lambda s: dicom_bytes(np.zeros((1, 1), np.uint8), bits_stored=8, with_pixels=False, identity=_identity(s), seed=s),
+        lambda s: dicom_bytes(
+            np.zeros((1, 1), np.uint8), bits_stored=8, with_pixels=False, identity=_identity(s), seed=s
+        ),
         "NoPixelDataError",
     ),
     "dicom_palette": ("palette.dcm", _palette_dicom, "UnsupportedImageError"),
