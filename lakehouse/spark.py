@@ -198,11 +198,26 @@ def read_table(spark: SparkSession, lakehouse_uri: str, spec: TableSpec, setting
 
 
 def merge_insert_new(
-    spark: SparkSession, source: DataFrame, lakehouse_uri: str, spec: TableSpec, settings: Settings
+    spark: SparkSession,
+    source: DataFrame,
+    lakehouse_uri: str,
+    spec: TableSpec,
+    settings: Settings,
+    *,
+    source_persisted: bool = False,
 ) -> int:
     """MERGE ``source`` into the table on its key, inserting only rows whose key is not there yet.
 
     Keys are compared null-safely (``<=>``). Rerunning with the same source inserts nothing.
+
+    Args:
+        spark: the session.
+        source: rows with at least the contract's columns.
+        lakehouse_uri: the lakehouse root.
+        spec: the table contract.
+        settings: for the storage options.
+        source_persisted: the source is already persisted and deterministic, so Delta need not
+            materialise another copy of it.
 
     Returns:
         The number of rows inserted (from the Delta commit's operation metrics).
@@ -215,7 +230,13 @@ def merge_insert_new(
     uri = hadoop_uri(table_uri(lakehouse_uri, spec.name))
     target = DeltaTable.forPath(spark, uri)
     cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in spec.key)
-    metrics = (
-        target.alias("t").merge(source.select(*spec.column_names).alias("s"), cond).whenNotMatchedInsertAll().execute()
-    ).collect()
+    key = "spark.databricks.delta.merge.materializeSource"
+    before = spark.conf.get(key, "auto")
+    if source_persisted:
+        spark.conf.set(key, "none")
+    try:
+        merge = target.alias("t").merge(source.select(*spec.column_names).alias("s"), cond)
+        metrics = merge.whenNotMatchedInsertAll().execute().collect()
+    finally:
+        spark.conf.set(key, before)
     return int(metrics[0]["num_inserted_rows"]) if metrics else 0

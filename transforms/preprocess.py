@@ -289,7 +289,11 @@ def run_preprocess(
         )
         expected_new = len(first_of)
         with _status(f"merging {expected_new} new tensors", progress):
-            inserted = merge_insert_new(spark, tensors_src, lakehouse_uri, TENSORS, settings) if expected_new else 0
+            inserted = (
+                merge_insert_new(spark, tensors_src, lakehouse_uri, TENSORS, settings, source_persisted=True)
+                if expected_new
+                else 0
+            )
         log.debug("tensors merged at %.1fs", time.perf_counter() - started)
         n_quarantined = sum(summary.quarantine_reasons.values())
         if n_quarantined:  # small rows (no tensors): collected and merged with delta-rs
