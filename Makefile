@@ -32,7 +32,16 @@ $(CLASSPATH_FILE): jvm/pom.xml
 	cd jvm && mvn -q -B dependency:resolve && mvn -q -B dependency:build-classpath -Dmdep.outputFile=classpath.txt
 	@echo "Spark jars resolved into the local Maven repository ($(CLASSPATH_FILE))"
 
-setup: $(STAMP) $(CLASSPATH_FILE) ## create .venv, install everything (locked), resolve the Spark jars with Maven
+CDS_ARCHIVE := jvm/cxr-classes.jsa
+$(CDS_ARCHIVE): $(CLASSPATH_FILE) $(STAMP)
+	@echo "recording a JVM class-data-sharing archive (Spark starts seconds faster afterwards)"
+	@tmp=$$(mktemp -d) && $(CXR) sample --output $$tmp/in --count 4 --include-invalid >/dev/null 2>&1 \
+	  && CXR_SPARK_CDS_DUMP=1 CXR_PSEUDONYM_KEY=setup $(CXR) preprocess --input $$tmp/in --lakehouse $$tmp/lake --no-progress --json >/dev/null 2>&1 \
+	  || echo "(no archive made: Spark will start a little slower)"; rm -rf $$tmp
+	@# the JVM writes the archive while exiting, after Python has returned: wait for it
+	@for i in $$(seq 60); do [ -s $(CDS_ARCHIVE) ] && break; sleep 1; done; ls -l $(CDS_ARCHIVE) 2>/dev/null || true
+
+setup: $(STAMP) $(CLASSPATH_FILE) $(CDS_ARCHIVE) ## create .venv, install everything (locked), resolve the Spark jars with Maven
 
 sample: setup ## generate synthetic sample X-rays into $(SAMPLES)
 	$(CXR) sample --output $(SAMPLES) --count $(COUNT) --include-invalid

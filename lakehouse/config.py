@@ -56,7 +56,7 @@ class Settings:
     #: refuse images whose header declares more pixels than this (before decoding).
     max_pixels: int = 64_000_000
     #: files handed to one Spark task (bounds worker memory and sets the progress granularity).
-    files_per_task: int = 64
+    files_per_task: int = 256
 
     @property
     def uses_dev_key(self) -> bool:
@@ -113,7 +113,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         resize_engine=engine,  # type: ignore[arg-type]
         tensor_dtype=dtype,  # type: ignore[arg-type]
         max_pixels=_int_env("CXR_MAX_PIXELS", 64_000_000),
-        files_per_task=_int_env("CXR_FILES_PER_TASK", 64),
+        files_per_task=_int_env("CXR_FILES_PER_TASK", 256),
     )
     if settings.resize_size < 8:
         raise ConfigError(f"resize size {settings.resize_size} is too small (minimum 8)")

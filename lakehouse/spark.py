@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DELTA_VERSION = "4.4.0"  # keep in step with jvm/pom.xml and the delta-spark pin
 HADOOP_AWS_PACKAGE = "org.apache.hadoop:hadoop-aws:3.4.2"  # = the hadoop-client jars in pyspark/jars
 CLASSPATH_FILE = Path(__file__).resolve().parent.parent / "jvm" / "classpath.txt"
+#: a JVM class-data-sharing archive of the classes a run loads (made by `make setup`): seconds off start-up
+CDS_ARCHIVE = CLASSPATH_FILE.parent / "cxr-classes.jsa"
 
 
 def _artifact_id(jar: Path) -> str:
@@ -145,7 +147,7 @@ def get_spark(settings: Settings, *, app_name: str = "cxr") -> SparkSession:
         .config("spark.databricks.delta.snapshotPartitions", os.environ.get("CXR_DELTA_SNAPSHOT_PARTITIONS", "2"))
         .config(
             "spark.driver.extraJavaOptions",
-            os.environ.get("CXR_SPARK_JAVA_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"),
+            _java_options(),
         )
     )
     for k, v in conf.items():
@@ -169,6 +171,23 @@ def get_spark(settings: Settings, *, app_name: str = "cxr") -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("CXR_SPARK_LOG_LEVEL", "WARN"))
     return spark
+
+
+def _java_options() -> str:
+    """JVM options of a local session: quick start-up (C1 JIT, class-data-sharing archive when made).
+
+    The heavy lifting of the job runs in Python workers and native code, so the C2 compiler's peak
+    speed matters less than start-up on short jobs. ``CXR_SPARK_JAVA_OPTS`` replaces these options;
+    ``CXR_SPARK_CDS_DUMP=1`` writes the archive when the JVM exits (used by ``make setup``).
+    """
+    if "CXR_SPARK_JAVA_OPTS" in os.environ:
+        return os.environ["CXR_SPARK_JAVA_OPTS"]
+    opts = ["-XX:TieredStopAtLevel=1", "-XX:+UseParallelGC"]
+    if os.environ.get("CXR_SPARK_CDS_DUMP") == "1":
+        opts.append(f"-XX:ArchiveClassesAtExit={CDS_ARCHIVE}")
+    elif CDS_ARCHIVE.is_file():
+        opts += [f"-XX:SharedArchiveFile={CDS_ARCHIVE}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
+    return " ".join(opts)
 
 
 def _launched_by_spark_submit() -> bool:
@@ -240,3 +259,28 @@ def merge_insert_new(
     finally:
         spark.conf.set(key, before)
     return int(metrics[0]["num_inserted_rows"]) if metrics else 0
+
+
+def spark_submit_args(settings: Settings) -> list[str]:
+    """The ``spark-submit`` options that give a local submission the same session as :func:`get_spark`.
+
+    The jars go on the driver class path when ``make setup`` resolved them, else ``--packages``
+    (downloads through Ivy). On EMR none of this is needed: Delta is enabled by the cluster config.
+    """
+    master = settings.spark_master or "local[*]"
+    args = ["--master", master]
+    jars = local_jars()
+    if jars is None:
+        args += ["--packages", f"io.delta:delta-spark_4.1_2.13:{DELTA_VERSION},{HADOOP_AWS_PACKAGE}"]
+    elif master.startswith("local"):
+        args += ["--driver-class-path", os.pathsep.join(jars)]
+    else:
+        args += ["--jars", ",".join(jars)]
+    for k, v in spark_conf(settings).items():
+        args += ["--conf", f"{k}={v}"]
+    args += [
+        "--conf",
+        f"spark.databricks.delta.snapshotPartitions={os.environ.get('CXR_DELTA_SNAPSHOT_PARTITIONS', '2')}",
+    ]
+    args += ["--conf", f"spark.pyspark.python={sys.executable}"]
+    return args

@@ -53,3 +53,32 @@ def test_preprocess_process_prints_reconciled_json(tmp_path: Path) -> None:
     assert summary["discovered"] == 4 + len(INVALID_KINDS)
     assert (summary["new"], summary["quarantined"], summary["reconciles"]) == (4, len(INVALID_KINDS), True)
     assert (lake / "tensors" / "_delta_log").is_dir() and (lake / "runs" / f"{summary['run_id']}.json").is_file()
+
+
+@pytest.mark.slow
+def test_job_runs_unchanged_under_spark_submit(tmp_path: Path) -> None:
+    """The same entry point under spark-submit (as on EMR / Airflow's SparkSubmitOperator)."""
+    from lakehouse.config import load_settings
+    from lakehouse.spark import spark_submit_args
+
+    samples, lake = tmp_path / "s", tmp_path / "lake"
+    assert _cxr("sample", "--output", str(samples), "--count", "3").returncode == 0
+    settings = load_settings().with_overrides(spark_master="local[2]")
+    root = Path(__file__).resolve().parent.parent
+    cmd = [
+        str(Path(sys.executable).parent / "spark-submit"),
+        *spark_submit_args(settings),
+        str(root / "lakehouse" / "cli.py"),
+        "preprocess",
+        "--input",
+        str(samples),
+        "--lakehouse",
+        str(lake),
+        "--json",
+        "--no-progress",
+    ]
+    env = {**os.environ, "CXR_PSEUDONYM_KEY": "cli-test-key"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout[r.stdout.index("{") :])
+    assert (summary["discovered"], summary["new"], summary["reconciles"]) == (3, 3, True)

@@ -131,3 +131,45 @@ def test_dicom_lineage_and_pseudonym() -> None:
 def test_pseudonym_depends_on_key() -> None:
     a, b = pseudonymize("PID-1", "k1"), pseudonymize("PID-1", "k2")
     assert a != b and len(a) == 64 and pseudonymize("PID-1", "k1") == a
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "JPEG-lossy.dcm",
+        "JPGExtended.dcm",
+        "JPEG2000.dcm",
+        "693_J2KI.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "JPEGLSNearLossless_16.dcm",
+        "CT_small.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "SC_rgb_rle.dcm",
+    ],
+)
+def test_pydicom_bundled_files_from_other_encoders(name: str, tmp_path: Path) -> None:
+    """Files written by other toolkits (pydicom's bundled test data): parity, or a named refusal."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    src = Path(str(get_testdata_file(name)))
+    path = tmp_path / name
+    path.write_bytes(src.read_bytes())
+    ds = pydicom.dcmread(path)
+    if ds.pixel_array.min() < 0:  # signed data with negative values: refused with a reason
+        with pytest.raises(PixelRangeError, match="negative"):
+            _tensor(path.read_bytes(), name)
+        return
+    ours = _tensor(path.read_bytes(), name, dtype="float32")
+    assert np.abs(ours - xrv_reference(path)).max() <= 1e-3
+
+
+def test_multiframe_dicom_is_refused() -> None:
+    from pydicom.data import get_testdata_file
+
+    from lakehouse.errors import UnsupportedImageError
+
+    data = Path(str(get_testdata_file("SC_rgb_rle_2frame.dcm"))).read_bytes()
+    with pytest.raises(UnsupportedImageError, match="multi-frame DICOM \\(2 frames\\)"):
+        _tensor(data, "two.dcm")
