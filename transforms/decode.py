@@ -132,6 +132,7 @@ def decode_png(data: bytes, *, max_pixels: int) -> DecodedImage:
     """Decode a PNG with OpenCV (strict about truncation; values identical to Pillow's)."""
     import cv2
 
+    cv2.setNumThreads(1)  # one worker process per core already: OpenCV's own threads would oversubscribe
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise DecodeError("truncated PNG: the IHDR header is missing")
     width = int.from_bytes(data[16:20], "big")
