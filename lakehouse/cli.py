@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a file (spark-submit lakehouse/cli.py): keep lakehouse/ off the import path
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from lakehouse import __version__
 from lakehouse.config import load_settings

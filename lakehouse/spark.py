@@ -210,7 +210,7 @@ def spark_schema(spec: TableSpec) -> StructType:
 
 def read_table(spark: SparkSession, lakehouse_uri: str, spec: TableSpec, settings: Settings) -> DataFrame:
     """The current version of a lakehouse table as a DataFrame (created empty when missing)."""
-    from lakehouse.delta import ensure_table
+    from lakehouse.delta_rs import ensure_table
 
     ensure_table(lakehouse_uri, spec, settings)
     return spark.read.format("delta").load(hadoop_uri(table_uri(lakehouse_uri, spec.name)))
@@ -243,7 +243,7 @@ def merge_insert_new(
     """
     from delta.tables import DeltaTable
 
-    from lakehouse.delta import ensure_table
+    from lakehouse.delta_rs import ensure_table
 
     ensure_table(lakehouse_uri, spec, settings)
     uri = hadoop_uri(table_uri(lakehouse_uri, spec.name))
@@ -284,3 +284,10 @@ def spark_submit_args(settings: Settings) -> list[str]:
     ]
     args += ["--conf", f"spark.pyspark.python={sys.executable}"]
     return args
+
+
+def spark_submit_env() -> dict[str, str]:
+    """Environment for running the pip-installed ``spark-submit`` (SPARK_HOME = the pyspark package)."""
+    import pyspark
+
+    return {"SPARK_HOME": str(Path(pyspark.__file__).parent), "PYSPARK_PYTHON": sys.executable}

@@ -59,7 +59,7 @@ def test_preprocess_process_prints_reconciled_json(tmp_path: Path) -> None:
 def test_job_runs_unchanged_under_spark_submit(tmp_path: Path) -> None:
     """The same entry point under spark-submit (as on EMR / Airflow's SparkSubmitOperator)."""
     from lakehouse.config import load_settings
-    from lakehouse.spark import spark_submit_args
+    from lakehouse.spark import spark_submit_args, spark_submit_env
 
     samples, lake = tmp_path / "s", tmp_path / "lake"
     assert _cxr("sample", "--output", str(samples), "--count", "3").returncode == 0
@@ -77,7 +77,7 @@ def test_job_runs_unchanged_under_spark_submit(tmp_path: Path) -> None:
         "--json",
         "--no-progress",
     ]
-    env = {**os.environ, "CXR_PSEUDONYM_KEY": "cli-test-key"}
+    env = {**os.environ, **spark_submit_env(), "CXR_PSEUDONYM_KEY": "cli-test-key"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{") :])

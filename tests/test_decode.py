@@ -157,7 +157,15 @@ def test_pydicom_bundled_files_from_other_encoders(name: str, tmp_path: Path) ->
     path = tmp_path / name
     path.write_bytes(src.read_bytes())
     ds = pydicom.dcmread(path)
-    if ds.pixel_array.min() < 0:  # signed data with negative values: refused with a reason
+    try:
+        pixels = ds.pixel_array
+    except (RuntimeError, ValueError, NotImplementedError):  # xrv cannot read it either: quarantined
+        from lakehouse.errors import DecodeError
+
+        with pytest.raises(DecodeError, match="DICOM pixel data cannot be decoded"):
+            _tensor(path.read_bytes(), name)
+        return
+    if pixels.min() < 0:  # signed data with negative values: refused with a reason
         with pytest.raises(PixelRangeError, match="negative"):
             _tensor(path.read_bytes(), name)
         return

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from lakehouse.config import Settings
-from lakehouse.delta import open_table, read_arrow
+from lakehouse.delta_rs import open_table, read_arrow
 from tests.conftest import TEST_KEY, make_bucket, upload_dir
 from transforms.decode import pseudonymize
 from transforms.preprocess import Summary, run_preprocess

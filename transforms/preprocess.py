@@ -191,7 +191,7 @@ def run_preprocess(
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
-    from lakehouse import delta
+    from lakehouse import delta_rs
     from lakehouse.spark import get_spark, merge_insert_new, spark_schema
 
     started = time.perf_counter()
@@ -214,7 +214,7 @@ def run_preprocess(
     sc = spark.sparkContext
 
     # the keys already in `tensors`, read with delta-rs (milliseconds, no Spark job)
-    known = delta.ensure_table(lakehouse_uri, TENSORS, settings).to_pyarrow_table(
+    known = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings).to_pyarrow_table(
         columns=["image_id", "source_uri", "source_bytes", "source_modified_at"]
     )
     known_ids = frozenset(known.column("image_id").to_pylist())
@@ -315,7 +315,7 @@ def run_preprocess(
                 )
                 .toArrow()
             )
-            delta.merge_insert_new(lakehouse_uri, QUARANTINE, quarantine_rows, settings)
+            delta_rs.merge_insert_new(lakehouse_uri, QUARANTINE, quarantine_rows, settings)
     finally:
         result.unpersist()
         bc_files.unpersist()
