@@ -68,8 +68,8 @@ class Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
+def _int_env(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
@@ -109,11 +109,11 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         s3_endpoint_url=e.get("CXR_S3_ENDPOINT_URL", e.get("AWS_ENDPOINT_URL_S3", e.get("AWS_ENDPOINT_URL", ""))),
         s3_region=e.get("AWS_REGION", e.get("AWS_DEFAULT_REGION", "us-east-1")),
         pseudonym_key=e.get("CXR_PSEUDONYM_KEY") or DEV_PSEUDONYM_KEY,
-        resize_size=_int_env("CXR_RESIZE_SIZE", 224),
+        resize_size=_int_env(e, "CXR_RESIZE_SIZE", 224),
         resize_engine=engine,  # type: ignore[arg-type]
         tensor_dtype=dtype,  # type: ignore[arg-type]
-        max_pixels=_int_env("CXR_MAX_PIXELS", 64_000_000),
-        files_per_task=_int_env("CXR_FILES_PER_TASK", 256),
+        max_pixels=_int_env(e, "CXR_MAX_PIXELS", 64_000_000),
+        files_per_task=_int_env(e, "CXR_FILES_PER_TASK", 256),
     )
     if settings.resize_size < 8:
         raise ConfigError(f"resize size {settings.resize_size} is too small (minimum 8)")

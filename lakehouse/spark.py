@@ -22,7 +22,7 @@ from lakehouse.tables import TableSpec
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
-    from pyspark.sql.types import StructType
+    from pyspark.sql.types import DataType, StructType
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +196,33 @@ def _launched_by_spark_submit() -> bool:
 
 
 # --- tables --------------------------------------------------------------------------------------------
+def spark_type(type_name: str) -> DataType:
+    """The Spark type of a contract type name (no SparkContext needed)."""
+    from pyspark.sql import types as T
+
+    simple = {
+        "string": T.StringType(),
+        "binary": T.BinaryType(),
+        "int": T.IntegerType(),
+        "bigint": T.LongType(),
+        "float": T.FloatType(),
+        "double": T.DoubleType(),
+        "boolean": T.BooleanType(),
+        "timestamp": T.TimestampType(),
+    }
+    if type_name in simple:
+        return simple[type_name]
+    if type_name.startswith("array<") and type_name.endswith(">"):
+        return T.ArrayType(spark_type(type_name[6:-1]))
+    raise ValueError(f"unsupported contract type {type_name!r}")
+
+
 def spark_schema(spec: TableSpec) -> StructType:
     """The table contract as a Spark schema."""
-    from pyspark.sql.types import StructField, StructType, _parse_datatype_string
+    from pyspark.sql.types import StructField, StructType
 
     return StructType(
-        [
-            StructField(c.name, _parse_datatype_string(c.type), c.nullable, {"comment": c.doc} if c.doc else {})
-            for c in spec.columns
-        ]
+        [StructField(c.name, spark_type(c.type), c.nullable, {"comment": c.doc} if c.doc else {}) for c in spec.columns]
     )
 
 
@@ -250,7 +268,7 @@ def merge_insert_new(
     target = DeltaTable.forPath(spark, uri)
     cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in spec.key)
     key = "spark.databricks.delta.merge.materializeSource"
-    before = spark.conf.get(key, "auto")
+    before = spark.conf.get(key, "auto") or "auto"
     if source_persisted:
         spark.conf.set(key, "none")
     try:

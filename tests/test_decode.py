@@ -181,3 +181,20 @@ def test_multiframe_dicom_is_refused() -> None:
     data = Path(str(get_testdata_file("SC_rgb_rle_2frame.dcm"))).read_bytes()
     with pytest.raises(UnsupportedImageError, match="multi-frame DICOM \\(2 frames\\)"):
         _tensor(data, "two.dcm")
+
+
+def test_error_messages_never_carry_patient_identifiers() -> None:
+    from transforms.decode import _redact
+    from transforms.sample import Identity
+
+    ident = Identity(patient_name="DOE^JANE", patient_id="PID-777", birth_date="19800229")
+    data = dicom_bytes(np.full((20, 30), 100, np.uint16), bits_stored=12, identity=ident)
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert (
+        _redact("bad value PID-777 for DOE^JANE born 19800229", ds)
+        == "bad value [redacted] for [redacted] born [redacted]"
+    )

@@ -251,7 +251,7 @@ def decode_dicom(data: bytes, *, max_pixels: int, pseudonym_key: str) -> Decoded
         EOFError,
     ) as exc:
         ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
-        raise DecodeError(f"DICOM pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
+        raise DecodeError(_redact(f"DICOM pixel data cannot be decoded (transfer syntax {ts}): {exc}", ds)) from exc
     if arr.ndim == 3:
         if photometric in DICOM_COLOUR and arr.shape[-1] == 3:
             arr = arr[:, :, 0]  # pydicom returns RGB: keep red, as xrv's load_image does for colour
@@ -290,6 +290,26 @@ def decode_dicom(data: bytes, *, max_pixels: int, pseudonym_key: str) -> Decoded
         photometric=photometric,
         dicom=meta,
     )
+
+
+#: direct identifiers that must never reach a table, a log or a report, even inside an error message
+_IDENTIFYING_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "PatientAddress",
+    "AccessionNumber",
+)
+
+
+def _redact(message: str, ds: object) -> str:
+    """Remove the values of direct identifiers from a decoder's error message."""
+    for keyword in _IDENTIFYING_KEYWORDS:
+        value = str(getattr(ds, keyword, "") or "").strip()
+        if len(value) >= 3:
+            message = message.replace(value, "[redacted]")
+    return message
 
 
 def _str_or_none(value: object) -> str | None:

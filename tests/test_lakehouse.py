@@ -1,0 +1,102 @@
+"""lakehouse/ contracts: settings, storage URIs, table specs, the Spark session factory's choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lakehouse import storage
+from lakehouse.config import DEV_PSEUDONYM_KEY, load_settings
+from lakehouse.errors import ConfigError, StorageError
+from lakehouse.tables import QUARANTINE, TENSORS, arrow_schema
+
+
+def test_profiles_and_overrides() -> None:
+    local = load_settings({})
+    assert (local.profile, local.lakehouse_uri, local.spark_master, local.uses_dev_key) == (
+        "local",
+        "data/lakehouse",
+        "local[*]",
+        True,
+    )
+    aws = load_settings({"CXR_PROFILE": "aws", "CXR_PSEUDONYM_KEY": "secret", "CXR_MAX_PIXELS": "1_000"})
+    assert (aws.lakehouse_uri, aws.spark_master, aws.uses_dev_key, aws.max_pixels) == ("", "", False, 1000)
+    assert aws.with_overrides(max_pixels=None, resize_size=128).resize_size == 128
+    assert DEV_PSEUDONYM_KEY not in repr(aws) and "secret" not in repr(aws)  # the key never reaches a log
+
+
+@pytest.mark.parametrize("env", [{"CXR_PROFILE": "prod"}, {"CXR_TENSOR_DTYPE": "int8"}, {"CXR_MAX_PIXELS": "lots"}])
+def test_bad_settings_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(env)
+
+
+def test_uris(tmp_path: Path) -> None:
+    assert storage.table_uri("s3://bucket/lake/", "tensors") == "s3://bucket/lake/tensors"
+    assert storage.table_uri(str(tmp_path), "quarantine") == f"{tmp_path}/quarantine"
+    assert storage.hadoop_uri(str(tmp_path)) == f"file:{tmp_path}"
+    assert storage.hadoop_uri("s3://b/p") == "s3://b/p"
+    assert storage.split_s3("s3://b/k/x.png") == ("b", "k/x.png")
+    with pytest.raises(StorageError):
+        storage.table_uri(str(tmp_path), "nope")
+    with pytest.raises(StorageError):
+        storage.split_s3("s3:///key")
+
+
+def test_listing_includes_hidden_and_nested_files(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/b/x.dcm", ".hidden.png", "_underscore.png", "a/noext"):
+        (tmp_path / name).write_bytes(b"x" * 3)
+    listed = [f.uri for f in storage.list_files(str(tmp_path), load_settings({}))]
+    assert listed == sorted(str(tmp_path / n) for n in ("a/b/x.dcm", ".hidden.png", "_underscore.png", "a/noext"))
+
+
+def test_arrow_schema_matches_the_contract() -> None:
+    import pyarrow as pa
+
+    schema = arrow_schema(TENSORS)
+    assert schema.field("tensor").type == pa.binary() and not schema.field("image_id").nullable
+    assert schema.field("tensor_shape").type == pa.list_(pa.int32())
+    assert schema.field("ingested_at").type == pa.timestamp("us", tz="UTC")
+    assert arrow_schema(QUARANTINE).names[:2] == ["source_uri", "content_sha256"]
+
+
+def test_spark_schema_matches_arrow_schema() -> None:
+    from lakehouse.spark import spark_schema
+
+    for spec in (TENSORS, QUARANTINE):
+        spark_fields = spark_schema(spec).fields
+        assert [f.name for f in spark_fields] == arrow_schema(spec).names
+        assert [f.nullable for f in spark_fields] == [c.nullable for c in spec.columns]
+
+
+def test_jar_resolution_prefers_local_maven_and_falls_back_to_delta_pip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lakehouse import spark as sp
+
+    jars = sp.local_jars()
+    assert jars is not None, "run `make setup`: jvm/classpath.txt is missing"
+    names = {Path(j).name for j in jars}
+    assert any(n.startswith("delta-spark_4.1_2.13-") for n in names) and any(
+        n.startswith("hadoop-aws-3.4.2") for n in names
+    )
+    assert not any(
+        n.startswith(("jackson-databind", "scala-library", "hadoop-client-api")) for n in names
+    )  # Spark's own win
+    monkeypatch.setenv("CXR_SPARK_CLASSPATH_FILE", str(tmp_path / "missing.txt"))
+    assert sp.local_jars() is None
+    args = sp.spark_submit_args(load_settings({}))
+    assert (
+        args[args.index("--packages") + 1]
+        == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
+    )
+
+    # the standard path for machines with internet: configure_spark_with_delta_pip asks Ivy for the same jar
+    from delta import configure_spark_with_delta_pip
+    from pyspark.sql import SparkSession
+
+    builder = configure_spark_with_delta_pip(SparkSession.builder, extra_packages=[sp.HADOOP_AWS_PACKAGE])
+    packages = builder._options["spark.jars.packages"]  # type: ignore[attr-defined]
+    assert packages == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
