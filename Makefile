@@ -35,11 +35,8 @@ $(CLASSPATH_FILE): jvm/pom.xml
 CDS_ARCHIVE := jvm/cxr-classes.jsa
 $(CDS_ARCHIVE): $(CLASSPATH_FILE) $(STAMP)
 	@echo "recording a JVM class-data-sharing archive (Spark starts seconds faster afterwards)"
-	@tmp=$$(mktemp -d) && $(CXR) sample --output $$tmp/in --count 4 --include-invalid >/dev/null 2>&1 \
-	  && CXR_SPARK_CDS_DUMP=1 CXR_PSEUDONYM_KEY=setup $(CXR) preprocess --input $$tmp/in --lakehouse $$tmp/lake --no-progress --json >/dev/null 2>&1 \
-	  || echo "(no archive made: Spark will start a little slower)"; rm -rf $$tmp
-	@# the JVM writes the archive while exiting, after Python has returned: wait for it
-	@for i in $$(seq 60); do [ -s $(CDS_ARCHIVE) ] && break; sleep 1; done; ls -l $(CDS_ARCHIVE) 2>/dev/null || true
+	@CXR_PSEUDONYM_KEY=setup $(PY) -c "from lakehouse.config import load_settings; from lakehouse.spark import record_cds_archive; print(record_cds_archive(load_settings()) or '(no archive made: Spark will start a little slower)')" 2>/dev/null \
+	  || echo "(no archive made: Spark will start a little slower)"
 
 setup: $(STAMP) $(CLASSPATH_FILE) $(CDS_ARCHIVE) ## create .venv, install everything (locked), resolve the Spark jars with Maven
 

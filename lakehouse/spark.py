@@ -177,15 +177,12 @@ def _java_options() -> str:
     """JVM options of a local session: quick start-up (C1 JIT, class-data-sharing archive when made).
 
     The heavy lifting of the job runs in Python workers and native code, so the C2 compiler's peak
-    speed matters less than start-up on short jobs. ``CXR_SPARK_JAVA_OPTS`` replaces these options;
-    ``CXR_SPARK_CDS_DUMP=1`` writes the archive when the JVM exits (used by ``make setup``).
+    speed matters less than start-up on short jobs. ``CXR_SPARK_JAVA_OPTS`` replaces these options.
     """
     if "CXR_SPARK_JAVA_OPTS" in os.environ:
         return os.environ["CXR_SPARK_JAVA_OPTS"]
     opts = ["-XX:TieredStopAtLevel=1", "-XX:+UseParallelGC"]
-    if os.environ.get("CXR_SPARK_CDS_DUMP") == "1":
-        opts.append(f"-XX:ArchiveClassesAtExit={CDS_ARCHIVE}")
-    elif CDS_ARCHIVE.is_file():
+    if CDS_ARCHIVE.is_file():
         opts += [f"-XX:SharedArchiveFile={CDS_ARCHIVE}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
     return " ".join(opts)
 
@@ -309,3 +306,45 @@ def spark_submit_env() -> dict[str, str]:
     import pyspark
 
     return {"SPARK_HOME": str(Path(pyspark.__file__).parent), "PYSPARK_PYTHON": sys.executable}
+
+
+def record_cds_archive(settings: Settings) -> Path | None:
+    """Run a small representative job with class recording on, and install the JVM's archive.
+
+    The JVM writes the archive while exiting, after Python has let go of it: this waits for the JVM
+    process to end and then moves the archive into place atomically, so no session ever maps a
+    half-written file. Used by ``make setup``.
+
+    Returns:
+        The archive's path, or None when the JVM did not write one.
+    """
+    import tempfile
+
+    from transforms.preprocess import run_preprocess
+    from transforms.sample import write_samples
+
+    tmp = Path(tempfile.mkdtemp(prefix="cxr-cds-"))
+    partial = tmp / "classes.jsa"
+    os.environ["CXR_SPARK_JAVA_OPTS"] = (
+        f"-XX:TieredStopAtLevel=1 -XX:+UseParallelGC -XX:ArchiveClassesAtExit={partial} -Xlog:cds=off -Xlog:cds+dynamic=off"
+    )
+    try:
+        write_samples(tmp / "in", count=6, include_invalid=True)
+        spark = get_spark(settings, app_name="cxr-record-classes")
+        proc = spark.sparkContext._gateway.proc  # type: ignore[attr-defined,union-attr]
+        run_preprocess(str(tmp / "in"), str(tmp / "lake"), settings=settings, spark=spark, progress=False)
+        run_preprocess(str(tmp / "in"), str(tmp / "lake"), settings=settings, spark=spark, progress=False)
+        spark.stop()
+        spark.sparkContext._gateway.shutdown()  # type: ignore[attr-defined,union-attr]
+        if proc is not None:
+            proc.stdin.close()  # the JVM exits when its stdin closes, and dumps the archive
+            proc.wait(timeout=300)
+        if not partial.is_file():
+            return None
+        partial.replace(CDS_ARCHIVE)
+        return CDS_ARCHIVE
+    finally:
+        del os.environ["CXR_SPARK_JAVA_OPTS"]
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
