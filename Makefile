@@ -45,9 +45,6 @@ sample: setup ## generate synthetic sample X-rays into $(SAMPLES)
 
 run: sample ## the main job: sample images -> Spark preprocessing -> Delta tensors + quarantine
 	$(CXR) preprocess --input $(SAMPLES) --lakehouse $(LAKEHOUSE)
-	@echo
-	@echo "tables:   $(LAKEHOUSE)/tensors  $(LAKEHOUSE)/quarantine   (Delta Lake)"
-	@echo "summary:  $(LAKEHOUSE)/runs/<run_id>.json"
 
 test: setup ## run the whole test suite (slow tests included, as in CI)
 	$(PY) -m pytest -q

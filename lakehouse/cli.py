@@ -60,8 +60,10 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(summary.to_json() + "\n")
         return 0
-    console = Console()
-    table = Table(title=f"preprocess {summary.run_id}", show_header=False)
+    from lakehouse.storage import join
+
+    console = Console(soft_wrap=True)
+    table = Table(show_header=False, box=None, padding=(0, 2))
     for label, value in [
         ("discovered", summary.discovered),
         ("new tensors", summary.new),
@@ -72,20 +74,22 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         ("seconds", f"{summary.seconds:.1f}"),
     ]:
         table.add_row(label, str(value))
+    console.print(f"[bold]preprocess run {summary.run_id}[/bold]")
     console.print(table)
-    for cls, n in sorted(summary.quarantine_reasons.items()):
-        console.print(f"  quarantined {n} x {cls}  (see the quarantine table for each file's reason)")
+    if summary.quarantine_reasons:
+        reasons = ", ".join(f"{cls} {n}" for cls, n in sorted(summary.quarantine_reasons.items()))
+        console.print(f"quarantined: {reasons} (each file's reason is in the quarantine table)")
     for pair in summary.duplicate_pairs[:10]:
-        console.print(f"  duplicate: {pair['source_uri']} = {pair['duplicate_of']}")
+        console.print(f"duplicate: {pair['source_uri']} = {pair['duplicate_of']}")
     if len(summary.duplicate_pairs) > 10:
-        console.print(
-            f"  ... {len(summary.duplicate_pairs) - 10} more duplicates in {lakehouse_uri}/runs/{summary.run_id}.json"
-        )
+        console.print(f"... and {len(summary.duplicate_pairs) - 10} more duplicates (see the run summary)")
     check = "=" if summary.reconciles else "!="
     console.print(
         f"discovered {summary.discovered} {check} new {summary.new} + already present {summary.already_present}"
         f" + duplicates {summary.duplicates} + quarantined {summary.quarantined}"
     )
+    console.print(f"tables: {join(lakehouse_uri, 'tensors')}, {join(lakehouse_uri, 'quarantine')}")
+    console.print(f"run summary: {join(lakehouse_uri, 'runs', summary.run_id + '.json')}")
     return 0
 
 

@@ -148,7 +148,7 @@ def dicom_bytes(
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
         ds.RescaleSlope, ds.RescaleIntercept = 1, 0
         if ts in ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90"):
-            ds.compress(ts)  # RLE Lossless / JPEG 2000 Lossless with pydicom's encoders
+            ds.compress(ts, generate_instance_uid=False)  # RLE Lossless / JPEG 2000 Lossless with pydicom's encoders
         elif ts in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.70"):
             import imagecodecs
 
