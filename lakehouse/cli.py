@@ -93,6 +93,53 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from inference.job import Shard, run_infer
+
+    settings = load_settings()
+    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
+    if not lakehouse_uri:
+        raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    summaries = []
+    for model_id in args.model or ["densenet121-res224-all"]:
+        s = run_infer(
+            lakehouse_uri,
+            settings=settings,
+            model_id=model_id,
+            weights_dir=args.weights_dir,
+            weights_uri=args.weights,
+            allow_untrained=args.allow_untrained,
+            batch_size=args.batch_size,
+            device=args.device,
+            amp=args.amp,
+            shard=shard,
+            commit_every=args.commit_every,
+            run_id=args.run_id,
+            progress=not args.no_progress,
+        )
+        summaries.append(s)
+        if not args.json:
+            flag = "  [UNTRAINED STAND-IN: outputs are meaningless]" if s.untrained else ""
+            log.info(
+                "%s on %s: %d candidates, %d already predicted, %d predicted in %.1f s (tensors v%d)%s",
+                s.model_id,
+                s.device,
+                s.candidates,
+                s.already_predicted,
+                s.predicted,
+                s.seconds,
+                s.tensors_version,
+                flag,
+            )
+    if args.json:
+        sys.stdout.write(json.dumps([asdict(s) for s in summaries], indent=2) + "\n")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from transforms.sample import write_samples
 
@@ -125,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true", help="no progress display")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
     pre.set_defaults(func=_cmd_preprocess)
+
+    inf = sub.add_parser("infer", help="Delta tensors -> TorchXRayVision -> Delta predictions")
+    inf.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    inf.add_argument("--model", action="append", help="xrv weights name (repeatable; default densenet121-res224-all)")
+    inf.add_argument("--weights-dir", help="folder in xrv's cache layout holding the weights files (air-gapped use)")
+    inf.add_argument("--weights", help="one weights file, local path or s3:// object")
+    inf.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="without weights, use a random-init stand-in (marked in every row)",
+    )
+    inf.add_argument("--batch-size", type=int, default=16)
+    inf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    inf.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    inf.add_argument("--shard", help="i/N: score only shard i of N (disjoint, together complete)")
+    inf.add_argument("--commit-every", type=int, default=1024, help="MERGE results every N images")
+    inf.add_argument("--run-id", help="run id recorded in every row (default: generated)")
+    inf.add_argument("--no-progress", action="store_true")
+    inf.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    inf.set_defaults(func=_cmd_infer)
 
     smp = sub.add_parser("sample", help="write synthetic chest-X-ray-like PNG/JPEG/DICOM files")
     smp.add_argument("--output", required=True, help="folder to write into")

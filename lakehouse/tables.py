@@ -108,7 +108,51 @@ QUARANTINE = TableSpec(
     properties=READABLE_PROTOCOL,
 )
 
-SPECS = {s.name: s for s in (TENSORS, QUARANTINE)}
+#: TorchXRayVision's default pathologies -> prediction column names (snake_case)
+PATHOLOGY_COLUMNS: dict[str, str] = {
+    "Atelectasis": "atelectasis",
+    "Consolidation": "consolidation",
+    "Infiltration": "infiltration",
+    "Pneumothorax": "pneumothorax",
+    "Edema": "edema",
+    "Emphysema": "emphysema",
+    "Fibrosis": "fibrosis",
+    "Effusion": "effusion",
+    "Pneumonia": "pneumonia",
+    "Pleural_Thickening": "pleural_thickening",
+    "Cardiomegaly": "cardiomegaly",
+    "Nodule": "nodule",
+    "Mass": "mass",
+    "Hernia": "hernia",
+    "Lung Lesion": "lung_lesion",
+    "Fracture": "fracture",
+    "Lung Opacity": "lung_opacity",
+    "Enlarged Cardiomediastinum": "enlarged_cardiomediastinum",
+}
+
+PREDICTIONS = TableSpec(
+    name="predictions",
+    key=("image_id", "model_id"),
+    columns=(
+        Column("image_id", "string", False, "tensors.image_id the prediction is for"),
+        Column("model_id", "string", False, "xrv weights name; '+untrained-random-init' marks a stand-in"),
+        Column("weights_sha256", "string", False, "sha256 of the weights file loaded ('none:...' for a stand-in)"),
+        Column("weights_source", "string", False, "weights-dir, uri, xrv-cache, download or untrained"),
+        *(
+            Column(c, "float", True, f"calibrated output for {name}; null when the model lacks it")
+            for name, c in PATHOLOGY_COLUMNS.items()
+        ),
+        Column("tensors_version", "bigint", False, "Delta version of tensors that was read"),
+        Column("run_id", "string", False),
+        Column("predicted_at", "timestamp", False),
+        Column("device", "string", False, "cpu or cuda device name"),
+        Column("torch_version", "string", False),
+        Column("xrv_version", "string", False),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+
+SPECS = {s.name: s for s in (TENSORS, QUARANTINE, PREDICTIONS)}
 
 
 def arrow_type(type_name: str) -> pa.DataType:

@@ -97,3 +97,55 @@ def upload_dir(settings: Settings, local: Path, s3_uri: str) -> int:
             client.put_object(Bucket=bucket, Key=key, Body=p.read_bytes())
             n += 1
     return n
+
+
+MODEL = "densenet121-res224-all"
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init DenseNet saved exactly as xrv's weights files are (a whole pickled module), under
+    the upstream file name, in a folder laid out like xrv's cache_dir."""
+    import torch
+    import torchxrayvision as xrv
+
+    from inference.weights import upstream_filename
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights")
+    path = folder / upstream_filename(MODEL)
+    torch.save(xrv.models.DenseNet(weights=None), path)
+    return path
+
+
+def write_tensors_table(lakehouse: Path, files: list[Path], settings: Settings) -> int:
+    """A `tensors` table made with the pure preprocessing function and delta-rs (no Spark needed)."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from lakehouse.delta_rs import ensure_table
+    from lakehouse.tables import TENSORS, arrow_schema
+    from transforms.tensor import PreprocessParams, preprocess_bytes
+
+    params = PreprocessParams()
+    rows = []
+    for f in files:
+        data = f.read_bytes()
+        row = preprocess_bytes(data, name=str(f), params=params, pseudonym_key=TEST_KEY)
+        row.update(
+            image_id=hashlib.sha256(data).hexdigest(),
+            source_uri=str(f),
+            source_bytes=len(data),
+            source_modified_at=None,
+            preprocess_version="1",
+            preprocess_params=params.to_json(),
+            run_id="test",
+            ingested_at=datetime.now(timezone.utc),
+        )
+        rows.append(row)
+    ensure_table(str(lakehouse), TENSORS, settings)
+    write_deltalake(str(lakehouse / "tensors"), pa.Table.from_pylist(rows, schema=arrow_schema(TENSORS)), mode="append")
+    return len(rows)

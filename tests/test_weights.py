@@ -15,22 +15,7 @@ import pytest
 from inference.weights import WeightsIntegrityError, resolve_weights, sha256_file, upstream_filename
 from lakehouse.config import Settings
 from lakehouse.errors import WeightsNotFoundError
-from tests.conftest import make_bucket
-
-MODEL = "densenet121-res224-all"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init DenseNet saved under xrv's upstream file name, in a cache_dir-style folder."""
-    import torch
-    import torchxrayvision as xrv
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("weights")
-    path = folder / upstream_filename(MODEL)
-    torch.save(xrv.models.DenseNet(weights=None), path)
-    return path
+from tests.conftest import MODEL, make_bucket
 
 
 @pytest.fixture()

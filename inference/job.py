@@ -1,0 +1,286 @@
+"""The batch inference job: ``tensors`` (Delta, read with delta-rs) -> TorchXRayVision -> ``predictions``.
+
+- Reads only what is missing: (image_id, model_id) pairs already in ``predictions`` are skipped, so a
+  killed run is simply run again; ``--shard i/N`` splits the work by a stable hash of ``image_id``.
+- Reads in bounded Arrow batches (memory does not grow with the table); the next batch is read and
+  decoded on a background thread while the model computes.
+- The model is loaded once per process; ``pre`` / ``predict`` / ``post`` are separate; output columns
+  come from ``model.targets``; xrv's calibrated outputs (sigmoid + ``op_norm``) are kept as they are.
+- Results are MERGEd on (image_id, model_id) every ``commit_every`` images: a crash loses at most the
+  uncommitted batches, never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from inference.weights import ResolvedWeights, resolve_weights
+from lakehouse.config import Settings
+from lakehouse.errors import CxrError
+from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, arrow_schema
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+
+log = logging.getLogger(__name__)
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+UNTRAINED_SUFFIX = "+untrained-random-init"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the images whose stable hash falls in it."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """Parse ``i/N`` (0 <= i < N)."""
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError as exc:
+            raise CxrError(f"--shard {text!r}: expected i/N, e.g. 0/4") from exc
+        if not 0 <= i < n:
+            raise CxrError(f"--shard {text!r}: need 0 <= i < N")
+        return cls(i, n)
+
+    def owns(self, image_id: str) -> bool:
+        """True when this shard scores ``image_id`` (image ids are sha256 hex: uniformly spread)."""
+        return self.count == 1 or int(image_id[:8], 16) % self.count == self.index
+
+
+@dataclass
+class InferSummary:
+    """What an inference run did."""
+
+    run_id: str
+    model_id: str
+    weights_sha256: str
+    tensors_version: int
+    device: str
+    candidates: int = 0
+    already_predicted: int = 0
+    predicted: int = 0
+    seconds: float = 0.0
+    untrained: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Predictor:
+    """One TorchXRayVision model, loaded once: ``pre`` -> ``predict`` -> ``post``."""
+
+    def __init__(
+        self, model_id: str, weights: ResolvedWeights | None, *, device: DeviceChoice = "auto", amp: bool = False
+    ) -> None:
+        import torch
+        import torchxrayvision as xrv
+
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
+        self.amp = amp and self.device.type == "cuda"
+        if weights is None:  # an untrained stand-in: every row it writes says so
+            log.warning(
+                "!!! no weights for %s: using an UNTRAINED random-init stand-in; its outputs are meaningless !!!",
+                model_id,
+            )
+            urls = xrv.models.model_urls[model_id]
+            torch.manual_seed(0)
+            model = xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(urls["op_threshs"]))
+            model.targets = list(urls["labels"])
+            self.model_id = model_id + UNTRAINED_SUFFIX
+            self.weights_sha256, self.weights_source = "none:untrained-random-init-seed-0", "untrained"
+        else:
+            model = _load_xrv(model_id, weights)
+            self.model_id, self.weights_sha256, self.weights_source = model_id, weights.sha256, weights.source
+        self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
+        self.targets = list(model.targets)
+        self.columns = [PATHOLOGY_COLUMNS.get(t) for t in self.targets]
+
+    def pre(self, tensors: list[bytes], dtypes: list[str], shapes: list[list[int]]) -> torch.Tensor:
+        """Stored tensor bytes -> a float32 NCHW batch (channels_last, pinned on GPU hosts)."""
+        import torch
+
+        from transforms.tensor import decode_tensor
+
+        arr = np.stack([decode_tensor(t, d, s) for t, d, s in zip(tensors, dtypes, shapes, strict=True)])
+        batch = torch.from_numpy(arr).contiguous(memory_format=torch.channels_last)
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def predict(self, batch: torch.Tensor) -> np.ndarray:
+        """The model's calibrated outputs for a batch, (batch, len(targets)) float32."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
+            out = self.model(batch.to(self.device, non_blocking=True))
+        return out.float().cpu().numpy()
+
+    def post(self, image_ids: list[str], outputs: np.ndarray) -> dict[str, list[Any]]:
+        """Outputs -> prediction columns (null for default pathologies the model does not predict)."""
+        cols: dict[str, list[Any]] = {"image_id": list(image_ids)}
+        for name in PATHOLOGY_COLUMNS.values():
+            cols[name] = [None] * len(image_ids)
+        for j, col in enumerate(self.columns):
+            if col is not None:
+                cols[col] = [float(v) for v in outputs[:, j]]
+        return cols
+
+
+def _load_xrv(model_id: str, weights: ResolvedWeights) -> Any:
+    """Load with xrv's own code from the folder holding the verified file (xrv's cache_dir layout)."""
+    import torchxrayvision as xrv
+
+    if model_id.startswith("resnet"):
+        return xrv.models.ResNet(weights=model_id, cache_dir=str(weights.path.parent))
+    return xrv.models.DenseNet(weights=model_id, cache_dir=str(weights.path.parent))
+
+
+def _batches(dataset: Any, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+    yield from dataset.to_batches(columns=columns, batch_size=batch_size)
+
+
+def run_infer(
+    lakehouse_uri: str,
+    *,
+    settings: Settings,
+    model_id: str = "densenet121-res224-all",
+    weights_dir: str | None = None,
+    weights_uri: str | None = None,
+    allow_untrained: bool = False,
+    batch_size: int = 16,
+    device: DeviceChoice = "auto",
+    amp: bool = False,
+    shard: Shard = Shard(),
+    commit_every: int = 1024,
+    run_id: str | None = None,
+    progress: bool = True,
+) -> InferSummary:
+    """Score every tensor that lacks a prediction for ``model_id`` and MERGE the results.
+
+    Raises:
+        WeightsNotFoundError: no weights and no ``allow_untrained``.
+    """
+    import pyarrow as pa
+    import torch
+    import torchxrayvision as xrv
+
+    from lakehouse import delta_rs
+    from transforms.preprocess import new_run_id
+
+    started = time.perf_counter()
+    try:
+        weights: ResolvedWeights | None = resolve_weights(
+            model_id, settings=settings, weights_dir=weights_dir, weights_uri=weights_uri
+        )
+    except CxrError:
+        if not allow_untrained:
+            raise
+        weights = None
+    predictor = Predictor(model_id, weights, device=device, amp=amp)
+    tensors = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings)
+    predictions = delta_rs.ensure_table(lakehouse_uri, PREDICTIONS, settings)
+    done_table = predictions.to_pyarrow_table(columns=["image_id", "model_id"])
+    done = {
+        i
+        for i, m in zip(
+            done_table.column("image_id").to_pylist(), done_table.column("model_id").to_pylist(), strict=True
+        )
+        if m == predictor.model_id
+    }
+    summary = InferSummary(
+        run_id=run_id or new_run_id("inf"),
+        model_id=predictor.model_id,
+        weights_sha256=predictor.weights_sha256,
+        tensors_version=int(tensors.version()),
+        device=str(predictor.device)
+        if predictor.device.type == "cpu"
+        else torch.cuda.get_device_name(predictor.device),
+        untrained=weights is None,
+    )
+    constants = {
+        "model_id": predictor.model_id,
+        "weights_sha256": predictor.weights_sha256,
+        "weights_source": predictor.weights_source,
+        "tensors_version": summary.tensors_version,
+        "run_id": summary.run_id,
+        "device": summary.device,
+        "torch_version": torch.__version__,
+        "xrv_version": xrv.__version__,
+    }
+    schema = arrow_schema(PREDICTIONS)
+    pending: list[dict[str, list[Any]]] = []
+    pending_rows = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_rows
+        if not pending_rows:
+            return
+        cols: dict[str, list[Any]] = {k: sum((p[k] for p in pending), []) for k in pending[0]}
+        n = len(cols["image_id"])
+        now = datetime.now(timezone.utc)
+        cols.update({k: [v] * n for k, v in constants.items()})
+        cols["predicted_at"] = [now] * n
+        summary.predicted += delta_rs.merge_insert_new(
+            lakehouse_uri, PREDICTIONS, pa.Table.from_pydict(cols, schema=schema), settings
+        )
+        pending, pending_rows = [], 0
+
+    def todo(batch: pa.RecordBatch) -> tuple[list[str], Any] | None:
+        ids = batch.column("image_id").to_pylist()
+        keep = [k for k, i in enumerate(ids) if shard.owns(i)]
+        summary.candidates += len(keep)
+        keep = [k for k in keep if ids[k] not in done]
+        summary.already_predicted += sum(1 for i in ids if shard.owns(i)) - len(keep)
+        if not keep:
+            return None
+        sub = batch.take(pa.array(keep))
+        return sub.column("image_id").to_pylist(), predictor.pre(
+            sub.column("tensor").to_pylist(),
+            sub.column("tensor_dtype").to_pylist(),
+            sub.column("tensor_shape").to_pylist(),
+        )
+
+    dataset = tensors.to_pyarrow_dataset()
+    reader = _batches(dataset, ["image_id", "tensor", "tensor_dtype", "tensor_shape"], batch_size)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress
+    )
+    task = bar.add_task(f"scoring with {predictor.model_id}", total=dataset.count_rows())
+    with bar, ThreadPoolExecutor(1) as pool:
+        nxt: Future[Any] | None = pool.submit(_next_work, reader, todo)
+        while nxt is not None:
+            work = nxt.result()
+            if work is None:
+                break
+            nxt = pool.submit(_next_work, reader, todo)  # read + decode the next batch while computing
+            ids, batch = work
+            pending.append(predictor.post(ids, predictor.predict(batch)))
+            pending_rows += len(ids)
+            bar.update(task, completed=summary.candidates)
+            if pending_rows >= commit_every:
+                flush()
+    flush()
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _next_work(reader: Iterator[pa.RecordBatch], todo: Any) -> Any:
+    """The next batch that has something to score, or None at the end."""
+    for batch in reader:
+        work = todo(batch)
+        if work is not None:
+            return work
+    return None

@@ -1,0 +1,147 @@
+"""The inference job: parity with xrv, idempotent and incremental runs, shards, SIGKILL and rerun,
+the untrained stand-in. Tensors tables are written with delta-rs (the job has no JVM either)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.job import UNTRAINED_SUFFIX, Shard, run_infer
+from lakehouse.config import Settings
+from lakehouse.delta_rs import read_arrow
+from lakehouse.errors import WeightsNotFoundError
+from lakehouse.tables import PATHOLOGY_COLUMNS
+from tests.conftest import MODEL, write_tensors_table
+from transforms.sample import VALID_KINDS, write_samples
+from transforms.tensor import decode_tensor
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> tuple[Path, int]:
+    root = tmp_path_factory.mktemp("infer")
+    files = write_samples(root / "in", count=len(VALID_KINDS) + 3, seed=7)
+    n = write_tensors_table(root / "lake", files, settings)
+    return root / "lake", n
+
+
+def _copy(lake: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "lake"
+    shutil.copytree(lake, dst)
+    return dst
+
+
+def test_predictions_equal_xrv_called_directly(
+    lake: tuple[Path, int], checkpoint: Path, settings: Settings, tmp_path: Path
+) -> None:
+    import torch
+    import torchxrayvision as xrv
+
+    root = _copy(lake[0], tmp_path)
+    s = run_infer(
+        str(root), settings=settings, weights_dir=str(checkpoint.parent), batch_size=4, device="cpu", progress=False
+    )
+    assert (s.predicted, s.candidates, s.untrained) == (lake[1], lake[1], False)
+    preds = read_arrow(str(root), "predictions", settings).to_pylist()
+    tensors = {r["image_id"]: r for r in read_arrow(str(root), "tensors", settings).to_pylist()}
+    model = xrv.models.DenseNet(weights=MODEL, cache_dir=str(checkpoint.parent)).eval()
+    ids = [p["image_id"] for p in preds]
+    batch = torch.from_numpy(np.stack([decode_tensor(tensors[i]["tensor"], "float16", [1, 224, 224]) for i in ids]))
+    with torch.inference_mode():
+        expected = model(batch).numpy()
+    got = np.array([[p[PATHOLOGY_COLUMNS[t]] for t in model.targets] for p in preds], dtype=np.float32)
+    assert np.abs(got - expected).max() <= 1e-5
+    assert ((got >= 0) & (got <= 1)).all()  # xrv's calibrated outputs
+    row = preds[0]
+    assert (
+        row["model_id"] == MODEL
+        and row["weights_source"] == "weights-dir"
+        and row["tensors_version"] == s.tensors_version
+    )
+    assert len(row["weights_sha256"]) == 64 and row["device"] == "cpu" and row["xrv_version"] == xrv.__version__
+
+
+def test_rerun_scores_only_missing_pairs(
+    lake: tuple[Path, int], checkpoint: Path, settings: Settings, tmp_path: Path
+) -> None:
+    root = _copy(lake[0], tmp_path)
+    first = run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
+    again = run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
+    assert (first.predicted, again.predicted, again.already_predicted) == (lake[1], 0, lake[1])
+    assert read_arrow(str(root), "predictions", settings).num_rows == lake[1]
+
+
+def test_shards_are_disjoint_and_complete(
+    lake: tuple[Path, int], checkpoint: Path, settings: Settings, tmp_path: Path
+) -> None:
+    root = _copy(lake[0], tmp_path)
+    counts = [
+        run_infer(
+            str(root),
+            settings=settings,
+            weights_dir=str(checkpoint.parent),
+            shard=Shard(i, 3),
+            device="cpu",
+            progress=False,
+        ).predicted
+        for i in range(3)
+    ]
+    ids = read_arrow(str(root), "predictions", settings).column("image_id").to_pylist()
+    assert sum(counts) == len(ids) == len(set(ids)) == lake[1]
+    assert all(c > 0 for c in counts)
+    assert Shard.parse("2/3") == Shard(2, 3)
+
+
+def test_untrained_stand_in_says_so_in_every_row(
+    lake: tuple[Path, int], settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _copy(lake[0], tmp_path)
+    monkeypatch.setenv("CXR_WEIGHTS_BASE_URL", "http://127.0.0.1:9/unreachable")
+    cache = str(tmp_path / "empty-cache")
+    monkeypatch.setattr("torchxrayvision.utils.get_cache_dir", lambda: cache)
+    with pytest.raises(WeightsNotFoundError):
+        run_infer(str(root), settings=settings, device="cpu", progress=False)
+    s = run_infer(str(root), settings=settings, allow_untrained=True, device="cpu", progress=False)
+    assert s.untrained and s.model_id == MODEL + UNTRAINED_SUFFIX
+    rows = read_arrow(str(root), "predictions", settings).to_pylist()
+    assert len(rows) == lake[1]
+    assert all(
+        r["model_id"].endswith(UNTRAINED_SUFFIX)
+        and r["weights_sha256"].startswith("none:")
+        and r["weights_source"] == "untrained"
+        for r in rows
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(
+    lake: tuple[Path, int], checkpoint: Path, settings: Settings, tmp_path: Path
+) -> None:
+    root = _copy(lake[0], tmp_path)
+    cmd = [str(Path(sys.executable).parent / "cxr"), "infer", "--lakehouse", str(root), "--weights-dir", str(checkpoint.parent),
+           "--device", "cpu", "--batch-size", "2", "--commit-every", "2", "--no-progress"]  # fmt: skip
+    log = tmp_path / "delta_log"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.time() + 300
+    plog = root / "predictions" / "_delta_log"
+    while time.time() < deadline and proc.poll() is None:  # wait for the first MERGE commits, then kill
+        if plog.is_dir() and len(list(plog.glob("*.json"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: give it more tensors"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    del log
+    partial = read_arrow(str(root), "predictions", settings).num_rows
+    assert 0 < partial < lake[1]
+    s = run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
+    ids = read_arrow(str(root), "predictions", settings).column("image_id").to_pylist()
+    assert (s.already_predicted, s.predicted) == (partial, lake[1] - partial)
+    assert len(ids) == len(set(ids)) == lake[1]
