@@ -19,8 +19,10 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.10-3.13)"; exit 1; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null \
+	  || { echo "need $(PYTHON) 3.11-3.13 (set PYTHON=python3.x)"; exit 1; }
+	test -x $(PIP) || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); } \
+	  || { echo "cannot create a venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	$(PIP) check

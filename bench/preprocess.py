@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +143,7 @@ def main() -> None:
     fixed = t_small - args.small / marginal
     per_tensor = stored_bytes_per_tensor(work / "lake_large", args.large)
     result = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "images": "synthetic 1024x1024 8-bit PNG",
         "cxr_small_s": round(t_small, 2),

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -228,7 +228,7 @@ def run_infer(
             return
         cols: dict[str, list[Any]] = {k: sum((p[k] for p in pending), []) for k in pending[0]}
         n = len(cols["image_id"])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         cols.update({k: [v] * n for k, v in constants.items()})
         cols["predicted_at"] = [now] * n
         summary.predicted += delta_rs.merge_insert_new(

@@ -214,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"cxr {args.command}: interrupted\n")
         return 130
+    except Exception as exc:  # the stage could not run (Spark, delta-rs, I/O): one line, traceback with -v
+        log.debug("traceback", exc_info=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        sys.stderr.write(f"cxr {args.command}: {type(exc).__name__}: {first} (run with -v for the traceback)\n")
+        return 2
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ class Settings:
     tensor_dtype: TensorDtype = "float16"
     #: refuse images whose header declares more pixels than this (before decoding).
     max_pixels: int = 64_000_000
+    #: refuse (quarantine) files larger than this before reading them: a stray archive or video must not
+    #: exhaust a worker's memory.
+    max_file_bytes: int = 1 << 30
     #: files handed to one Spark task (bounds worker memory and sets the progress granularity).
     files_per_task: int = 256
 
@@ -64,8 +67,22 @@ class Settings:
         return self.pseudonym_key == DEV_PSEUDONYM_KEY
 
     def with_overrides(self, **overrides: object) -> Settings:
-        """Return a copy with the non-None overrides applied (CLI flags)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+        """Return a validated copy with the non-None overrides applied (CLI flags)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()  # type: ignore[arg-type]
+
+    def validate(self) -> Settings:
+        """Check value ranges; return self.
+
+        Raises:
+            ConfigError: on a value no run could use.
+        """
+        if self.resize_size < 8:
+            raise ConfigError(f"resize size {self.resize_size} is too small (minimum 8)")
+        if self.max_pixels < 1 or self.max_file_bytes < 1:
+            raise ConfigError("max pixels and max file bytes must be positive")
+        if self.files_per_task < 1:
+            raise ConfigError(f"files per task must be at least 1 (got {self.files_per_task})")
+        return self
 
 
 def _int_env(env: dict[str, str], name: str, default: int) -> int:
@@ -114,10 +131,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         tensor_dtype=dtype,  # type: ignore[arg-type]
         max_pixels=_int_env(e, "CXR_MAX_PIXELS", 64_000_000),
         files_per_task=_int_env(e, "CXR_FILES_PER_TASK", 256),
+        max_file_bytes=_int_env(e, "CXR_MAX_FILE_BYTES", 1 << 30),
     )
-    if settings.resize_size < 8:
-        raise ConfigError(f"resize size {settings.resize_size} is too small (minimum 8)")
-    return settings
+    return settings.validate()
 
 
 def warn_if_dev_key(settings: Settings) -> None:

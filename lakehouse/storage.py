@@ -146,7 +146,13 @@ def list_files(uri: str, settings: Settings) -> Iterator[ListedFile]:
     if not root.is_dir():
         raise StorageError(f"input folder not found: {u}")
     found: list[ListedFile] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error):
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk_error, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink loop (or a second link to a folder already listed)
+            dirnames.clear()
+            continue
+        seen_dirs.add(real)
         dirnames.sort()
         for name in filenames:
             p = Path(dirpath) / name
@@ -176,8 +182,8 @@ def _list_s3(uri: str, settings: Settings) -> Iterator[ListedFile]:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         for page in pages:
             for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/"):
-                    continue  # a "folder" marker object, not a file
+                if obj["Key"].endswith("/") and int(obj["Size"]) == 0:
+                    continue  # an empty "folder" marker object, not a file
                 yield ListedFile(
                     f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), int(obj["LastModified"].timestamp() * 1000)
                 )

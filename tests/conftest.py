@@ -22,6 +22,8 @@ os.environ.update(
 os.environ.pop("AWS_SESSION_TOKEN", None)
 os.environ.pop("AWS_PROFILE", None)
 
+from datetime import UTC
+
 from lakehouse.config import Settings, load_settings  # noqa: E402
 
 TEST_KEY = "test-pseudonym-key"
@@ -121,7 +123,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_tensors_table(lakehouse: Path, files: list[Path], settings: Settings) -> int:
     """A `tensors` table made with the pure preprocessing function and delta-rs (no Spark needed)."""
     import hashlib
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import pyarrow as pa
     from deltalake import write_deltalake
@@ -143,7 +145,7 @@ def write_tensors_table(lakehouse: Path, files: list[Path], settings: Settings) 
             preprocess_version="1",
             preprocess_params=params.to_json(),
             run_id="test",
-            ingested_at=datetime.now(timezone.utc),
+            ingested_at=datetime.now(UTC),
         )
         rows.append(row)
     ensure_table(str(lakehouse), TENSORS, settings)

@@ -82,3 +82,16 @@ def test_job_runs_unchanged_under_spark_submit(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{") :])
     assert (summary["discovered"], summary["new"], summary["reconciles"]) == (3, 3, True)
+
+
+@pytest.mark.slow
+def test_a_stage_that_cannot_run_exits_2_with_one_line(tmp_path: Path) -> None:
+    samples = tmp_path / "s"
+    assert _cxr("sample", "--output", str(samples), "--count", "1").returncode == 0
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the lakehouse should be")
+    r = _cxr("preprocess", "--input", str(samples), "--lakehouse", str(blocker), "--no-progress")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("cxr preprocess: ") and last.endswith("(run with -v for the traceback)")
+    assert "Traceback" not in r.stderr

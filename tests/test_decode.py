@@ -207,3 +207,26 @@ def test_samples_are_deterministic(tmp_path: Path) -> None:
     a = write_samples(tmp_path / "a", count=len(VALID_KINDS), include_invalid=True)
     b = write_samples(tmp_path / "b", count=len(VALID_KINDS), include_invalid=True)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_oversized_files_are_quarantined_before_reading(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from lakehouse.config import load_settings
+    from transforms.preprocess import process_files
+
+    small, big = tmp_path / "small.png", tmp_path / "big.png"
+    small.write_bytes(png_bytes(np.zeros((16, 16), np.uint8)))
+    big.write_bytes(b"\0" * 5000)
+    settings = load_settings({}).with_overrides(max_file_bytes=4096)
+    batch = pa.RecordBatch.from_pydict(
+        {"source_uri": [str(small), str(big)], "source_bytes": [small.stat().st_size, 5000], "mtime_ms": [0, 10**15]}
+    )
+    rows = pa.Table.from_batches(
+        list(
+            process_files([batch], known_files={}, known_ids=frozenset(), params=PreprocessParams(), settings=settings)
+        )
+    ).to_pylist()
+    assert [r["status"] for r in rows] == ["new", "quarantined"]
+    assert rows[1]["error_class"] == "ImageTooLargeError" and "5000 bytes" in rows[1]["error_message"]
+    assert rows[1]["decoded"] is False and rows[1]["image_id"] is None  # never read

@@ -100,3 +100,19 @@ def test_jar_resolution_prefers_local_maven_and_falls_back_to_delta_pip(
     builder = configure_spark_with_delta_pip(SparkSession.builder, extra_packages=[sp.HADOOP_AWS_PACKAGE])
     packages = builder._options["spark.jars.packages"]  # type: ignore[attr-defined]
     assert packages == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
+
+
+def test_symlinked_folders_are_listed_once(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.png").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(real, target_is_directory=True)  # a loop must not hang the listing
+    listed = [Path(f.uri).name for f in storage.list_files(str(tmp_path), load_settings({}))]
+    assert listed.count("a.png") == 1
+
+
+@pytest.mark.parametrize("override", [{"resize_size": 0}, {"files_per_task": 0}, {"max_pixels": -1}])
+def test_overrides_are_validated(override: dict[str, int]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings({}).with_overrides(**override)

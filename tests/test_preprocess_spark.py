@@ -198,3 +198,13 @@ def test_s3_input_and_s3_lakehouse_round_trip(spark, settings: Settings, samples
     from lakehouse.storage import read_text
 
     assert '"reconciles": true' in read_text(f"{lake}/runs/{again.run_id}.json", settings)
+
+
+def test_other_tensor_settings_are_refused_for_an_existing_table(
+    spark, settings: Settings, first_run, samples_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from lakehouse.errors import ConfigError
+
+    lake, _ = first_run
+    with pytest.raises(ConfigError, match="size=224.*this run asks for size=128"):
+        _run(spark, settings.with_overrides(resize_size=128), samples_dir, lake)

@@ -8,7 +8,7 @@ The decoded values and the maximum value used for normalisation match TorchXRayV
 - DICOM (``xrv.utils.read_xray_dcm``): ``pixel_array`` through pydicom and its pixel-data plugins
   (uncompressed, RLE, JPEG baseline/extended/lossless, JPEG 2000, JPEG-LS); the maximum is
   ``2**BitsStored - 1``; MONOCHROME1 is inverted as ``maximum - value``. Like xrv, Rescale
-  Slope/Intercept and the VOI LUT are not applied (they are recorded, not used); RGB and YBR images are
+  Slope/Intercept and the VOI LUT are not applied (models were trained on stored values); RGB and YBR images are
   converted to RGB by pydicom and keep channel 0, as ``load_image`` does for colour PNGs; multi-frame
   images are refused (quarantined) rather than silently reduced to one frame.
 
@@ -211,7 +211,8 @@ def decode_dicom(data: bytes, *, max_pixels: int, pseudonym_key: str) -> Decoded
         # Touch the elements used below so a corrupt header fails here, not later.
         _ = ds.get("SOPClassUID"), ds.get("PhotometricInterpretation")
     except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, OverflowError) as exc:
-        raise DecodeError(f"corrupt DICOM: the header cannot be parsed ({exc})") from exc
+        # the exception text may quote element values (patient data): only its type is kept
+        raise DecodeError(f"corrupt DICOM: the header cannot be parsed ({type(exc).__name__})") from exc
     if not has_preamble and "SOPClassUID" not in ds and "PixelData" not in ds:
         raise UnsupportedFormatError(
             "not a DICOM file: no 'DICM' signature and no recognisable DICOM elements "

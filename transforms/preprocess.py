@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from lakehouse import storage
@@ -88,7 +88,7 @@ class Summary:
 
 def new_run_id(prefix: str = "pre") -> str:
     """A sortable, unique run id."""
-    return f"{prefix}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+    return f"{prefix}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
 # --- the per-partition function (runs in Spark's Python workers) ------------------------------------
@@ -130,11 +130,22 @@ def _process_one(
     params: PreprocessParams,
     settings: Settings,
 ) -> dict[str, Any]:
-    modified = datetime.fromtimestamp(mtime_ms / 1000, tz=timezone.utc) if mtime_ms else None
+    try:
+        modified = datetime.fromtimestamp(mtime_ms / 1000, tz=UTC) if mtime_ms else None
+    except (ValueError, OverflowError, OSError):  # an absurd mtime is not a reason to fail the run
+        modified = None
     row: dict[str, Any] = {"source_uri": uri, "source_bytes": size, "source_modified_at": modified, "decoded": False}
     known = known_files.get((uri, size, mtime_ms))
     if known is not None:  # same path, size and mtime as an ingested file: not even read
         return {**row, "image_id": known, "status": PRESENT}
+    if size > settings.max_file_bytes:  # refused before reading: one huge stray file must not kill a worker
+        return {
+            **row,
+            "status": QUARANTINED,
+            "error_class": "ImageTooLargeError",
+            "error_message": f"the file is {size} bytes, above the limit of {settings.max_file_bytes} bytes "
+            "(raise CXR_MAX_FILE_BYTES if it is a genuine image)",
+        }
     try:
         data = storage.read_bytes(uri, settings)
     except InputError as exc:
@@ -210,6 +221,8 @@ def run_preprocess(
     listing = list(storage.list_files(input_uri, settings))
     summary.discovered = len(listing)
     log.info("discovered %d files under %s", len(listing), input_uri)
+    if not listing:
+        log.warning("no files under %s: check the input URI", input_uri)
     spark = spark or get_spark(settings, app_name=f"cxr-preprocess-{run_id}")
     sc = spark.sparkContext
 
@@ -217,6 +230,7 @@ def run_preprocess(
     known = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings).to_pyarrow_table(
         columns=["image_id", "source_uri", "source_bytes", "source_modified_at"]
     )
+    _check_same_params(lakehouse_uri, params, settings)
     known_ids = frozenset(known.column("image_id").to_pylist())
     known_files = {
         (uri, size, int(ts.timestamp() * 1000)): iid
@@ -280,7 +294,7 @@ def run_preprocess(
             if r.status == QUARANTINED:
                 summary.quarantine_reasons[r.error_class] = summary.quarantine_reasons.get(r.error_class, 0) + 1
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         new_rows = result.filter(F.col("status") == NEW)
         if late_dups:
             new_rows = new_rows.filter(~F.col("source_uri").isin(list(late_dups)))
@@ -331,6 +345,32 @@ def run_preprocess(
         raise StorageError(f"counts do not reconcile: {summary.to_json()}")
     _write_summary(summary, settings)
     return summary
+
+
+def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: Settings) -> None:
+    """Refuse to mix tensor shapes, dtypes or resize engines in one table.
+
+    Raises:
+        ConfigError: when the table's tensors were made with other size/engine/dtype settings.
+    """
+    from lakehouse import delta_rs
+    from lakehouse.errors import ConfigError
+
+    table = delta_rs.open_table(lakehouse_uri, "tensors", settings)
+    head = table.to_pyarrow_dataset().head(1, columns=["preprocess_params"]).column("preprocess_params").to_pylist()
+    if not head:
+        return
+    existing = json.loads(head[0])
+    ours = json.loads(params.to_json())
+    keys = ("size", "resize_engine", "dtype")
+    if any(existing.get(k) != ours.get(k) for k in keys):
+        raise ConfigError(
+            f"{lakehouse_uri}/tensors holds tensors made with "
+            + ", ".join(f"{k}={existing.get(k)}" for k in keys)
+            + "; this run asks for "
+            + ", ".join(f"{k}={ours.get(k)}" for k in keys)
+            + ": use another lakehouse for other settings"
+        )
 
 
 def _write_summary(summary: Summary, settings: Settings) -> None:
