@@ -117,6 +117,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             device=args.device,
             amp=args.amp,
             shard=shard,
+            graph=args.graph,
             commit_every=args.commit_every,
             run_id=args.run_id,
             progress=not args.no_progress,
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--batch-size", type=int, default=16)
     inf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     inf.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    inf.add_argument(
+        "--graph",
+        choices=["auto", "eager", "frozen"],
+        default="auto",
+        help="frozen TorchScript graph (default on CPU) or eager",
+    )
     inf.add_argument("--shard", help="i/N: score only shard i of N (disjoint, together complete)")
     inf.add_argument("--commit-every", type=int, default=1024, help="MERGE results every N images")
     inf.add_argument("--run-id", help="run id recorded in every row (default: generated)")
