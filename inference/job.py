@@ -112,26 +112,29 @@ class Predictor:
         else:
             model = _load_xrv(model_id, weights)
             self.model_id, self.weights_sha256, self.weights_source = model_id, weights.sha256, weights.source
-        self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
+        # NCHW as xrv itself runs: channels_last measured no faster here (14.7 vs 14.3 img/s) and moved
+        # calibrated outputs by ~1e-5 (op_norm amplifies tiny logit differences near the thresholds)
+        self.model = model.eval().to(self.device)
         self.targets = list(model.targets)
         self.graph = "frozen" if graph == "frozen" or (graph == "auto" and self.device.type == "cpu") else "eager"
         if self.graph == "frozen":
-            # TorchScript trace -> freeze -> optimize_for_inference: conv+BN folding and oneDNN fusions,
-            # about 1.7x eager on a 2-core CPU; outputs equal eager within 1e-5 (tested).
-            example = torch.zeros(2, 1, 224, 224, device=self.device).contiguous(memory_format=torch.channels_last)
+            # TorchScript trace -> freeze without numerics-changing passes: the same arithmetic as eager
+            # (bit-identical outputs here) with less dispatch overhead, ~1.2x eager on a 2-core CPU.
+            # optimize_for_inference / conv-BN folding were slower here and moved outputs by ~1e-5.
+            example = torch.linspace(-1024, 1024, 2 * 224 * 224, device=self.device).reshape(2, 1, 224, 224)
             with torch.no_grad():
                 traced = torch.jit.trace(self.model, example, check_trace=False)
-                self.model = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+                self.model = torch.jit.freeze(traced.eval(), optimize_numerics=False)
         self.columns = [PATHOLOGY_COLUMNS.get(t) for t in self.targets]
 
     def pre(self, tensors: list[bytes], dtypes: list[str], shapes: list[list[int]]) -> torch.Tensor:
-        """Stored tensor bytes -> a float32 NCHW batch (channels_last, pinned on GPU hosts)."""
+        """Stored tensor bytes -> a float32 NCHW batch (pinned on GPU hosts)."""
         import torch
 
         from transforms.tensor import decode_tensor
 
         arr = np.stack([decode_tensor(t, d, s) for t, d, s in zip(tensors, dtypes, shapes, strict=True)])
-        batch = torch.from_numpy(arr).contiguous(memory_format=torch.channels_last)
+        batch = torch.from_numpy(arr)
         return batch.pin_memory() if self.device.type == "cuda" else batch
 
     def predict(self, batch: torch.Tensor) -> np.ndarray:

@@ -9,6 +9,7 @@ if __name__ == "__main__":  # run as a file (spark-submit lakehouse/cli.py): kee
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -105,8 +106,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
     shard = Shard.parse(args.shard) if args.shard else Shard()
     summaries = []
-    for model_id in args.model or ["densenet121-res224-all"]:
-        s = run_infer(
+
+    def _run_one(model_id: str):  # type: ignore[no-untyped-def]
+        return run_infer(
             lakehouse_uri,
             settings=settings,
             model_id=model_id,
@@ -122,6 +124,10 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             run_id=args.run_id,
             progress=not args.no_progress,
         )
+
+    for model_id in args.model or ["densenet121-res224-all"]:
+        with contextlib.redirect_stdout(sys.stderr):  # libraries print(); stdout stays for --json
+            s = _run_one(model_id)
         summaries.append(s)
         if not args.json:
             flag = "  [UNTRAINED STAND-IN: outputs are meaningless]" if s.untrained else ""

@@ -108,15 +108,30 @@ MODEL = "densenet121-res224-all"
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init DenseNet saved exactly as xrv's weights files are (a whole pickled module), under
     the upstream file name, in a folder laid out like xrv's cache_dir."""
+    import numpy as np
     import torch
+    import torch.nn.functional as F
     import torchxrayvision as xrv
 
     from inference.weights import upstream_filename
+    from transforms.decode import DecodedImage
+    from transforms.sample import synthetic_cxr, to_uint
+    from transforms.tensor import to_tensor
 
     torch.manual_seed(0)
+    model = xrv.models.DenseNet(weights=None).eval()
+    # Random init saturates every output at 0 or 1 on the +-1024 scale; rescale the classifier so the
+    # logits have unit spread on X-ray-like inputs and predictions differ between images.
+    imgs = [to_uint(synthetic_cxr(256, 256, seed=s), 8) for s in range(4)]
+    batch = torch.from_numpy(np.stack([to_tensor(DecodedImage(i, 255, "png", 256, 256, 8, "GRAY")) for i in imgs]))
+    with torch.no_grad():
+        feats = F.adaptive_avg_pool2d(F.relu(model.features(batch)), 1).flatten(1)
+        logits = model.classifier(feats)
+        model.classifier.weight.mul_(1.0 / (logits.std(dim=0, keepdim=True).T + 1e-6))
+        model.classifier.bias.copy_(-model.classifier(feats).mean(dim=0) + model.classifier.bias)
     folder = tmp_path_factory.mktemp("weights")
     path = folder / upstream_filename(MODEL)
-    torch.save(xrv.models.DenseNet(weights=None), path)
+    torch.save(model, path)
     return path
 
 

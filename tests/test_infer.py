@@ -59,10 +59,15 @@ def test_predictions_equal_xrv_called_directly(
     preds = read_arrow(str(root), "predictions", settings).to_pylist()
     tensors = {r["image_id"]: r for r in read_arrow(str(root), "tensors", settings).to_pylist()}
     model = xrv.models.DenseNet(weights=MODEL, cache_dir=str(checkpoint.parent)).eval()
-    ids = [p["image_id"] for p in preds]
-    batch = torch.from_numpy(np.stack([decode_tensor(tensors[i]["tensor"], "float16", [1, 224, 224]) for i in ids]))
-    with torch.inference_mode():
-        expected = model(batch).numpy()
+    # xrv's model called directly on the same tensors, in the same batches the job formed
+    order = read_arrow(str(root), "tensors", settings).column("image_id").to_pylist()
+    expected_by_id = {}
+    for start in range(0, len(order), 3):
+        ids = order[start : start + 3]
+        batch = torch.from_numpy(np.stack([decode_tensor(tensors[i]["tensor"], "float16", [1, 224, 224]) for i in ids]))
+        with torch.inference_mode():
+            expected_by_id.update(zip(ids, model(batch).numpy(), strict=True))
+    expected = np.stack([expected_by_id[p["image_id"]] for p in preds])
     got = np.array([[p[PATHOLOGY_COLUMNS[t]] for t in model.targets] for p in preds], dtype=np.float32)
     assert np.abs(got - expected).max() <= 1e-5
     assert ((got >= 0) & (got <= 1)).all()  # xrv's calibrated outputs
