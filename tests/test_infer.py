@@ -158,3 +158,28 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(
     ids = read_arrow(str(root), "predictions", settings).column("image_id").to_pylist()
     assert (s.already_predicted, s.predicted) == (partial, lake[1] - partial)
     assert len(ids) == len(set(ids)) == lake[1]
+
+
+def test_within_2e3_of_xrvs_own_preprocessing_and_model(
+    lake: tuple[Path, int], checkpoint: Path, settings: Settings, tmp_path: Path
+) -> None:
+    """Our stored float16 tensors -> our job, against xrv's own load -> crop -> resize -> model, per image kind."""
+    import torch
+    import torchxrayvision as xrv
+
+    from tests.xrv_reference import xrv_reference
+
+    root = _copy(lake[0], tmp_path)
+    run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
+    preds = read_arrow(str(root), "predictions", settings).to_pylist()
+    uris = {r["image_id"]: r["source_uri"] for r in read_arrow(str(root), "tensors", settings).to_pylist()}
+    model = xrv.models.DenseNet(weights=MODEL, cache_dir=str(checkpoint.parent)).eval()
+    kinds = set()
+    for p in preds:
+        path = Path(uris[p["image_id"]])
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(xrv_reference(path)[None])).numpy()[0]
+        got = np.array([p[PATHOLOGY_COLUMNS[t]] for t in model.targets], dtype=np.float32)
+        assert np.abs(got - ref).max() <= 2e-3, path.name
+        kinds.add(path.name.rsplit("_", 1)[0])
+    assert kinds == set(VALID_KINDS)
