@@ -59,8 +59,9 @@ lint: setup ## ruff + mypy
 	$(VENV)/bin/ruff format --check lakehouse transforms inference tests bench
 	$(VENV)/bin/mypy
 
-bench: setup ## preprocessing benchmark (results -> docs/benchmarks.md by hand)
+bench: setup ## preprocessing and inference benchmarks (results -> docs/benchmarks.md by hand)
 	$(PY) bench/preprocess.py
+	$(PY) bench/infer.py
 
 lock: ## re-resolve and rewrite constraints.txt from the current .venv
 	$(PIP) freeze --exclude-editable > constraints.txt
