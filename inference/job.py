@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from inference.weights import ResolvedWeights, resolve_weights
+from inference.weights import ResolvedWeights, resolve_weights, upstream_url
 from lakehouse.config import Settings
-from lakehouse.errors import CxrError
+from lakehouse.errors import CxrError, WeightsNotFoundError
 from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, arrow_schema
 
 if TYPE_CHECKING:
@@ -104,6 +104,10 @@ class Predictor:
                 model_id,
             )
             urls = xrv.models.model_urls[model_id]
+            if not model_id.startswith("densenet"):
+                raise WeightsNotFoundError(
+                    f"no weights for {model_id}, and an untrained stand-in exists only for DenseNet names"
+                )
             torch.manual_seed(0)
             model = xrv.models.DenseNet(weights=None, op_threshs=torch.tensor(urls["op_threshs"]))
             model.targets = list(urls["labels"])
@@ -114,8 +118,11 @@ class Predictor:
             self.model_id, self.weights_sha256, self.weights_source = model_id, weights.sha256, weights.source
         # NCHW as xrv itself runs: channels_last measured no faster here (14.7 vs 14.3 img/s) and moved
         # calibrated outputs by ~1e-5 (op_norm amplifies tiny logit differences near the thresholds)
-        self.model = model.eval().to(self.device)
+        self.model = self.eager = model.eval().to(self.device)
         self.targets = list(model.targets)
+        # outputs whose calibration threshold is NaN come out of xrv's op_norm as a constant 0.5: not a prediction
+        threshs = getattr(model, "op_threshs", None)
+        self.uncalibrated = {j for j, t in enumerate(threshs.tolist()) if t != t} if threshs is not None else set()
         self.graph = "frozen" if graph == "frozen" or (graph == "auto" and self.device.type == "cpu") else "eager"
         if self.graph == "frozen":
             # TorchScript trace -> freeze without numerics-changing passes: the same arithmetic as eager
@@ -141,8 +148,11 @@ class Predictor:
         """The model's calibrated outputs for a batch, (batch, len(targets)) float32."""
         import torch
 
+        # the frozen graph was traced at 224x224: any other size takes the eager path, where xrv's
+        # fix_resolution resizes the input as the model expects
+        model = self.model if tuple(batch.shape[-2:]) == (224, 224) else self.eager
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
-            out = self.model(batch.to(self.device, non_blocking=True))
+            out = model(batch.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
 
     def post(self, image_ids: list[str], outputs: np.ndarray) -> dict[str, list[Any]]:
@@ -151,7 +161,7 @@ class Predictor:
         for name in PATHOLOGY_COLUMNS.values():
             cols[name] = [None] * len(image_ids)
         for j, col in enumerate(self.columns):
-            if col is not None:
+            if col is not None and j not in self.uncalibrated:
                 cols[col] = [float(v) for v in outputs[:, j]]
         return cols
 
@@ -194,21 +204,26 @@ def run_infer(
     import pyarrow as pa
     import torch
     import torchxrayvision as xrv
+    from deltalake.exceptions import TableNotFoundError
 
     from lakehouse import delta_rs
     from transforms.preprocess import new_run_id
 
     started = time.perf_counter()
+    upstream_url(model_id)  # an unknown name is an error, never a stand-in
+    try:
+        tensors = delta_rs.open_table(lakehouse_uri, TENSORS.name, settings)
+    except TableNotFoundError as exc:
+        raise CxrError(f"no tensors table under {lakehouse_uri}: run `cxr preprocess` first") from exc
     try:
         weights: ResolvedWeights | None = resolve_weights(
             model_id, settings=settings, weights_dir=weights_dir, weights_uri=weights_uri
         )
-    except CxrError:
+    except WeightsNotFoundError:  # only missing weights may fall back; integrity failures never do
         if not allow_untrained:
             raise
         weights = None
     predictor = Predictor(model_id, weights, device=device, amp=amp, graph=graph)
-    tensors = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings)
     predictions = delta_rs.ensure_table(lakehouse_uri, PREDICTIONS, settings)
     done_table = predictions.to_pyarrow_table(columns=["image_id", "model_id"])
     done = {

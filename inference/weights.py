@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ from lakehouse.storage import is_s3, read_bytes
 log = logging.getLogger(__name__)
 
 Source = Literal["weights-dir", "uri", "xrv-cache", "download"]
+
+#: the first bytes of a checkpoint in torch's legacy (pre-1.6, non-zip) format: the pickled magic number
+LEGACY_TORCH_HEADER = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 
 
 class WeightsIntegrityError(CxrError):
@@ -103,6 +107,12 @@ def verify(path: Path, model_id: str, *, pinned: dict[str, str] | None = None) -
             f"{path} has sha256 {digest}, but {model_id} is pinned to {expected}: refusing to load it "
             "(weights files are pickled code); replace the file or update the pin"
         )
+    with path.open("rb") as f:
+        head = f.read(len(LEGACY_TORCH_HEADER))
+    if head == LEGACY_TORCH_HEADER:
+        # torch < 1.6 format (xrv's DenseNet files predate the zip format): a pickle stream; verified by
+        # the pinned hash when one is set, and by torch.load's own end-of-stream checks otherwise
+        return digest
     if not zipfile.is_zipfile(path):
         raise WeightsIntegrityError(
             f"{path} ({size} bytes) is not a complete torch checkpoint (truncated download?): delete it "
@@ -160,18 +170,25 @@ def resolve_weights(
     if weights_uri:
         tried.append(weights_uri)
         target = cache / filename
-        if is_s3(weights_uri):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, read_bytes(weights_uri, settings))
-        else:
-            src = Path(weights_uri).expanduser()
-            if not src.is_file():
-                raise WeightsNotFoundError(f"weights file not found: {src}")
-            if src.resolve() != target.resolve():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, target.with_suffix(".part"))
-                target.with_suffix(".part").replace(target)
-        return ResolvedWeights(model_id, target, verify(target, model_id, pinned=pinned), "uri")
+        src = None if is_s3(weights_uri) else Path(weights_uri).expanduser()
+        if src is not None and not src.is_file():
+            raise WeightsNotFoundError(f"weights file not found: {src}")
+        if src is not None and src.resolve() == target.resolve():
+            return ResolvedWeights(model_id, target, verify(target, model_id, pinned=pinned), "uri")
+        # copy to a private temporary name, verify, then move into place: a bad file never replaces a
+        # good cached one, and concurrent jobs never read a half-written file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkstemp(dir=target.parent, prefix=f".{filename}.", suffix=".part")[1])
+        try:
+            if src is None:
+                tmp.write_bytes(read_bytes(weights_uri, settings))
+            else:
+                shutil.copyfile(src, tmp)
+            digest = verify(tmp, model_id, pinned=pinned)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return ResolvedWeights(model_id, target, digest, "uri")
     default = cache / filename
     tried.append(str(default))
     if default.is_file():
@@ -190,7 +207,12 @@ def resolve_weights(
         raise WeightsNotFoundError(
             _not_found(model_id, [*tried, url], filename) + f" (download failed: {exc})"
         ) from exc
-    return ResolvedWeights(model_id, default, verify(default, model_id, pinned=pinned), "download")
+    try:
+        digest = verify(default, model_id, pinned=pinned)
+    except WeightsIntegrityError:
+        default.unlink(missing_ok=True)  # never leave a bad download in the cache
+        raise
+    return ResolvedWeights(model_id, default, digest, "download")
 
 
 def _not_found(model_id: str, tried: list[str], filename: str) -> str:
@@ -198,9 +220,3 @@ def _not_found(model_id: str, tried: list[str], filename: str) -> str:
         f"no weights for {model_id}; looked in: {', '.join(tried)}. On a machine without internet, copy "
         f"{filename} into a folder and pass --weights-dir FOLDER (or a file/s3:// object with --weights)"
     )
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    part = target.with_suffix(target.suffix + ".part")
-    part.write_bytes(data)
-    part.replace(target)

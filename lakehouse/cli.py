@@ -105,6 +105,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     if not lakehouse_uri:
         raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
     shard = Shard.parse(args.shard) if args.shard else Shard()
+    if args.weights and len(args.model or []) > 1:
+        raise CxrError("--weights names one file: give one --model with it (or use --weights-dir for several)")
     summaries = []
 
     def _run_one(model_id: str):  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ cluster and would cost seconds of Spark planning each.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from lakehouse.config import Settings
@@ -58,16 +59,19 @@ def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settin
     """
     if rows.num_rows == 0:
         return 0
-    dt = ensure_table(lakehouse_uri, spec, settings)
+    from deltalake.exceptions import CommitFailedError
+
     predicate = " AND ".join(f"(t.{k} = s.{k} OR (t.{k} IS NULL AND s.{k} IS NULL))" for k in spec.key)
-    metrics = (
-        dt.merge(
-            rows.select(spec.column_names).cast(arrow_schema(spec)),
-            predicate=predicate,
-            source_alias="s",
-            target_alias="t",
-        )
-        .when_not_matched_insert_all()
-        .execute()
-    )
-    return int(metrics.get("num_target_rows_inserted", 0))
+    source = rows.select(spec.column_names).cast(arrow_schema(spec))
+    for attempt in range(8):
+        dt = ensure_table(lakehouse_uri, spec, settings)
+        try:
+            metrics = (
+                dt.merge(source, predicate=predicate, source_alias="s", target_alias="t")
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            return int(metrics.get("num_target_rows_inserted", 0))
+        except CommitFailedError:  # another writer (a parallel shard) committed first: MERGE again on the new version
+            time.sleep(0.2 * (attempt + 1))
+    raise CommitFailedError(f"{spec.name}: gave up after 8 concurrent-commit conflicts")

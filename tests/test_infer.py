@@ -108,6 +108,19 @@ def test_shards_are_disjoint_and_complete(
     ]
     ids = read_arrow(str(root), "predictions", settings).column("image_id").to_pylist()
     assert sum(counts) == len(ids) == len(set(ids)) == lake[1]
+    fresh = _copy(lake[0], tmp_path / "again")  # each shard's candidates, on an empty predictions table
+    cands = [
+        run_infer(
+            str(fresh),
+            settings=settings,
+            weights_dir=str(checkpoint.parent),
+            shard=Shard(i, 3),
+            device="cpu",
+            progress=False,
+        ).candidates
+        for i in range(3)
+    ]
+    assert sum(cands) == lake[1]  # disjoint: no image belongs to two shards
     assert all(c > 0 for c in counts)
     assert Shard.parse("2/3") == Shard(2, 3)
 
@@ -183,3 +196,31 @@ def test_within_2e3_of_xrvs_own_preprocessing_and_model(
         assert np.abs(got - ref).max() <= 2e-3, path.name
         kinds.add(path.name.rsplit("_", 1)[0])
     assert kinds == set(VALID_KINDS)
+
+
+def test_missing_tensors_table_and_unknown_model_are_errors(tmp_path: Path, settings: Settings) -> None:
+    from lakehouse.errors import CxrError
+
+    with pytest.raises(CxrError, match="run `cxr preprocess` first"):
+        run_infer(str(tmp_path / "nowhere"), settings=settings, allow_untrained=True, device="cpu", progress=False)
+    assert not (tmp_path / "nowhere" / "tensors").exists()
+    with pytest.raises(WeightsNotFoundError, match="unknown weights"):
+        run_infer(str(tmp_path), settings=settings, model_id="densenet-nope", allow_untrained=True, progress=False)
+
+
+def test_integrity_failures_never_fall_back_to_a_stand_in(
+    lake: tuple[Path, int], checkpoint: Path, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference.weights import WeightsIntegrityError
+
+    root = _copy(lake[0], tmp_path)
+    monkeypatch.setenv("CXR_WEIGHTS_SHA256_DENSENET121_RES224_ALL", "0" * 64)
+    with pytest.raises(WeightsIntegrityError):
+        run_infer(
+            str(root),
+            settings=settings,
+            weights_dir=str(checkpoint.parent),
+            allow_untrained=True,
+            device="cpu",
+            progress=False,
+        )

@@ -116,3 +116,46 @@ def test_symlinked_folders_are_listed_once(tmp_path: Path) -> None:
 def test_overrides_are_validated(override: dict[str, int]) -> None:
     with pytest.raises(ConfigError):
         load_settings({}).with_overrides(**override)
+
+
+def test_concurrent_delta_rs_merges_both_land(tmp_path: Path) -> None:
+    """Parallel shards MERGE into one table: a commit conflict is retried, nothing is lost or doubled."""
+    import threading
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+
+    from lakehouse.delta_rs import ensure_table, merge_insert_new, read_arrow
+
+    settings = load_settings({})
+    ensure_table(str(tmp_path), QUARANTINE, settings)
+
+    def rows(prefix: str) -> pa.Table:
+        n = 20
+        return pa.table(
+            {
+                "source_uri": [f"{prefix}{i}" for i in range(n)],
+                "content_sha256": [None] * n,
+                "source_bytes": [1] * n,
+                "stage": ["test"] * n,
+                "error_class": ["DecodeError"] * n,
+                "error_message": ["x"] * n,
+                "run_id": [prefix] * n,
+                "quarantined_at": [datetime.now(UTC)] * n,
+            }
+        )
+
+    inserted: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda p=p: inserted.append(merge_insert_new(str(tmp_path), QUARANTINE, rows(p), settings))
+        )
+        for p in "abcd"
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(inserted) == [20, 20, 20, 20]
+    assert read_arrow(str(tmp_path), "quarantine", settings).num_rows == 80
+    assert merge_insert_new(str(tmp_path), QUARANTINE, rows("a"), settings) == 0  # null-safe key: no double insert

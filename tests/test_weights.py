@@ -101,3 +101,31 @@ def test_weights_from_s3(checkpoint: Path, tmp_path: Path, settings: Settings) -
 def test_unknown_model_name(settings: Settings) -> None:
     with pytest.raises(WeightsNotFoundError, match="unknown weights 'densenet-nope'"):
         resolve_weights("densenet-nope", settings=settings)
+
+
+def test_legacy_torch_format_is_accepted_and_loaded_by_xrv(
+    checkpoint: Path, tmp_path: Path, settings: Settings
+) -> None:
+    """xrv's published DenseNet files predate torch's zip format: they must pass verification."""
+    import torch
+    import torchxrayvision as xrv
+
+    legacy = tmp_path / upstream_filename(MODEL)
+    torch.save(
+        torch.load(checkpoint, map_location="cpu", weights_only=False), legacy, _use_new_zipfile_serialization=False
+    )
+    assert not legacy.read_bytes().startswith(b"PK")
+    w = resolve_weights(MODEL, settings=settings, weights_dir=str(tmp_path), allow_download=False)
+    assert w.sha256 == sha256_file(legacy)
+    assert len(xrv.models.DenseNet(weights=MODEL, cache_dir=str(tmp_path)).targets) == 18
+
+
+def test_a_bad_file_never_replaces_a_good_cached_one(checkpoint: Path, tmp_path: Path, settings: Settings) -> None:
+    cache = tmp_path / "cache"
+    good = resolve_weights(MODEL, settings=settings, weights_uri=str(checkpoint), cache_dir=str(cache))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(WeightsIntegrityError):
+        resolve_weights(MODEL, settings=settings, weights_uri=str(bad), cache_dir=str(cache))
+    assert sha256_file(good.path) == good.sha256
+    assert sorted(p.name for p in cache.iterdir()) == [upstream_filename(MODEL)]  # no temporary left behind
