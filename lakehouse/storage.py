@@ -109,11 +109,13 @@ def delta_storage_options(uri: str, settings: Settings) -> dict[str, str]:
     """Storage options for delta-rs (``deltalake``) for this URI; empty for local paths."""
     if not is_s3(uri):
         return {}
-    opts = {"AWS_REGION": settings.s3_region}
+    # Commits use S3 conditional writes (supported by AWS S3 and by moto): concurrent writers (parallel
+    # shards, a Spark job beside a delta-rs job) cannot overwrite each other's log entries, with no
+    # DynamoDB lock table to run.
+    opts = {"AWS_REGION": settings.s3_region, "AWS_S3_CONDITIONAL_PUT": "etag"}
     if settings.s3_endpoint_url:
         opts["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
         opts["AWS_ALLOW_HTTP"] = "true"
-        opts["AWS_S3_ALLOW_UNSAFE_RENAME"] = "true"
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if os.environ.get(var):
             opts[var] = os.environ[var]
