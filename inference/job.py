@@ -175,10 +175,6 @@ def _load_xrv(model_id: str, weights: ResolvedWeights) -> Any:
     return xrv.models.DenseNet(weights=model_id, cache_dir=str(weights.path.parent))
 
 
-def _batches(dataset: Any, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
-    yield from dataset.to_batches(columns=columns, batch_size=batch_size)
-
-
 def run_infer(
     lakehouse_uri: str,
     *,
@@ -274,10 +270,10 @@ def run_infer(
 
     def todo(batch: pa.RecordBatch) -> tuple[list[str], Any] | None:
         ids = batch.column("image_id").to_pylist()
-        keep = [k for k, i in enumerate(ids) if shard.owns(i)]
-        summary.candidates += len(keep)
-        keep = [k for k in keep if ids[k] not in done]
-        summary.already_predicted += sum(1 for i in ids if shard.owns(i)) - len(keep)
+        owned = [k for k, i in enumerate(ids) if shard.owns(i)]
+        keep = [k for k in owned if ids[k] not in done]
+        summary.candidates += len(owned)
+        summary.already_predicted += len(owned) - len(keep)
         if not keep:
             return None
         sub = batch.take(pa.array(keep))
@@ -288,7 +284,7 @@ def run_infer(
         )
 
     dataset = tensors.to_pyarrow_dataset()
-    reader = _batches(dataset, ["image_id", "tensor", "tensor_dtype", "tensor_shape"], batch_size)
+    reader = dataset.to_batches(columns=["image_id", "tensor", "tensor_dtype", "tensor_shape"], batch_size=batch_size)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(

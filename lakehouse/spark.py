@@ -223,14 +223,6 @@ def spark_schema(spec: TableSpec) -> StructType:
     )
 
 
-def read_table(spark: SparkSession, lakehouse_uri: str, spec: TableSpec, settings: Settings) -> DataFrame:
-    """The current version of a lakehouse table as a DataFrame (created empty when missing)."""
-    from lakehouse.delta_rs import ensure_table
-
-    ensure_table(lakehouse_uri, spec, settings)
-    return spark.read.format("delta").load(hadoop_uri(table_uri(lakehouse_uri, spec.name)))
-
-
 def merge_insert_new(
     spark: SparkSession,
     source: DataFrame,
