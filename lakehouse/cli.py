@@ -157,6 +157,24 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from expectations.runner import validate_command
+
+    return validate_command(args, load_settings())
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from lakehouse.sql import query_command
+
+    return query_command(args, load_settings())
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lakehouse.report import report_command
+
+    return report_command(args, load_settings())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cxr`` argument parser."""
     p = argparse.ArgumentParser(prog="cxr", description="Chest X-ray lakehouse pipeline")
@@ -207,6 +225,43 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--no-progress", action="store_true")
     inf.add_argument("--json", action="store_true", help="print the summaries as JSON")
     inf.set_defaults(func=_cmd_infer)
+
+    val = sub.add_parser("validate", help="Great Expectations suites over the tables; Data Docs; exit 1 on failure")
+    val.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    val.add_argument(
+        "--table",
+        action="append",
+        choices=["tensors", "quarantine", "predictions"],
+        help="table to validate (repeatable; default: every table present)",
+    )
+    val.add_argument("--run-id", help="the run whose quarantine share / prediction completeness is checked")
+    val.add_argument("--model", action="append", help="models every tensor must have a prediction for")
+    val.add_argument(
+        "--max-quarantine-share",
+        type=float,
+        help="fail when more than this share of a run's inputs were quarantined (default CXR_MAX_QUARANTINE_SHARE)",
+    )
+    val.add_argument("--json", action="store_true", help="print the results as JSON")
+    val.set_defaults(func=_cmd_validate)
+
+    qry = sub.add_parser("query", help="SQL (DuckDB) over tensors, quarantine and predictions")
+    qry.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    qry.add_argument("sql", nargs="?", help="the SQL; tables are visible as tensors, quarantine, predictions")
+    qry.add_argument("--saved", help="run a saved query by name (see --list)")
+    qry.add_argument("--param", action="append", default=[], help="NAME=VALUE for a saved query's parameters")
+    qry.add_argument("--list", action="store_true", help="list the saved queries")
+    qry.add_argument("--athena-ddl", action="store_true", help="print the Athena/Glue DDL for the tables")
+    qry.add_argument("--database", default="cxr", help="Athena database name for --athena-ddl (default cxr)")
+    qry.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    qry.add_argument("--limit", type=int, default=1000, help="rows printed at most (default 1000)")
+    qry.set_defaults(func=_cmd_query)
+
+    rep = sub.add_parser("report", help="one self-contained HTML run report")
+    rep.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    rep.add_argument("--run-id", help="report this preprocessing run (default: the latest)")
+    rep.add_argument("--output", help="where to write the HTML (default <lakehouse>/reports/report.html)")
+    rep.add_argument("--top", type=int, default=8, help="thumbnails per finding (default 8)")
+    rep.set_defaults(func=_cmd_report)
 
     smp = sub.add_parser("sample", help="write synthetic chest-X-ray-like PNG/JPEG/DICOM files")
     smp.add_argument("--output", required=True, help="folder to write into")

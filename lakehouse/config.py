@@ -60,6 +60,8 @@ class Settings:
     max_file_bytes: int = 1 << 30
     #: files handed to one Spark task (bounds worker memory and sets the progress granularity).
     files_per_task: int = 256
+    #: validation fails when a preprocessing run quarantined more than this share of its inputs.
+    max_quarantine_share: float = 0.05
 
     @property
     def uses_dev_key(self) -> bool:
@@ -82,6 +84,8 @@ class Settings:
             raise ConfigError("max pixels and max file bytes must be positive")
         if self.files_per_task < 1:
             raise ConfigError(f"files per task must be at least 1 (got {self.files_per_task})")
+        if not 0.0 <= self.max_quarantine_share <= 1.0:
+            raise ConfigError(f"max quarantine share must be within [0, 1] (got {self.max_quarantine_share})")
         return self
 
 
@@ -93,6 +97,16 @@ def _int_env(env: dict[str, str], name: str, default: int) -> int:
         return int(raw.replace("_", ""))
     except ValueError as exc:
         raise ConfigError(f"{name}={raw!r} is not an integer") from exc
+
+
+def _float_env(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a number") from exc
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
@@ -132,6 +146,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_pixels=_int_env(e, "CXR_MAX_PIXELS", 64_000_000),
         files_per_task=_int_env(e, "CXR_FILES_PER_TASK", 256),
         max_file_bytes=_int_env(e, "CXR_MAX_FILE_BYTES", 1 << 30),
+        max_quarantine_share=_float_env(e, "CXR_MAX_QUARANTINE_SHARE", 0.05),
     )
     return settings.validate()
 

@@ -166,3 +166,26 @@ def write_tensors_table(lakehouse: Path, files: list[Path], settings: Settings) 
     ensure_table(str(lakehouse), TENSORS, settings)
     write_deltalake(str(lakehouse / "tensors"), pa.Table.from_pylist(rows, schema=arrow_schema(TENSORS)), mode="append")
     return len(rows)
+
+
+@pytest.fixture(scope="session")
+def built_lakehouse(
+    tmp_path_factory: pytest.TempPathFactory, settings: Settings, spark, samples_dir: Path, checkpoint: Path
+) -> Path:  # type: ignore[no-untyped-def]
+    """A lakehouse made by the real stages: every valid and invalid sample kind preprocessed with Spark
+    (run id ``pre-test``), then scored by the inference job (run id ``inf-test``) with the random-init
+    checkpoint loaded through the weights-dir path. Read-only: copy it before changing it."""
+    from inference.job import run_infer
+    from transforms.preprocess import run_preprocess
+
+    lake = tmp_path_factory.mktemp("built") / "lake"
+    run_preprocess(str(samples_dir), str(lake), settings=settings, run_id="pre-test", spark=spark, progress=False)
+    run_infer(
+        str(lake),
+        settings=settings,
+        model_id=MODEL,
+        weights_dir=str(checkpoint.parent),
+        run_id="inf-test",
+        progress=False,
+    )
+    return lake
