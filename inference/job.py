@@ -306,7 +306,24 @@ def run_infer(
                 flush()
     flush()
     summary.seconds = round(time.perf_counter() - started, 3)
+    _write_summary(lakehouse_uri, summary, settings, shard=shard)
     return summary
+
+
+def _write_summary(lakehouse_uri: str, summary: InferSummary, settings: Settings, *, shard: Shard) -> None:
+    """Write the run summary to ``<lakehouse>/runs/<run_id>[-<model>][-shard-i-of-n].json``."""
+    import json
+    from dataclasses import asdict
+
+    from lakehouse import storage
+
+    name = summary.run_id
+    if shard.count > 1:
+        name += f"-shard-{shard.index}-of-{shard.count}"
+    body = {"kind": "infer", **asdict(summary), "shard": f"{shard.index}/{shard.count}"}
+    # one file per (run, model): several models in one run each get a summary
+    uri = storage.join(lakehouse_uri, "runs", f"{name}-{summary.model_id.replace('/', '_')}.json")
+    storage.write_text(uri, json.dumps(body, indent=2, sort_keys=True), settings, content_type="application/json")
 
 
 def _next_work(reader: Iterator[pa.RecordBatch], todo: Any) -> Any:

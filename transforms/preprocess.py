@@ -83,7 +83,9 @@ class Summary:
 
     def to_json(self) -> str:
         """The summary as JSON (also written to ``<lakehouse>/runs/``)."""
-        return json.dumps({**asdict(self), "reconciles": self.reconciles}, indent=2, sort_keys=True)
+        return json.dumps(
+            {"kind": "preprocess", **asdict(self), "reconciles": self.reconciles}, indent=2, sort_keys=True
+        )
 
 
 def new_run_id(prefix: str = "pre") -> str:
