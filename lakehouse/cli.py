@@ -122,6 +122,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             amp=args.amp,
             shard=shard,
             graph=args.graph,
+            channels_last=args.channels_last,
             commit_every=args.commit_every,
             run_id=args.run_id,
             progress=not args.no_progress,
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "eager", "frozen"],
         default="auto",
         help="frozen TorchScript graph (default on CPU) or eager",
+    )
+    inf.add_argument(
+        "--channels-last", action="store_true", help="channels_last memory format (see docs/benchmarks.md)"
     )
     inf.add_argument("--shard", help="i/N: score only shard i of N (disjoint, together complete)")
     inf.add_argument("--commit-every", type=int, default=1024, help="MERGE results every N images")
