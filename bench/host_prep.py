@@ -53,7 +53,11 @@ def main() -> None:
         for _ in range(args.repeat):
             fn()
         res[name] = round(args.batch * args.repeat / (time.perf_counter() - t))
-    print(json.dumps({"batch": args.batch, "images_per_s": res, "speedup_gpu_host": round(res["new_gpu_host"] / res["old"], 1)}))
+    print(
+        json.dumps(
+            {"batch": args.batch, "images_per_s": res, "speedup_gpu_host": round(res["new_gpu_host"] / res["old"], 1)}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,3 +64,7 @@ class JarsNotFoundError(CxrError):
 
 class WeightsNotFoundError(CxrError):
     """No model weights could be found or downloaded."""
+
+
+class QueryError(CxrError):
+    """A SQL query cannot run: bad SQL, an unknown table or saved query, or a missing/invalid parameter."""

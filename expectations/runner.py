@@ -1,0 +1,527 @@
+"""Run the suites with Great Expectations, build Data Docs, write machine-readable results.
+
+``validate_lakehouse`` is the library entry point (the Airflow DAG's audit step); ``validate_command``
+backs ``cxr validate``. For each table the runner builds the validated frames (:mod:`expectations.frames`:
+pandas projections read with delta-rs, the tensor bytes reduced to their length while scanning), runs
+the table's suites in a throw-away GX file context in a temporary folder, and writes:
+
+- ``<lakehouse>/reports/data_docs/`` the Data Docs site (``index.html``), built locally and copied to a
+  folder or uploaded to s3:// alike;
+- ``<lakehouse>/reports/validation/<table>.json`` success, counts and failed expectations;
+- ``<lakehouse>/reports/gx_validations/<suite>/`` the latest GX result of each suite, so Data Docs built by
+  a later call that validates other tables still show every table's latest result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import mimetypes
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lakehouse import storage
+from lakehouse.config import Settings
+from lakehouse.errors import ConfigError, CxrError, StorageError
+from lakehouse.tables import DIRECT_IDENTIFIERS
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+TABLES = ("tensors", "quarantine", "predictions")
+#: columns whose values are never shown in a summary or a result file
+SENSITIVE_COLUMNS = frozenset({*DIRECT_IDENTIFIERS, "patient_pseudonym", "source_uri"})
+#: unexpected values kept per failed expectation
+EXAMPLES = 5
+#: columns identifying the unexpected rows of each suite (shown instead of a row index)
+_INDEX_COLUMNS: dict[str, list[str]] = {
+    "tensors": ["image_id"],
+    "tensors_columns": ["column_name"],
+    "quarantine": ["content_sha256"],
+    "quarantine_runs": ["run_id"],
+    "predictions": ["image_id", "model_id"],
+    "predictions_coverage": ["image_id", "model_id"],
+}
+
+
+@dataclass(frozen=True)
+class FailedExpectation:
+    """One expectation that did not pass."""
+
+    suite: str
+    expectation_type: str
+    column: str | None
+    kwargs: dict[str, Any]
+    unexpected_count: int | None = None
+    examples: list[Any] = field(default_factory=list)
+    observed_value: Any = None
+    error: str | None = None
+
+    def label(self) -> str:
+        """``expect_x(column)``."""
+        return f"{self.expectation_type}({self.column})" if self.column else self.expectation_type
+
+
+@dataclass(frozen=True)
+class TableResult:
+    """The outcome of one table's suites."""
+
+    table: str
+    success: bool
+    suites: list[str]
+    rows: int
+    evaluated: int
+    passed: int
+    failed: list[FailedExpectation]
+
+    @property
+    def failed_count(self) -> int:
+        """Expectations that did not pass."""
+        return len(self.failed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``<lakehouse>/reports/validation/<table>.json``)."""
+        body = asdict(self)
+        body["failed_count"] = self.failed_count
+        return body
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What ``validate_lakehouse`` found: success only when every expectation of every table passed."""
+
+    lakehouse_uri: str
+    tables: dict[str, TableResult]
+    data_docs_uri: str
+    result_uris: dict[str, str]
+    run_id: str | None = None
+
+    @property
+    def success(self) -> bool:
+        """True when every validated table passed."""
+        return all(t.success for t in self.tables.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``cxr validate --json``)."""
+        return {
+            "success": self.success,
+            "lakehouse_uri": self.lakehouse_uri,
+            "run_id": self.run_id,
+            "data_docs_uri": self.data_docs_uri,
+            "result_uris": self.result_uris,
+            "tables": {name: t.to_dict() for name, t in self.tables.items()},
+        }
+
+
+@dataclass
+class _Batch:
+    """One suite and the frame it validates."""
+
+    table: str
+    suite_name: str
+    #: builds the suite (GX needs its context to exist before a suite is created)
+    make_suite: Callable[[], gx.ExpectationSuite]
+    frame: pd.DataFrame
+
+
+# --- public API -------------------------------------------------------------------------------------
+def validate_lakehouse(
+    lakehouse_uri: str,
+    *,
+    settings: Settings,
+    tables: Sequence[str] | None = None,
+    run_id: str | None = None,
+    models: Sequence[str] | None = None,
+    max_quarantine_share: float | None = None,
+) -> ValidationReport:
+    """Validate lakehouse tables with the Great Expectations suites and publish Data Docs.
+
+    Args:
+        lakehouse_uri: folder or ``s3://bucket/prefix`` holding the Delta tables.
+        settings: storage endpoint, allowed tensor size, default quarantine share.
+        tables: tables to validate; every table present when None.
+        run_id: the preprocessing run whose quarantine share is checked (every run when it names none)
+            and the inference run whose models every tensor must have a prediction for.
+        models: models every tensor must have a prediction for (overrides ``run_id``'s models).
+        max_quarantine_share: overrides ``settings.max_quarantine_share``.
+
+    Returns:
+        The report: ``.success``, per-table results, where the Data Docs and result files are.
+
+    Raises:
+        CxrError: when no table or a requested table is missing, or an option is out of range.
+    """
+    lake = storage.normalize_uri(lakehouse_uri)
+    share = settings.max_quarantine_share if max_quarantine_share is None else max_quarantine_share
+    if not 0.0 <= share <= 1.0 or math.isnan(share):
+        raise ConfigError(f"max quarantine share must be within [0, 1] (got {share})")
+    present = _present_tables(lake, settings)
+    if tables is None:
+        chosen = [t for t in TABLES if t in present]
+        if not chosen:
+            raise CxrError(
+                f"no Delta table (tensors, quarantine, predictions) under {lake}: run `cxr preprocess` first"
+            )
+    else:
+        chosen = [t for t in TABLES if t in set(tables)]
+        unknown = sorted(set(tables) - set(TABLES))
+        if unknown:
+            raise CxrError(f"unknown table(s) {unknown}: expected some of {list(TABLES)}")
+        missing = [t for t in chosen if t not in present]
+        if missing:
+            raise CxrError(
+                f"table(s) {missing} not found under {lake} (present: {sorted(present) or 'none'}); "
+                "run the stage that writes them first"
+            )
+    if "predictions" in chosen and "tensors" not in present:
+        raise CxrError(f"validating predictions needs the tensors table, which is missing under {lake}")
+    batches = _build_batches(lake, settings, chosen, run_id=run_id, models=models, max_share=share)
+    results = _run_gx(lake, settings, batches)
+    reports = storage.join(lake, "reports")
+    result_uris: dict[str, str] = {}
+    for name, result in results.items():
+        uri = storage.join(reports, "validation", f"{name}.json")
+        body = {"lakehouse_uri": lake, "run_id": run_id, **result.to_dict()}
+        storage.write_text(uri, json.dumps(body, indent=2, default=str), settings, content_type="application/json")
+        result_uris[name] = uri
+    report = ValidationReport(
+        lakehouse_uri=lake,
+        tables=results,
+        data_docs_uri=storage.join(reports, "data_docs", "index.html"),
+        result_uris=result_uris,
+        run_id=run_id,
+    )
+    log.info("validation %s; Data Docs: %s", "passed" if report.success else "FAILED", report.data_docs_uri)
+    return report
+
+
+def validate_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``cxr validate``: run the suites, print a summary, return 1 when any expectation failed.
+
+    Args:
+        args: parsed ``cxr validate`` arguments (lakehouse, table, run_id, model, max_quarantine_share, json).
+        settings: loaded settings (``lakehouse_uri`` is used when ``--lakehouse`` is absent).
+
+    Returns:
+        0 when every expectation passed, 1 otherwise.
+
+    Raises:
+        CxrError: when no lakehouse is given or a requested table is missing.
+    """
+    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
+    if not lakehouse_uri:
+        raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
+    report = validate_lakehouse(
+        lakehouse_uri,
+        settings=settings,
+        tables=args.table,
+        run_id=args.run_id,
+        models=args.model,
+        max_quarantine_share=args.max_quarantine_share,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    else:
+        _print_summary(report)
+    return 0 if report.success else 1
+
+
+# --- frames -----------------------------------------------------------------------------------------
+def _present_tables(lake: str, settings: Settings) -> set[str]:
+    """Tables that exist (a readable Delta log) under the lakehouse."""
+    from deltalake.exceptions import TableNotFoundError
+
+    from lakehouse.delta_rs import open_table
+
+    found = set()
+    for name in TABLES:
+        try:
+            open_table(lake, name, settings)
+        except TableNotFoundError:
+            continue
+        found.add(name)
+    return found
+
+
+def _build_batches(
+    lake: str,
+    settings: Settings,
+    chosen: Sequence[str],
+    *,
+    run_id: str | None,
+    models: Sequence[str] | None,
+    max_share: float,
+) -> list[_Batch]:
+    """The (suite, frame) pairs of the chosen tables."""
+    from expectations import frames, suites
+    from lakehouse.delta_rs import open_table, read_arrow
+
+    out: list[_Batch] = []
+    if "tensors" in chosen:
+        tensors = frames.read_tensors_frame(lake, settings)
+        sizes = sorted({settings.resize_size, 224})
+        out.append(_Batch("tensors", "tensors", partial(suites.tensors_suite, sizes=sizes), tensors))
+        names = open_table(lake, "tensors", settings).schema().to_arrow().names
+        columns = frames.columns_frame(names)
+        keys = frames.DIRECT_IDENTIFIER_KEYS
+        out.append(
+            _Batch("tensors", "tensors_columns", partial(suites.tensors_columns_suite, identifier_keys=keys), columns)
+        )
+    if "quarantine" in chosen:
+        quarantine = read_arrow(lake, "quarantine", settings)
+        out.append(_Batch("quarantine", "quarantine", suites.quarantine_suite, frames.quarantine_frame(quarantine)))
+        runs = frames.quarantine_runs_frame(quarantine, frames.read_run_summaries(lake, settings), run_id=run_id)
+        out.append(
+            _Batch("quarantine", "quarantine_runs", partial(suites.quarantine_runs_suite, max_share=max_share), runs)
+        )
+    if "predictions" in chosen:
+        predictions = read_arrow(lake, "predictions", settings)
+        tensor_ids = read_arrow(lake, "tensors", settings, columns=["image_id"]).column("image_id").to_pylist()
+        rows = frames.predictions_frame(predictions, tensor_ids)
+        out.append(_Batch("predictions", "predictions", suites.predictions_suite, rows))
+        wanted = frames.coverage_models(predictions, models=models, run_id=run_id)
+        coverage = frames.coverage_frame(predictions, tensor_ids, wanted)
+        out.append(_Batch("predictions", "predictions_coverage", suites.predictions_coverage_suite, coverage))
+    return out
+
+
+# --- Great Expectations -----------------------------------------------------------------------------
+def _run_gx(lake: str, settings: Settings, batches: Sequence[_Batch]) -> dict[str, TableResult]:
+    """Run every suite on its frame in a temporary GX file context; publish Data Docs and results."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no telemetry calls from a data pipeline
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are about itself
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    per_table: dict[str, list[tuple[str, Any, int]]] = {}
+    with tempfile.TemporaryDirectory(prefix="cxr-gx-") as tmp:
+        context = gx.get_context(mode="file", project_root_dir=tmp)
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        gx_root = Path(str(context.root_directory))
+        store = gx_root / "uncommitted" / "validations"
+        history = storage.join(lake, "reports", "gx_validations")
+        validated = {b.suite_name for b in batches}
+        _seed_history(history, store, settings, skip=validated)
+        source = context.data_sources.add_pandas("cxr_lakehouse")
+        for b in batches:
+            suite = context.suites.add(b.make_suite())
+            asset = source.add_dataframe_asset(name=suite.name)
+            definition = asset.add_batch_definition_whole_dataframe(f"{suite.name}_all_rows")
+            vd = context.validation_definitions.add(
+                gx.ValidationDefinition(name=suite.name, data=definition, suite=suite)
+            )
+            checkpoint = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"cxr_{suite.name}",
+                    validation_definitions=[vd],
+                    actions=[],
+                    result_format={
+                        "result_format": "SUMMARY",
+                        "partial_unexpected_count": EXAMPLES,
+                        "unexpected_index_column_names": _INDEX_COLUMNS.get(suite.name, []),
+                    },
+                )
+            )
+            result = checkpoint.run(batch_parameters={"dataframe": b.frame})
+            for run_result in result.run_results.values():
+                per_table.setdefault(b.table, []).append((suite.name, run_result, len(b.frame)))
+        context.build_data_docs()
+        site = gx_root / "uncommitted" / "data_docs" / "local_site"
+        _put_tree(site, storage.join(lake, "reports", "data_docs"), settings)
+        for name in sorted(validated):
+            if (store / name).is_dir():
+                _put_tree(store / name, storage.join(history, name), settings)
+    return {table: _table_result(table, runs) for table, runs in per_table.items()}
+
+
+def _table_result(table: str, runs: list[tuple[str, Any, int]]) -> TableResult:
+    """Fold the GX results of a table's suites into one TableResult."""
+    failed: list[FailedExpectation] = []
+    evaluated = passed = 0
+    for suite_name, run_result, _rows in runs:
+        for r in run_result.results:
+            evaluated += 1
+            if r.success:
+                passed += 1
+            else:
+                failed.append(_failed(suite_name, r))
+    rows = runs[0][2] if runs else 0
+    return TableResult(
+        table=table,
+        success=not failed,
+        suites=[s for s, _, _ in runs],
+        rows=rows,
+        evaluated=evaluated,
+        passed=passed,
+        failed=failed,
+    )
+
+
+def _failed(suite_name: str, r: Any) -> FailedExpectation:
+    """A FailedExpectation from a GX ExpectationValidationResult (values sanitized, identifiers redacted)."""
+    cfg = r.expectation_config
+    kwargs = {k: _plain(v) for k, v in dict(cfg.kwargs).items() if k != "batch_id"}
+    if "column" in kwargs:
+        column: str | None = str(kwargs["column"])
+    elif "column_A" in kwargs:
+        column = f"{kwargs['column_A']},{kwargs['column_B']}"
+    elif "column_list" in kwargs:
+        column = ",".join(str(c) for c in kwargs["column_list"])
+    else:
+        column = None
+    result = dict(r.result or {})
+    examples: list[Any]
+    if column is not None and any(c in SENSITIVE_COLUMNS for c in column.split(",")):
+        examples = ["<redacted>"] if result.get("unexpected_count") else []
+    elif result.get("partial_unexpected_index_list"):
+        examples = [_redact(_plain(x)) for x in result["partial_unexpected_index_list"][:EXAMPLES]]
+    else:
+        examples = [_plain(x) for x in (result.get("partial_unexpected_list") or [])[:EXAMPLES]]
+    return FailedExpectation(
+        suite=suite_name,
+        expectation_type=str(cfg.type),
+        column=column,
+        kwargs=kwargs,
+        unexpected_count=result.get("unexpected_count"),
+        examples=examples,
+        observed_value=_plain(result.get("observed_value")),
+        error=_exception_message(r.exception_info),
+    )
+
+
+def _exception_message(info: Any) -> str | None:
+    """The message of an exception GX caught while evaluating an expectation, if any."""
+    if not isinstance(info, dict):
+        return None
+    candidates = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    for c in candidates:
+        if c.get("raised_exception"):
+            return str(c.get("exception_message") or "exception")[:500]
+    return None
+
+
+def _redact(value: Any) -> Any:
+    """Drop the values of sensitive columns from a row identifier dict."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if k in SENSITIVE_COLUMNS else v) for k, v in value.items()}
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """numpy / pandas scalars and tuples -> JSON-ready Python values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return _plain(item())
+        except (TypeError, ValueError):
+            return str(value)
+    return str(value)
+
+
+# --- copying folders to a folder or s3:// -----------------------------------------------------------
+def _put_tree(local: Path, dest_uri: str, settings: Settings) -> int:
+    """Replace ``dest_uri`` by the files under ``local`` (folder or s3://); return the file count."""
+    dest = storage.normalize_uri(dest_uri)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    if not storage.is_s3(dest):
+        target = Path(dest)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(local, target)
+        return len(files)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = storage.split_s3(dest)
+    client = storage.s3_client(settings)
+    keys = {f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/") for p in files}
+    try:
+        stale = [f.uri for f in storage.list_files(dest, settings)]
+        for p in files:
+            key = f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/")
+            ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+            client.put_object(Bucket=bucket, Key=key, Body=p.read_bytes(), ContentType=ctype)
+        for uri in stale:
+            key = storage.split_s3(uri)[1]
+            if key not in keys:  # a page of an earlier build that the new index no longer links
+                client.delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageError(f"cannot write {dest}: {exc}") from exc
+    return len(files)
+
+
+def _seed_history(history_uri: str, store: Path, settings: Settings, *, skip: set[str]) -> None:
+    """Copy the latest stored GX results of suites not validated now into the local results store."""
+    from lakehouse.errors import SourceReadError
+
+    base = storage.normalize_uri(history_uri)
+    try:
+        listed = list(storage.list_files(base, settings))
+    except StorageError:
+        return  # nothing validated before
+    for f in listed:
+        rel = f.uri[len(base) :].lstrip("/")
+        if not rel.endswith(".json") or rel.split("/", 1)[0] in skip:
+            continue
+        try:
+            data = storage.read_bytes(f.uri, settings)
+        except SourceReadError as exc:
+            log.warning("earlier validation result %s not readable (%s): left out of Data Docs", f.uri, exc)
+            continue
+        target = store / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+# --- terminal summary -------------------------------------------------------------------------------
+def _print_summary(report: ValidationReport) -> None:
+    """A rich table (table, rows, expectations passed / failed), then each failing expectation with examples."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    table = Table(title=f"validation of {report.lakehouse_uri}")
+    for col in ("table", "suites", "rows", "passed", "failed"):
+        table.add_column(col)
+    for name, t in report.tables.items():
+        colour = "green" if t.success else "red"
+        table.add_row(f"[{colour}]{name}[/]", ", ".join(t.suites), str(t.rows), str(t.passed), str(t.failed_count))
+    console.print(table)
+    for name, t in report.tables.items():
+        for f in t.failed:
+            detail = f.error or ", ".join(_short(x) for x in f.examples[:3])
+            count = f" ({f.unexpected_count} unexpected)" if f.unexpected_count is not None else ""
+            line = f"{name} / {f.suite}: {f.label()}{count}" + (f": {detail}" if detail else "")
+            console.print(f"[red]FAILED[/] {escape(line)}")
+    verdict = "[green]all expectations passed[/]" if report.success else "[red]validation FAILED[/]"
+    console.print(f"{verdict}; Data Docs: {escape(report.data_docs_uri)}")
+
+
+def _short(value: Any) -> str:
+    """A compact rendering of an unexpected value or row identifier (hashes shortened)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 else text

@@ -1,0 +1,179 @@
+"""The Great Expectations (1.x) suites, as Python objects.
+
+Each table has a row suite over its validated frame (see :mod:`expectations.frames`) and one
+cross-row suite:
+
+- ``tensors`` (one row per tensor) and ``tensors_columns`` (one row per column of the table);
+- ``quarantine`` (one row per quarantined input) and ``quarantine_runs`` (one row per preprocessing run);
+- ``predictions`` (one row per prediction) and ``predictions_coverage`` (one row per tensor x model).
+
+The value range of a tensor is checked on ``tensor_min`` / ``tensor_max``, which preprocessing computes
+from the stored values of each tensor; validation does not decode the tensors again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from lakehouse.tables import PATHOLOGY_COLUMNS
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+
+#: tensor storage dtypes preprocessing may write
+ALLOWED_DTYPES = ("float16", "float32")
+#: source formats preprocessing decodes
+KNOWN_FORMATS = ("png", "jpeg", "dicom")
+#: TorchXRayVision's value scale
+VALUE_MIN, VALUE_MAX = -1024.0, 1024.0
+#: suite names, per table
+SUITES: dict[str, tuple[str, str]] = {
+    "tensors": ("tensors", "tensors_columns"),
+    "quarantine": ("quarantine", "quarantine_runs"),
+    "predictions": ("predictions", "predictions_coverage"),
+}
+
+
+def allowed_shapes(sizes: Sequence[int]) -> list[str]:
+    """Shapes (as ``CxHxW`` text) of one-channel square tensors of the given sizes."""
+    return [f"1x{s}x{s}" for s in sorted(set(sizes))]
+
+
+def tensors_suite(*, sizes: Sequence[int] = (224,)) -> gx.ExpectationSuite:
+    """Row checks of ``tensors``.
+
+    Args:
+        sizes: allowed output sizes (tensor shape ``[1, size, size]``).
+
+    Returns:
+        The suite ``tensors``.
+    """
+    import great_expectations as gx
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(
+        name="tensors",
+        meta={"notes": "Tensor bytes are reduced to their length while scanning; value range from tensor_min/max."},
+    )
+    for col in ("image_id", "tensor_dtype", "tensor_shape", "tensor_nbytes", "source_format", "width", "height"):
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
+    for col in ("tensor_min", "tensor_max"):
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
+    suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="image_id"))
+    suite.add_expectation(E.ExpectColumnValuesToMatchRegex(column="image_id", regex=r"^[0-9a-f]{64}$"))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="tensor_dtype", value_set=list(ALLOWED_DTYPES)))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="tensor_shape", value_set=allowed_shapes(sizes)))
+    suite.add_expectation(
+        E.ExpectColumnPairValuesToBeEqual(
+            column_A="tensor_nbytes",
+            column_B="expected_nbytes",
+            meta={"notes": "byte length of the tensor = product(tensor_shape) x dtype size"},
+        )
+    )
+    for col in ("tensor_min", "tensor_max"):
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=col, min_value=VALUE_MIN, max_value=VALUE_MAX))
+    suite.add_expectation(
+        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="tensor_max", column_B="tensor_min", or_equal=True)
+    )
+    for col in ("width", "height"):
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=col, min_value=0, strict_min=True))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="source_format", value_set=list(KNOWN_FORMATS)))
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeInSet(
+            column="patient_pseudonym_form",
+            value_set=["hmac-sha256-hex"],
+            meta={"notes": "a pseudonym is a 64-hex HMAC, never a name or a raw ID (the value is not kept)"},
+        )
+    )
+    return suite
+
+
+def tensors_columns_suite(*, identifier_keys: Sequence[str]) -> gx.ExpectationSuite:
+    """No column of ``tensors`` is named like a direct patient identifier.
+
+    Args:
+        identifier_keys: normalized names (lowercase alphanumerics) of the direct identifiers.
+
+    Returns:
+        The suite ``tensors_columns`` over one row per column name.
+    """
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name="tensors_columns")
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToNotBeInSet(
+            column="normalized_name",
+            value_set=list(identifier_keys),
+            meta={"notes": "lakehouse.tables.DIRECT_IDENTIFIERS, compared case- and separator-insensitively"},
+        )
+    )
+    return suite
+
+
+def quarantine_suite() -> gx.ExpectationSuite:
+    """Row checks of ``quarantine``: every row carries a reason and a run."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="quarantine")
+    for col in ("error_class", "error_message", "run_id", "stage"):
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
+    for col in ("error_class", "error_message"):
+        suite.add_expectation(E.ExpectColumnValueLengthsToBeBetween(column=col, min_value=1))
+    suite.add_expectation(E.ExpectColumnValuesToMatchRegex(column="error_class", regex=r"^[A-Za-z_][A-Za-z0-9_]*$"))
+    return suite
+
+
+def quarantine_runs_suite(*, max_share: float) -> gx.ExpectationSuite:
+    """Per preprocessing run: the share of its inputs that were quarantined stays under ``max_share``.
+
+    Args:
+        max_share: the largest acceptable quarantined / discovered share of one run.
+
+    Returns:
+        The suite ``quarantine_runs``.
+    """
+    import great_expectations as gx
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="quarantine_runs", meta={"max_quarantine_share": max_share})
+    suite.add_expectation(
+        E.ExpectColumnValuesToNotBeNull(
+            column="discovered", meta={"notes": "every run that quarantined inputs wrote runs/<run_id>.json"}
+        )
+    )
+    suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="run_id"))
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeBetween(column="quarantine_share", min_value=0.0, max_value=max_share)
+    )
+    return suite
+
+
+def predictions_suite() -> gx.ExpectationSuite:
+    """Row checks of ``predictions``: probabilities in [0, 1] or null, unique key, known image."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="predictions")
+    for col in ("image_id", "model_id"):
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
+    suite.add_expectation(E.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "model_id"]))
+    for col in PATHOLOGY_COLUMNS.values():
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=col, min_value=0.0, max_value=1.0))
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeInSet(
+            column="in_tensors", value_set=[True], meta={"notes": "every image_id is a key of tensors"}
+        )
+    )
+    return suite
+
+
+def predictions_coverage_suite() -> gx.ExpectationSuite:
+    """No tensor lacks a prediction for the models of the run (one row per tensor x model)."""
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name="predictions_coverage")
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column="has_prediction"))
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeInSet(column="has_prediction", value_set=[True]))
+    return suite
