@@ -105,7 +105,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     if not lakehouse_uri:
         raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
     shard = Shard.parse(args.shard) if args.shard else Shard()
-    if args.weights and len(args.model or []) > 1:
+    if args.weights and (len(args.model or []) > 1 or "," in (args.model or [""])[0]):
         raise CxrError("--weights names one file: give one --model with it (or use --weights-dir for several)")
     summaries = []
 
@@ -128,7 +128,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
 
-    for model_id in args.model or ["densenet121-res224-all"]:
+    models = [m.strip() for arg in (args.model or ["densenet121-res224-all"]) for m in arg.split(",") if m.strip()]
+    for model_id in models:
         with contextlib.redirect_stdout(sys.stderr):  # libraries print(); stdout stays for --json
             s = _run_one(model_id)
         summaries.append(s)
@@ -176,6 +177,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return report_command(args, load_settings())
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lakehouse.orchestration import DEFAULT_MODELS, run_local
+    from lakehouse.storage import join
+
+    settings = load_settings()
+    input_uri = args.input or settings.input_uri or "data/samples"
+    lakehouse_uri = args.lakehouse or settings.lakehouse_uri or "data/lakehouse"
+    result = run_local(
+        input_uri=input_uri,
+        lakehouse_uri=lakehouse_uri,
+        models=args.model or list(DEFAULT_MODELS),
+        allow_untrained=args.allow_untrained,
+        weights_dir=args.weights_dir,
+    )
+    sys.stdout.write(
+        f"pipeline run {result['run_id']}: {result['state']}\n"
+        + "".join(f"  {task:<22} {state}\n" for task, state in result["tasks"].items())
+        + f"tables:    {join(lakehouse_uri, 'tensors')}, {join(lakehouse_uri, 'quarantine')},"
+        f" {join(lakehouse_uri, 'predictions')}\n"
+        f"data docs: {join(lakehouse_uri, 'reports', 'data_docs', 'index.html')}\n"
+        f"report:    {join(lakehouse_uri, 'reports', 'report.html')}\n"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cxr`` argument parser."""
     p = argparse.ArgumentParser(prog="cxr", description="Chest X-ray lakehouse pipeline")
@@ -203,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("infer", help="Delta tensors -> TorchXRayVision -> Delta predictions")
     inf.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
-    inf.add_argument("--model", action="append", help="xrv weights name (repeatable; default densenet121-res224-all)")
+    inf.add_argument(
+        "--model",
+        action="append",
+        help="xrv weights name (repeatable or comma-separated; default densenet121-res224-all)",
+    )
     inf.add_argument("--weights-dir", help="folder in xrv's cache layout holding the weights files (air-gapped use)")
     inf.add_argument("--weights", help="one weights file, local path or s3:// object")
     inf.add_argument(
@@ -266,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", help="where to write the HTML (default <lakehouse>/reports/report.html)")
     rep.add_argument("--top", type=int, default=8, help="thumbnails per finding (default 8)")
     rep.set_defaults(func=_cmd_report)
+
+    run = sub.add_parser("run", help="the whole Airflow DAG once, locally (dag.test(), SQLite in .airflow/)")
+    run.add_argument("--input", help="images: folder or s3:// (default CXR_INPUT_URI or data/samples)")
+    run.add_argument("--lakehouse", help="Delta tables: folder or s3:// (default CXR_LAKEHOUSE_URI or data/lakehouse)")
+    run.add_argument("--model", action="append", help="xrv weights name (repeatable)")
+    run.add_argument("--weights-dir", help="folder in xrv's cache layout holding the weights files")
+    run.add_argument(
+        "--allow-untrained", action="store_true", help="without weights, a random-init stand-in (marked in every row)"
+    )
+    run.set_defaults(func=_cmd_run)
 
     smp = sub.add_parser("sample", help="write synthetic chest-X-ray-like PNG/JPEG/DICOM files")
     smp.add_argument("--output", required=True, help="folder to write into")
