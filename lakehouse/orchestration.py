@@ -349,8 +349,8 @@ def docker_infer_task(lakehouse: str, run_id: str, flags: str, *, outlets: list[
     return DockerOperator(
         task_id="infer",
         image=os.environ.get("CXR_INFER_IMAGE", "cxr-infer:latest"),
-        # the image's ENTRYPOINT is `cxr`
-        command=f"infer --lakehouse {{{{ params.lakehouse_uri | shell_quote }}}} --run-id {run_id} --no-progress{flags}",
+        # the image's ENTRYPOINT is `cxr infer`: only the arguments follow
+        command=f"--lakehouse {{{{ params.lakehouse_uri | shell_quote }}}} --run-id {run_id} --no-progress{flags}",
         environment=env,
         mounts=[Mount(source=mount, target=mount, type="bind")] if mount else [],
         auto_remove="success",
@@ -369,12 +369,17 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
     from airflow.sdk import TaskGroup
 
     code = "{{ var.value.cxr_code_uri }}"
-    submit = (
-        f"--py-files {code}/cxr.zip --conf spark.archives={code}/cxr-env.tar.gz#environment "
-        "--conf spark.emr-serverless.driverEnv.PYSPARK_PYTHON=./environment/bin/python "
-        "--conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python"
-    )
-    if os.environ.get("CXR_EMR_MODE", "serverless") == "cluster":
+    cluster = os.environ.get("CXR_EMR_MODE", "serverless") == "cluster"
+    # the driver's Python is the packed environment's: on YARN (cluster deploy mode) the application
+    # master's environment, on EMR Serverless the driverEnv
+    driver_env = "spark.yarn.appMasterEnv" if cluster else "spark.emr-serverless.driverEnv"
+    submit = [  # a list: a template such as `{{ var.value.cxr_code_uri }}` must not be split at its spaces
+        *("--py-files", f"{code}/cxr.zip"),
+        *("--conf", f"spark.archives={code}/cxr-env.tar.gz#environment"),
+        *("--conf", f"{driver_env}.PYSPARK_PYTHON=./environment/bin/python"),
+        *("--conf", "spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python"),
+    ]
+    if cluster:
         from airflow.providers.amazon.aws.operators.emr import EmrAddStepsOperator
         from airflow.providers.amazon.aws.sensors.emr import EmrStepSensor
 
@@ -392,7 +397,7 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
                                 "spark-submit",
                                 "--deploy-mode",
                                 "cluster",
-                                *submit.split(),
+                                *submit,
                                 f"{code}/cli.py",
                                 *args,
                             ],
@@ -419,7 +424,7 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
             "sparkSubmit": {
                 "entryPoint": f"{code}/cli.py",
                 "entryPointArguments": args,
-                "sparkSubmitParameters": submit,
+                "sparkSubmitParameters": " ".join(submit),
             }
         },
         configuration_overrides={
@@ -440,7 +445,8 @@ def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
     """
     from airflow.providers.amazon.aws.operators.ecs import EcsRunTaskOperator
 
-    command = [*args, "--model={{ params.models | join(',') }}"]
+    # the image's ENTRYPOINT is already `cxr infer` (inference/Dockerfile): the override is its arguments
+    command = [*(args[1:] if args[:1] == ["infer"] else args), "--model={{ params.models | join(',') }}"]
     return EcsRunTaskOperator(
         task_id="infer",
         cluster="{{ var.value.cxr_ecs_cluster }}",
@@ -456,6 +462,8 @@ def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
         },
         wait_for_completion=True,
         waiter_delay=30,
+        # native rendering: the subnets and security groups render as lists, as run_task needs them
+        render_template_as_native_obj=True,
         outlets=outlets,
     )
 
@@ -467,16 +475,19 @@ def aws_athena_tasks(lakehouse: str) -> Any:
     """
     from airflow.providers.amazon.aws.operators.athena import AthenaOperator
     from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import TaskGroup
 
-    ddl = PythonOperator(
-        task_id="athena_ddl",
-        python_callable=athena_ddl_stage,
-        op_kwargs={"lakehouse_uri": lakehouse, "database": "{{ var.value.get('cxr_athena_db', 'cxr') }}"},
-    )
-    run = AthenaOperator.partial(
-        task_id="athena_publish",
-        database="default",
-        output_location="{{ var.value.cxr_athena_output }}",
-    ).expand(query=ddl.output)
-    ddl >> run
-    return run
+    # a group (task ids unprefixed), so that `publish >> group >> report` orders both tasks after publish
+    with TaskGroup("athena", prefix_group_id=False) as group:
+        ddl = PythonOperator(
+            task_id="athena_ddl",
+            python_callable=athena_ddl_stage,
+            op_kwargs={"lakehouse_uri": lakehouse, "database": "{{ var.value.get('cxr_athena_db', 'cxr') }}"},
+        )
+        run = AthenaOperator.partial(
+            task_id="athena_publish",
+            database="default",
+            output_location="{{ var.value.cxr_athena_output }}",
+        ).expand(query=ddl.output)
+        ddl >> run
+    return group

@@ -233,6 +233,9 @@ def run_preprocess(
         columns=["image_id", "source_uri", "source_bytes", "source_modified_at"]
     )
     _check_same_params(lakehouse_uri, params, settings)
+    # both output tables exist after every run, even one that quarantined nothing (readers and the
+    # validation step find an empty table rather than no table)
+    delta_rs.ensure_table(lakehouse_uri, QUARANTINE, settings)
     known_ids = frozenset(known.column("image_id").to_pylist())
     known_files = {
         (uri, size, int(ts.timestamp() * 1000)): iid

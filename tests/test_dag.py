@@ -1,0 +1,225 @@
+"""The Airflow DAG, local profile: DagBag integrity and parse cost, then whole runs with ``cxr run``
+(``dag.test()`` in a child process: real spark-submit, the real inference process, real GX, SQLite
+Airflow home), on a folder and on the local S3 server, with a failure injected into ``infer``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from lakehouse.config import Settings
+from tests.conftest import MODEL, TEST_KEY, make_bucket, upload_dir
+from transforms.sample import INVALID_KINDS, VALID_KINDS
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CXR = str(Path(PY).parent / "cxr")
+
+
+def _airflow_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CXR_", "AIRFLOW"))}
+    env.update(
+        AIRFLOW_HOME=str(tmp_path / "airflow"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        CXR_PSEUDONYM_KEY=TEST_KEY,
+        CXR_RETRY_DELAY_S="1",
+        CXR_POKE_INTERVAL_S="1",
+        CXR_INFER_RUNNER="process",
+        # the sample set holds one file of every invalid kind on purpose
+        CXR_MAX_QUARANTINE_SHARE="0.5",
+        CXR_SPARK_MASTER="local[2]",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+PARSE_PROBE = textwrap.dedent(
+    """
+    import json, sys, time
+    import airflow.sdk  # Airflow itself is not what we measure
+    from airflow.dag_processing.dagbag import DagBag
+    before = set(sys.modules)
+    t = time.perf_counter()
+    bag = DagBag(dag_folder=sys.argv[1])
+    seconds = time.perf_counter() - t
+    dag = bag.dags["xray_inference_pipeline"]
+    heavy = sorted({m.split(".")[0] for m in set(sys.modules) - before}
+                   & {"pyspark", "torch", "torchxrayvision", "great_expectations", "deltalake", "duckdb", "cv2"})
+    print(json.dumps({
+        "errors": {k: str(v) for k, v in bag.import_errors.items()},
+        "seconds": seconds,
+        "heavy": heavy,
+        "tags": sorted(dag.tags),
+        "doc_md": bool(dag.doc_md),
+        "params": sorted(dag.params.keys()),
+        "tasks": {t.task_id: {"retries": t.retries, "backoff": t.retry_exponential_backoff,
+                               "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
+                               "callback": bool(t.on_failure_callback),
+                               "downstream": sorted(t.downstream_task_ids),
+                               "outlets": [getattr(o, "name", str(o)) for o in t.outlets]}
+                  for t in dag.tasks},
+    }))
+    """
+)
+
+
+def _parse(tmp_path: Path, **env: str) -> dict:
+    out = subprocess.run(
+        [PY, "-c", PARSE_PROBE, str(ROOT / "dags")],
+        env=_airflow_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
+    info = _parse(tmp_path)
+    assert info["errors"] == {}
+    assert info["seconds"] < 2.0, info["seconds"]
+    assert info["heavy"] == [], f"parsing imported {info['heavy']}"
+    assert {"cxr", "inference", "profile:local"} <= set(info["tags"])
+    assert info["doc_md"]
+    assert info["params"] == ["allow_untrained", "input_uri", "lakehouse_uri", "models", "weights_dir"]
+    tasks = info["tasks"]
+    order = ["wait_for_images", "preprocess", "validate_tensors", "infer", "validate_predictions", "publish", "report"]
+    assert sorted(tasks) == sorted(order)
+    for up, down in zip(order, order[1:], strict=False):
+        assert tasks[up]["downstream"] == [down], (up, tasks[up]["downstream"])
+    for task_id, t in tasks.items():
+        assert t["retries"] >= 2 and t["backoff"] and t["callback"], task_id
+        assert t["timeout"] and t["timeout"] > 0, task_id
+    assert tasks["preprocess"]["outlets"] == ["cxr_tensors"]
+    assert tasks["infer"]["outlets"] == ["cxr_predictions"]
+
+
+INJECT = textwrap.dedent(
+    """\
+    #!/usr/bin/env bash
+    # First attempt: run the real job committing every 4 images, SIGKILL it right after its first
+    # commit to `predictions`, and fail. Later attempts: the real command.
+    attempts="{marker}"
+    n=$(cat "$attempts" 2>/dev/null || echo 0); echo $((n + 1)) > "$attempts"
+    if [ "$n" = "0" ] && [ "$1" = "infer" ]; then
+      "{real}" "$@" --commit-every 4 & pid=$!
+      for _ in $(seq 1 2400); do
+        if [ -e "$CXR_LAKEHOUSE_URI/predictions/_delta_log/00000000000000000001.json" ]; then
+          kill -9 $pid; echo killed > "$attempts.killed"; exit 1
+        fi
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.05
+      done
+      wait $pid; exit 1
+    fi
+    exec "{real}" "$@"
+    """
+)
+
+
+def _cxr_run(tmp_path: Path, input_uri: str, lake: str, env: dict[str, str], weights: Path) -> str:
+    out = subprocess.run(
+        [CXR, "run", "--input", input_uri, "--lakehouse", lake, "--model", MODEL, "--weights-dir", str(weights)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_local_dag_end_to_end_with_a_failed_infer_attempt(
+    tmp_path: Path, samples_dir: Path, checkpoint: Path
+) -> None:
+    marker = tmp_path / "infer-attempts"
+    wrapper = tmp_path / "cxr-wrapper"
+    wrapper.write_text(INJECT.format(marker=marker, real=CXR))
+    wrapper.chmod(0o755)
+    lake = tmp_path / "lake"
+    env = _airflow_env(tmp_path, CXR_CLI=str(wrapper))
+    stdout = _cxr_run(tmp_path, str(samples_dir), str(lake), env, checkpoint.parent)
+
+    # the injected failure happened after a partial commit, and the retry completed the work
+    assert marker.read_text().strip() == "2" and (tmp_path / "infer-attempts.killed").exists()
+    partial = DeltaTable(str(lake / "predictions"), version=1).to_pyarrow_table(columns=["image_id"])
+    assert 0 < partial.num_rows < len(VALID_KINDS)
+    tensors = DeltaTable(str(lake / "tensors")).to_pyarrow_table(columns=["image_id"])
+    preds = DeltaTable(str(lake / "predictions")).to_pyarrow_table(columns=["image_id", "model_id", "run_id"])
+    assert tensors.num_rows == len(VALID_KINDS)
+    pairs = list(zip(preds.column("image_id").to_pylist(), preds.column("model_id").to_pylist(), strict=True))
+    assert len(pairs) == len(set(pairs)) == len(VALID_KINDS), "duplicates or missing predictions after the retry"
+    assert set(preds.column("model_id").to_pylist()) == {MODEL}
+    assert set(preds.column("image_id").to_pylist()) == set(tensors.column("image_id").to_pylist())
+    quarantine = DeltaTable(str(lake / "quarantine")).to_pyarrow_table(columns=["source_uri"])
+    assert quarantine.num_rows == len(INVALID_KINDS)
+
+    # audited, published, reported
+    docs = lake / "reports" / "data_docs" / "index.html"
+    assert docs.exists() and "predictions" in docs.read_text()
+    for table in ("tensors", "quarantine", "predictions"):
+        assert json.loads((lake / "reports" / "validation" / f"{table}.json").read_text())["success"] is True
+    published = json.loads((lake / "reports" / "published.json").read_text())
+    assert published["versions"]["tensors"] == DeltaTable(str(lake / "tensors")).version()
+    assert published["versions"]["predictions"] == DeltaTable(str(lake / "predictions")).version()
+    html = (lake / "reports" / "report.html").read_text()
+    assert published["run_id"] in html and MODEL in html
+    runs = sorted(p.name for p in (lake / "runs").glob("*.json"))
+    assert any(r.startswith("pre-manual") for r in runs) and any(r.startswith("inf-manual") for r in runs), runs
+    assert "pipeline run manual__" in stdout and ": success" in stdout
+    assert f"report:    {lake}/reports/report.html" in stdout
+
+    # a second run over the same folder finds nothing new: the sensor soft-fails and the run is skipped
+    env2 = {**env, "CXR_WAIT_TIMEOUT_S": "3"}
+    out = subprocess.run(
+        [CXR, "run", "--input", str(samples_dir), "--lakehouse", str(lake), "--model", MODEL],
+        env=env2,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wait_for_images        skipped" in out.stdout and "preprocess             skipped" in out.stdout
+    assert DeltaTable(str(lake / "predictions")).version() == published["versions"]["predictions"]
+
+
+@pytest.mark.slow
+def test_local_dag_on_the_local_s3_server(
+    tmp_path: Path, settings: Settings, samples_dir: Path, checkpoint: Path
+) -> None:
+    bucket = make_bucket(settings, "dag-e2e")
+    valid = tmp_path / "valid"
+    valid.mkdir()
+    for p in sorted(samples_dir.rglob("*")):  # valid kinds only: the quarantine share gate stays default
+        if p.is_file() and not p.relative_to(samples_dir).as_posix().startswith("invalid"):
+            dst = valid / p.relative_to(samples_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(p.read_bytes())
+    n = upload_dir(settings, valid, f"{bucket}/in")
+    env = _airflow_env(tmp_path, CXR_S3_ENDPOINT_URL=settings.s3_endpoint_url)
+    env.pop("CXR_MAX_QUARANTINE_SHARE")
+    _cxr_run(tmp_path, f"{bucket}/in", f"{bucket}/lake", env, checkpoint.parent)
+
+    from lakehouse.delta_rs import read_arrow
+    from lakehouse.storage import read_text
+
+    tensors = read_arrow(f"{bucket}/lake", "tensors", settings, columns=["image_id"])
+    preds = read_arrow(f"{bucket}/lake", "predictions", settings, columns=["image_id", "model_id"])
+    assert tensors.num_rows == n == len(VALID_KINDS)
+    assert preds.num_rows == n
+    assert "<html" in read_text(f"{bucket}/lake/reports/report.html", settings).lower()
+    assert "Data Docs" in read_text(f"{bucket}/lake/reports/data_docs/index.html", settings)
+    published = json.loads(read_text(f"{bucket}/lake/reports/published.json", settings))
+    assert set(published["versions"]) == {"tensors", "predictions"}
