@@ -140,9 +140,7 @@ def _cxr_run(tmp_path: Path, input_uri: str, lake: str, env: dict[str, str], wei
 
 
 @pytest.mark.slow
-def test_local_dag_end_to_end_with_a_failed_infer_attempt(
-    tmp_path: Path, samples_dir: Path, checkpoint: Path
-) -> None:
+def test_local_dag_end_to_end_with_a_failed_infer_attempt(tmp_path: Path, samples_dir: Path, checkpoint: Path) -> None:
     marker = tmp_path / "infer-attempts"
     wrapper = tmp_path / "cxr-wrapper"
     wrapper.write_text(INJECT.format(marker=marker, real=CXR))
