@@ -65,9 +65,15 @@ with DAG(
     default_args=default_args,
     user_defined_filters={"safe_id": orch.safe_id, "shell_quote": shlex.quote},
     params={
-        "input_uri": Param(SETTINGS.input_uri or "data/samples", type="string", description="images: folder or s3://"),
+        "input_uri": Param(
+            SETTINGS.input_uri or str(orch.REPO_ROOT / "data/samples"),
+            type="string",
+            description="images: folder or s3://",
+        ),
         "lakehouse_uri": Param(
-            SETTINGS.lakehouse_uri or "data/lakehouse", type="string", description="Delta tables: folder or s3://"
+            SETTINGS.lakehouse_uri or str(orch.REPO_ROOT / "data/lakehouse"),
+            type="string",
+            description="Delta tables: folder or s3://",
         ),
         "models": Param(list(orch.DEFAULT_MODELS), type="array", description="TorchXRayVision weights names"),
         "allow_untrained": Param(False, type="boolean", description="random-init stand-in when no weights"),

@@ -264,6 +264,10 @@ def run_local(
         CxrError: when the run did not succeed (the failing task's log says why).
     """
     env = airflow_env(airflow_home)
+    # one interactive run: with nothing new under the input, give up waiting after a minute (the run is
+    # then skipped), not after the scheduled DAG's hours
+    env.setdefault("CXR_WAIT_TIMEOUT_S", os.environ.get("CXR_WAIT_TIMEOUT_S", "60"))
+    env.setdefault("CXR_POKE_INTERVAL_S", os.environ.get("CXR_POKE_INTERVAL_S", "5"))
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
     if "airflow" in sys.modules and os.environ.get("_CXR_AIRFLOW_HOME_SET") != env["AIRFLOW_HOME"]:
@@ -276,6 +280,10 @@ def run_local(
     if bag.import_errors:
         raise CxrError(f"the DAG does not import: {bag.import_errors}")
     dag = bag.get_dag(DAG_ID)
+    from lakehouse.storage import is_s3
+
+    # tasks run in other working directories (Bash, spark-submit): folders travel as absolute paths
+    input_uri, lakehouse_uri = (u if is_s3(u) else str(Path(u).resolve()) for u in (input_uri, lakehouse_uri))
     conf = {
         "input_uri": input_uri,
         "lakehouse_uri": lakehouse_uri,
