@@ -64,7 +64,10 @@ PARSE_PROBE = textwrap.dedent(
                                "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
                                "callback": bool(t.on_failure_callback),
                                "downstream": sorted(t.downstream_task_ids),
-                               "outlets": [getattr(o, "name", str(o)) for o in t.outlets]}
+                               "outlets": [getattr(o, "name", str(o)) for o in t.outlets],
+                               "operator": type(t).__name__,
+                               "command": getattr(t, "command", None) or getattr(t, "bash_command", None),
+                               "image": getattr(t, "image", None)}
                   for t in dag.tasks},
     }))
     """
@@ -221,3 +224,21 @@ def test_local_dag_on_the_local_s3_server(
     assert "Data Docs" in read_text(f"{bucket}/lake/reports/data_docs/index.html", settings)
     published = json.loads(read_text(f"{bucket}/lake/reports/published.json", settings))
     assert set(published["versions"]) == {"tensors", "predictions"}
+
+
+def test_infer_runs_in_the_container_when_docker_is_chosen(tmp_path: Path) -> None:
+    """With a Docker daemon (here: forced), `infer` is the inference image with the job's arguments only
+    (its ENTRYPOINT is `cxr infer`); without one, the same command as a local process."""
+    info = _parse(tmp_path, CXR_INFER_RUNNER="docker", CXR_INFER_IMAGE="registry.example/cxr-infer:1.2")
+    infer = info["tasks"]["infer"]
+    assert infer["operator"] == "DockerOperator"
+    assert infer["image"] == "registry.example/cxr-infer:1.2"
+    assert infer["command"].startswith("--lakehouse {{ params.lakehouse_uri | shell_quote }} --run-id inf-")
+    assert "--model {{ m | shell_quote }}" in infer["command"]
+    entrypoint = [ln for ln in (ROOT / "inference/Dockerfile").read_text().splitlines() if ln.startswith("ENTRYPOINT")]
+    assert entrypoint == ['ENTRYPOINT ["cxr", "infer"]']
+    local = _parse(tmp_path, CXR_INFER_RUNNER="process")["tasks"]["infer"]
+    assert local["operator"] == "BashOperator"
+    assert (
+        local["command"].startswith('"${CXR_CLI:-') and '}" infer --lakehouse "$CXR_LAKEHOUSE_URI"' in local["command"]
+    )
