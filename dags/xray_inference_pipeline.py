@@ -36,8 +36,9 @@ DOC = """
 Images (folder or `s3://`) -> **preprocess** (Spark: decode, normalise, crop, resize; Delta `tensors`,
 failures to `quarantine`) -> **validate tensors** (Great Expectations; quarantine share gate) ->
 **infer** (TorchXRayVision; Delta `predictions`) -> **validate predictions** -> **publish** (audited
-versions recorded; Athena tables on AWS) -> **report** (HTML). Nothing is published when a validation
-fails. Every stage is idempotent: a retry or rerun adds no duplicates.
+versions recorded; Athena tables on AWS) -> **report** (HTML). A failed validation stops the run (no
+inference on failing tensors, nothing published, no report). Every stage is idempotent: a retry or
+rerun adds no duplicates.
 
 Params: `input_uri`, `lakehouse_uri`, `models`, `allow_untrained` (a random-init stand-in, marked in
 every row), `weights_dir`. Profile: `CXR_PROFILE=local` (spark-submit + a local process or Docker) or
@@ -66,12 +67,10 @@ with DAG(
     user_defined_filters={"safe_id": orch.safe_id, "shell_quote": shlex.quote},
     params={
         "input_uri": Param(
-            SETTINGS.input_uri or str(orch.REPO_ROOT / "data/samples"),
-            type="string",
-            description="images: folder or s3://",
+            orch.absolute(SETTINGS.input_uri or "data/samples"), type="string", description="images: folder or s3://"
         ),
         "lakehouse_uri": Param(
-            SETTINGS.lakehouse_uri or str(orch.REPO_ROOT / "data/lakehouse"),
+            orch.absolute(SETTINGS.lakehouse_uri or "data/lakehouse"),
             type="string",
             description="Delta tables: folder or s3://",
         ),

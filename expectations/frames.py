@@ -144,7 +144,9 @@ def read_tensors_frame(lakehouse_uri: str, settings: Settings, *, batch_size: in
     def _batches() -> Iterable[pa.RecordBatch]:
         import pyarrow as pa
 
-        for batch in dataset.to_batches(columns=columns, batch_size=batch_size):
+        for batch in dataset.to_batches(
+            columns=columns, batch_size=batch_size, batch_readahead=1, fragment_readahead=1
+        ):
             for name in missing:  # an absent optional column reads as nulls (a missing required one fails)
                 batch = batch.append_column(name, pa.nulls(batch.num_rows))
             yield batch
@@ -224,7 +226,13 @@ def quarantine_runs_frame(
     shares: list[float | None] = []
     for rid in run_ids:
         summary = by_run.get(rid)
-        d = int(summary["discovered"]) if summary is not None and summary.get("discovered") is not None else None
+        # the share of the files this run had to process: files already in the lakehouse (skipped before
+        # reading) do not dilute a batch of bad new files
+        d = (
+            int(summary["discovered"]) - int(summary.get("already_present") or 0)
+            if summary is not None and summary.get("discovered") is not None
+            else None
+        )
         q = max(int(summary.get("quarantined") or 0) if summary else 0, rows_per_run.get(rid, 0))
         discovered.append(d)
         quarantined.append(q)
@@ -244,8 +252,16 @@ def predictions_frame(predictions: pa.Table, tensor_ids: Iterable[str]) -> pd.Da
     known = set(tensor_ids)
     cols = ["image_id", "model_id", *(c for c in PATHOLOGY_COLUMNS.values() if c in predictions.column_names)]
     cols += [c for c in ("run_id",) if c in predictions.column_names]
+    import numpy as np
+    import pyarrow.compute as pc
+
+    nan = np.zeros(predictions.num_rows, dtype=bool)
+    for c in PATHOLOGY_COLUMNS.values():  # pandas turns NaN into null: count NaN while still in Arrow
+        if c in predictions.column_names:
+            nan |= pc.fill_null(pc.is_nan(predictions.column(c)), False).to_numpy(zero_copy_only=False)
     frame = predictions.select(cols).to_pandas()
     frame["in_tensors"] = [i in known for i in frame["image_id"]]
+    frame["nan_probability"] = nan
     return frame
 
 

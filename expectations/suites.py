@@ -166,6 +166,11 @@ def predictions_suite() -> gx.ExpectationSuite:
             column="in_tensors", value_set=[True], meta={"notes": "every image_id is a key of tensors"}
         )
     )
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeInSet(
+            column="nan_probability", value_set=[False], meta={"notes": "no probability is NaN (null is allowed)"}
+        )
+    )
     return suite
 
 

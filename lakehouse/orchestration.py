@@ -29,6 +29,14 @@ DEFAULT_MODELS = ("densenet121-res224-all",)
 SPARK_CONN_ID = "cxr_spark"
 
 
+def absolute(uri: str) -> str:
+    """A folder URI made absolute against the repository root (tasks run in other working directories);
+    s3:// URIs unchanged. Pure path arithmetic: safe at parse time."""
+    if uri.startswith(("s3://", "s3a://")) or os.path.isabs(uri):
+        return uri
+    return str(REPO_ROOT / uri)
+
+
 def cli_path() -> str:
     """The ``cxr`` executable: ``CXR_CLI`` when set, else the one beside this Python, else ``cxr``."""
     if os.environ.get("CXR_CLI"):
@@ -56,17 +64,37 @@ def new_images_waiting(input_uri: str, lakehouse_uri: str) -> bool:
     if not listing:
         log.info("no files under %s yet", input_uri)
         return False
+    from deltalake.exceptions import TableNotFoundError
+
     seen: set[tuple[str, int]] = set()
     for table in ("tensors", "quarantine"):
         try:
             t = delta_rs.read_arrow(lakehouse_uri, table, settings, columns=["source_uri", "source_bytes"])
-        except Exception as exc:  # noqa: BLE001 - a missing table means nothing was seen
-            log.debug("%s not readable (%s): nothing seen there", table, type(exc).__name__)
+        except TableNotFoundError:  # nothing written there yet
             continue
         seen.update(zip(t.column("source_uri").to_pylist(), t.column("source_bytes").to_pylist(), strict=True))
-    new = len(listing - seen)
+    # files stored under another name (byte-identical duplicates) are in the run summaries only
+    seen_uris = {uri for uri, _ in seen} | _duplicate_uris(lakehouse_uri, settings)
+    new = sum(1 for uri, size in listing if (uri, size) not in seen and uri not in seen_uris)
     log.info("%d of %d files under %s are new", new, len(listing), input_uri)
     return new > 0
+
+
+def _duplicate_uris(lakehouse_uri: str, settings: Settings) -> set[str]:
+    """Source URIs that earlier preprocessing runs found to duplicate another file (from ``runs/*.json``)."""
+    from lakehouse import storage
+
+    runs = storage.join(lakehouse_uri, "runs")
+    out: set[str] = set()
+    try:
+        files = [f for f in storage.list_files(runs, settings) if f.uri.endswith(".json")]
+    except CxrError:  # no runs folder yet
+        return out
+    for f in files:
+        body = json.loads(storage.read_text(f.uri, settings))
+        if body.get("kind", "preprocess") == "preprocess":
+            out.update(p["source_uri"] for p in body.get("duplicate_pairs", []))
+    return out
 
 
 def validate_stage(
@@ -77,7 +105,8 @@ def validate_stage(
     models: Sequence[str] | str | None = None,
 ) -> dict[str, Any]:
     """Audit step: run the GX suites; raise AirflowFailException (no retry: data does not heal by
-    retrying) when any expectation failed, so nothing downstream publishes it.
+    retrying) when any expectation failed, so that no later stage runs on it: no inference on failing
+    tensors, no published versions, no Athena declaration, no report.
 
     Returns:
         Per-table success and the Data Docs URI (an XCom for the report and the logs).
@@ -103,7 +132,7 @@ def validate_stage(
     if not report.success:
         failed = [name for name, ok in per_table.items() if not ok]
         raise AirflowFailException(
-            f"validation failed for {', '.join(failed)}: nothing is published; see {report.data_docs_uri}"
+            f"validation failed for {', '.join(failed)}: the run stops here (no publish); see {report.data_docs_uri}"
         )
     return summary
 
@@ -159,7 +188,7 @@ def on_failure(context: Mapping[str, Any]) -> None:
         getattr(ti, "try_number", "?"),
         (getattr(ti, "max_tries", 0) or 0) + 1,
         type(exc).__name__ if exc else "unknown",
-        str(exc).splitlines()[0][:300] if exc else "",
+        (str(exc).splitlines() or [""])[0][:300] if exc else "",
         params.get("lakehouse_uri"),
         getattr(ti, "log_url", ""),
     )
@@ -342,6 +371,7 @@ def process_infer_task(lakehouse: str, run_id: str, flags: str, *, outlets: list
         f" --no-progress{flags}",
         env={"CXR_LAKEHOUSE_URI": lakehouse, "CXR_RUN_ID": run_id},
         append_env=True,
+        cwd=str(REPO_ROOT),  # relative folder URIs mean the same as for the other tasks
         outlets=outlets,
     )
 
@@ -353,7 +383,8 @@ def docker_infer_task(lakehouse: str, run_id: str, flags: str, *, outlets: list[
     from docker.types import Mount
 
     mount = os.environ.get("CXR_DOCKER_MOUNT", "")
-    env = {k: v for k, v in os.environ.items() if k.startswith(("CXR_S3_", "CXR_WEIGHTS_", "AWS_REGION"))}
+    # S3 endpoint, region and credentials when set (else the daemon host's instance role applies)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("CXR_S3_", "CXR_WEIGHTS_", "AWS_"))}
     return DockerOperator(
         task_id="infer",
         image=os.environ.get("CXR_INFER_IMAGE", "cxr-infer:latest"),

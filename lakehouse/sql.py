@@ -362,12 +362,16 @@ def _tables(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [str(r[0]) for r in con.sql("SHOW TABLES").fetchall()]
 
 
-def _run(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, object] | None = None) -> pa.Table:
+def _run(
+    con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, object] | None = None, limit: int | None = None
+) -> pa.Table:
     import duckdb
     import pyarrow as pa
 
     try:
         rel = con.sql(sql, params=dict(params) if params else None)
+        if rel is not None and limit is not None:
+            rel = rel.limit(limit)  # pushed into DuckDB: only `limit` rows are ever materialised
         return rel.to_arrow_table() if rel is not None else pa.table({})
     except duckdb.CatalogException as exc:
         first = str(exc).splitlines()[0]
@@ -379,7 +383,14 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, object] 
         raise QueryError(first) from exc
 
 
-def query(lakehouse_uri: str, sql: str, *, settings: Settings, params: Mapping[str, object] | None = None) -> pa.Table:
+def query(
+    lakehouse_uri: str,
+    sql: str,
+    *,
+    settings: Settings,
+    params: Mapping[str, object] | None = None,
+    limit: int | None = None,
+) -> pa.Table:
     """Run SQL with DuckDB over the lakehouse's tables (``tensors``, ``quarantine``, ``predictions``).
 
     Args:
@@ -387,6 +398,7 @@ def query(lakehouse_uri: str, sql: str, *, settings: Settings, params: Mapping[s
         sql: DuckDB SQL; several statements run in turn and the last one's rows are returned.
         settings: for the S3 endpoint.
         params: values bound to ``$name`` placeholders in the SQL (by DuckDB, never pasted into the text).
+        limit: return at most this many rows (applied inside DuckDB, so memory stays bounded).
 
     Returns:
         The result as an Arrow table.
@@ -396,13 +408,18 @@ def query(lakehouse_uri: str, sql: str, *, settings: Settings, params: Mapping[s
     """
     con = connect(lakehouse_uri, settings=settings)
     try:
-        return _run(con, sql, params)
+        return _run(con, sql, params, limit)
     finally:
         con.close()
 
 
 def run_saved(
-    lakehouse_uri: str, name: str, *, settings: Settings, params: Mapping[str, object] | None = None
+    lakehouse_uri: str,
+    name: str,
+    *,
+    settings: Settings,
+    params: Mapping[str, object] | None = None,
+    limit: int | None = None,
 ) -> pa.Table:
     """Run a saved query locally.
 
@@ -418,7 +435,7 @@ def run_saved(
     Raises:
         QueryError: unknown query, bad parameters, a table the query needs is absent, no lakehouse.
     """
-    return query(lakehouse_uri, saved_query_sql(name, params=params), settings=settings)
+    return query(lakehouse_uri, saved_query_sql(name, params=params), settings=settings, limit=limit)
 
 
 # --- the `cxr query` command -------------------------------------------------------------------------
@@ -538,14 +555,14 @@ def query_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.saved and args.sql:
         raise QueryError("give either SQL or --saved NAME, not both")
     if args.saved:
-        result = run_saved(lakehouse_uri, args.saved, settings=settings, params=params)
+        result = run_saved(lakehouse_uri, args.saved, settings=settings, params=params, limit=args.limit + 1)
     elif args.sql:
         values = {k: _ad_hoc_value(v) for k, v in params.items()}
-        result = query(lakehouse_uri, args.sql, settings=settings, params=values)
+        result = query(lakehouse_uri, args.sql, settings=settings, params=values, limit=args.limit + 1)
     else:
         raise QueryError('give the SQL to run (cxr query "SELECT ...") or --saved NAME (see --list)')
     shown = result.slice(0, args.limit)
     sys.stdout.write(format_result(shown, fmt=args.format))
     if result.num_rows > shown.num_rows:
-        log.warning("showing %d of %d rows (raise --limit to see more)", shown.num_rows, result.num_rows)
+        log.warning("showing the first %d rows; there are more (raise --limit to see more)", shown.num_rows)
     return 0

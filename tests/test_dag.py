@@ -242,3 +242,40 @@ def test_infer_runs_in_the_container_when_docker_is_chosen(tmp_path: Path) -> No
     assert (
         local["command"].startswith('"${CXR_CLI:-') and '}" infer --lakehouse "$CXR_LAKEHOUSE_URI"' in local["command"]
     )
+
+
+def test_new_images_sensor_counts_only_unseen_files(tmp_path: Path, settings: Settings) -> None:
+    """Files already stored, quarantined, or found to duplicate another file are not new."""
+    import pyarrow as pa
+
+    from lakehouse.delta_rs import ensure_table, merge_insert_new
+    from lakehouse.orchestration import new_images_waiting
+    from lakehouse.tables import QUARANTINE, arrow_schema
+    from tests.conftest import write_tensors_table
+    from transforms.sample import write_samples
+
+    images = tmp_path / "in"
+    first = write_samples(images, count=1, seed=3)[0]
+    lake = tmp_path / "lake"
+    assert new_images_waiting(str(images), str(lake)) is True  # nothing seen yet (no tables at all)
+    write_tensors_table(lake, [first], settings)
+    assert new_images_waiting(str(images), str(lake)) is False
+    copy = images / "copy_of_first.png"
+    copy.write_bytes(first.read_bytes())
+    assert new_images_waiting(str(images), str(lake)) is True
+    (lake / "runs").mkdir()
+    (lake / "runs" / "pre-x.json").write_text(
+        json.dumps({"kind": "preprocess", "duplicate_pairs": [{"source_uri": str(copy), "duplicate_of": str(first)}]})
+    )
+    assert new_images_waiting(str(images), str(lake)) is False
+    bad = images / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert new_images_waiting(str(images), str(lake)) is True
+    ensure_table(str(lake), QUARANTINE, settings)
+    row = {"source_uri": str(bad), "content_sha256": None, "source_bytes": bad.stat().st_size, "stage": "preprocess"}
+    row |= {"error_class": "UnsupportedFormatError", "error_message": "x", "run_id": "pre-x", "quarantined_at": None}
+    from datetime import UTC, datetime
+
+    row["quarantined_at"] = datetime.now(UTC)
+    merge_insert_new(str(lake), QUARANTINE, pa.Table.from_pylist([row], schema=arrow_schema(QUARANTINE)), settings)
+    assert new_images_waiting(str(images), str(lake)) is False

@@ -107,12 +107,15 @@ def test_quarantine_runs_frame_uses_the_summary_denominator() -> None:
     summaries = [
         {"run_id": "r1", "discovered": 40, "quarantined": 2},
         {"run_id": "r2", "discovered": 4, "quarantined": 3},  # one input quarantined again: its row is older
+        # 100 files, 96 already in the lakehouse: 2 of the 4 new ones were bad (not 2 %)
+        {"run_id": "r4", "discovered": 100, "already_present": 96, "quarantined": 2},
     ]
     frame = frames.quarantine_runs_frame(quarantine, summaries)
-    assert frame["run_id"].tolist() == ["r1", "r2", "r3"]
-    assert frame["quarantined"].tolist() == [2, 3, 1]
+    assert frame["run_id"].tolist() == ["r1", "r2", "r3", "r4"]
+    assert frame["quarantined"].tolist() == [2, 3, 1, 2]
     assert frame["quarantine_share"].tolist()[:2] == [0.05, 0.75]
-    assert frame["discovered"].isna().tolist() == [False, False, True]  # r3 wrote no summary
+    assert frame["quarantine_share"].tolist()[3] == 0.5
+    assert frame["discovered"].isna().tolist() == [False, False, True, False]  # r3 wrote no summary
     only = frames.quarantine_runs_frame(quarantine, summaries, run_id="r2")
     assert only["run_id"].tolist() == ["r2"]
 
@@ -286,6 +289,7 @@ def test_predictions_suite_catches_each_corruption(
     data = _read(lake, "predictions").sort_by("image_id")
     orphaned = data.column("image_id")[2].as_py()
     data = _set(data, "atelectasis", 0, 1.5)  # not a probability
+    data = _set(data, "effusion", 3, float("nan"))  # NaN is not null: pandas would hide it
     data = _set(data, "image_id", 2, "f" * 64)  # not in tensors; and tensor `orphaned` loses its prediction
     data = pa.concat_tables([data, data.slice(1, 1)])  # a duplicated (image_id, model_id)
     _overwrite(lake, "predictions", data)
@@ -296,6 +300,7 @@ def test_predictions_suite_catches_each_corruption(
         ("predictions", "expect_column_values_to_be_between", "atelectasis"),
         ("predictions", "expect_compound_columns_to_be_unique", "image_id,model_id"),
         ("predictions", "expect_column_values_to_be_in_set", "in_tensors"),
+        ("predictions", "expect_column_values_to_be_in_set", "nan_probability"),
         ("predictions_coverage", "expect_column_values_to_be_in_set", "has_prediction"),
     }
     assert _failure(report, "predictions", "expect_column_values_to_be_between", "atelectasis")["unexpected_count"] == 1

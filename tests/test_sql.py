@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lakehouse.cli import main
-from lakehouse.config import Settings
+from lakehouse.config import Settings, load_settings
 from lakehouse.errors import QueryError
 from lakehouse.sql import (
     SAVED_QUERIES,
@@ -514,7 +514,16 @@ def test_cli_limit(lake: Path, capsys: pytest.CaptureFixture[str], caplog: pytes
     )
     assert rc == 0
     assert out == "image_id\nia\nib\n"
-    assert "showing 2 of 4 rows (raise --limit to see more)" in caplog.text
+    assert "showing the first 2 rows; there are more (raise --limit to see more)" in caplog.text
+    # the limit is applied inside DuckDB: exactly limit rows come back, and no warning when nothing is cut
+    from lakehouse.sql import query
+
+    assert query(str(lake), "SELECT image_id FROM tensors", settings=load_settings({}), limit=3).num_rows == 3
+    caplog.clear()
+    rc, out, _ = _cli(
+        capsys, "--lakehouse", str(lake), "SELECT image_id FROM tensors", "--format", "csv", "--limit", "4"
+    )
+    assert rc == 0 and out.count("\n") == 5 and "showing" not in caplog.text
 
 
 def test_cli_lakehouse_from_environment(
