@@ -118,7 +118,10 @@ def main() -> None:
     bare_before = bare_forward()
     pattern_before = process_batch_pattern(pngs[: args.rows])
     results = {}
-    for graph in ("frozen", "eager"):
+    import importlib.util
+
+    graphs = ["frozen", "eager"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
+    for graph in graphs:
         t1, rss1, _ = cxr_infer(small, weights, work, ["--graph", graph])
         t2, rss2, s2 = cxr_infer(large, weights, work, ["--graph", graph])
         assert s2["predicted"] == args.rows * 10, s2

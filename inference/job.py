@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 #: eager PyTorch, or a frozen TorchScript graph (default on CPU)
-GraphMode = Literal["auto", "eager", "frozen"]
+GraphMode = Literal["auto", "eager", "frozen", "onnx"]
 UNTRAINED_SUFFIX = "+untrained-random-init"
 
 
@@ -127,7 +129,16 @@ class Predictor:
         # outputs whose calibration threshold is NaN come out of xrv's op_norm as a constant 0.5: not a prediction
         threshs = getattr(model, "op_threshs", None)
         self.uncalibrated = {j for j, t in enumerate(threshs.tolist()) if t != t} if threshs is not None else set()
-        self.graph = "frozen" if graph == "frozen" or (graph == "auto" and self.device.type == "cpu") else "eager"
+        self.graph = (
+            graph
+            if graph in ("frozen", "onnx")
+            else ("frozen" if graph == "auto" and self.device.type == "cpu" else "eager")
+        )
+        self.session: Any = None
+        if self.graph == "onnx":
+            if self.device.type != "cpu":
+                raise CxrError("--graph onnx runs on the CPU: use --device cpu (or --graph eager on CUDA)")
+            self.session = _onnx_session(self.model, weights_sha256=self.weights_sha256)
         if self.graph == "frozen":
             # TorchScript trace -> freeze without numerics-changing passes: the same arithmetic as eager
             # (bit-identical outputs here) with less dispatch overhead, ~1.2x eager on a 2-core CPU.
@@ -137,6 +148,18 @@ class Predictor:
                 traced = torch.jit.trace(self.model, example, check_trace=False)
                 self.model = torch.jit.freeze(traced.eval(), optimize_numerics=False)
         self.columns = [PATHOLOGY_COLUMNS.get(t) for t in self.targets]
+
+    def device_label(self) -> str:
+        """What computed the outputs: ``cpu``, ``cpu+onnxruntime-<version>`` or the CUDA device's name."""
+        import torch
+
+        if self.device.type != "cpu":
+            return str(torch.cuda.get_device_name(self.device))
+        if self.session is not None:
+            import onnxruntime as ort
+
+            return f"cpu+onnxruntime-{ort.__version__}"
+        return "cpu"
 
     def pre(self, tensors: pa.Array | list[bytes], dtypes: list[str], shapes: list[list[int]]) -> torch.Tensor:
         """Stored tensor bytes -> an NCHW batch, float32 on the CPU; on GPU hosts the stored dtype, pinned
@@ -160,6 +183,9 @@ class Predictor:
 
         # the frozen graph was traced at 224x224: any other size takes the eager path, where xrv's
         # fix_resolution resizes the input as the model expects
+        if self.session is not None and tuple(batch.shape[-2:]) == (224, 224):
+            inp = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+            return np.asarray(self.session.run(None, {"x": inp})[0], dtype=np.float32)
         model = self.model if tuple(batch.shape[-2:]) == (224, 224) else self.eager
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
             x = batch.to(self.device, non_blocking=True).float()  # float16 -> float32 is exact
@@ -248,9 +274,7 @@ def run_infer(
         model_id=predictor.model_id,
         weights_sha256=predictor.weights_sha256,
         tensors_version=int(tensors.version()),
-        device=str(predictor.device)
-        if predictor.device.type == "cpu"
-        else torch.cuda.get_device_name(predictor.device),
+        device=predictor.device_label(),
         untrained=weights is None,
     )
     constants = {
@@ -346,6 +370,63 @@ def _write_summary(lakehouse_uri: str, summary: InferSummary, settings: Settings
     # one file per (run, model): several models in one run each get a summary
     uri = storage.join(lakehouse_uri, "runs", f"{name}-{summary.model_id.replace('/', '_')}.json")
     storage.write_text(uri, json.dumps(body, indent=2, sort_keys=True), settings, content_type="application/json")
+
+
+def _onnx_session(model: Any, *, weights_sha256: str, threads: int | None = None) -> Any:
+    """The model exported to ONNX once per (weights, torch, onnxruntime, opset), cached under
+    ``CXR_ONNX_CACHE`` (default ``~/.cache/cxr/onnx``), and an ONNX Runtime CPU session over it.
+
+    Measured here (docs/benchmarks.md): ~2x eager PyTorch on 2 cores; outputs within ~5e-5 of eager
+    (ORT's convolution kernels; every graph optimisation level gives the same order).
+    """
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise CxrError("--graph onnx needs onnxruntime: pip install 'cxr-lakehouse[onnx]'") from exc
+    opset = 18
+    cache = Path(os.environ.get("CXR_ONNX_CACHE") or Path.home() / ".cache" / "cxr" / "onnx")
+    cache.mkdir(parents=True, exist_ok=True)
+    key = (
+        f"{weights_sha256.replace(':', '_')}-torch{torch.__version__.replace('+', '_')}-ort{ort.__version__}-op{opset}"
+    )
+    path = cache / f"{key}.onnx"
+    if not path.exists():
+        log.info("exporting the model to ONNX once: %s", path)
+        example = torch.linspace(-1024, 1024, 2 * 224 * 224).reshape(2, 1, 224, 224)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".onnx.tmp")
+        os.close(fd)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model.eval(),
+                    (example,),
+                    tmp,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["x"],
+                    output_names=["y"],
+                    dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                )
+            os.replace(tmp, path)  # atomic: concurrent jobs never read a half-written file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # no busy-waiting: the prefetch thread reads and decodes the next batch on the same cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _as_bytes(tensors: pa.Array | list[bytes]) -> list[bytes]:

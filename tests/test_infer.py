@@ -38,13 +38,26 @@ def _copy(lake: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("graph", ["frozen", "eager"])
+# (graph, tolerance, device label): the PyTorch paths are held to 1e-5; ONNX Runtime (opt-in) computes
+# the convolutions with its own kernels and lands ~2.5e-5..4.3e-5 away (docs/benchmarks.md)
+@pytest.mark.parametrize(
+    ("graph", "tolerance", "device"),
+    [("frozen", 1e-5, "cpu"), ("eager", 1e-5, "cpu"), ("onnx", 1e-4, "cpu+onnxruntime-")],
+)
 def test_predictions_equal_xrv_called_directly(
-    graph: str, lake: tuple[Path, int], checkpoint: Path, settings: Settings, tmp_path: Path
+    graph: str,
+    tolerance: float,
+    device: str,
+    lake: tuple[Path, int],
+    checkpoint: Path,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import torch
     import torchxrayvision as xrv
 
+    monkeypatch.setenv("CXR_ONNX_CACHE", str(tmp_path / "onnx-cache"))
     root = _copy(lake[0], tmp_path)
     s = run_infer(
         str(root),
@@ -69,7 +82,7 @@ def test_predictions_equal_xrv_called_directly(
             expected_by_id.update(zip(ids, model(batch).numpy(), strict=True))
     expected = np.stack([expected_by_id[p["image_id"]] for p in preds])
     got = np.array([[p[PATHOLOGY_COLUMNS[t]] for t in model.targets] for p in preds], dtype=np.float32)
-    assert np.abs(got - expected).max() <= 1e-5
+    assert np.abs(got - expected).max() <= tolerance
     assert ((got >= 0) & (got <= 1)).all()  # xrv's calibrated outputs
     assert got.std(axis=0).max() > 1e-4  # outputs differ between images: the comparison means something
     row = preds[0]
@@ -78,7 +91,10 @@ def test_predictions_equal_xrv_called_directly(
         and row["weights_source"] == "weights-dir"
         and row["tensors_version"] == s.tensors_version
     )
-    assert len(row["weights_sha256"]) == 64 and row["device"] == "cpu" and row["xrv_version"] == xrv.__version__
+    assert len(row["weights_sha256"]) == 64 and row["xrv_version"] == xrv.__version__
+    assert row["device"].startswith(device) and (device != "cpu" or row["device"] == "cpu")
+    if graph == "onnx":  # exported once, reused by the next run (keyed by the weights' sha256)
+        assert [p.name.split("-torch")[0] for p in (tmp_path / "onnx-cache").glob("*.onnx")] == [row["weights_sha256"]]
 
 
 def test_rerun_scores_only_missing_pairs(
