@@ -230,3 +230,57 @@ def test_integrity_failures_never_fall_back_to_a_stand_in(
             device="cpu",
             progress=False,
         )
+
+
+@pytest.mark.slow
+def test_resnet50_res512_on_224_tensors_upsamples_like_xrv(
+    tmp_path: Path, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`resnet50-res512-all` on a 224 lakehouse: xrv's ResNet resizes each input to 512 itself
+    (`fix_resolution`, with a warning); the job gives exactly what xrv gives on the same tensors."""
+    import torch
+    import torchvision
+    import torchxrayvision as xrv
+
+    from inference.weights import upstream_filename
+
+    name = "resnet50-res512-all"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    files = write_samples(tmp_path / "in", count=3, seed=11)
+    write_tensors_table(tmp_path / "lake", files, settings)
+    tensors = read_arrow(str(tmp_path / "lake"), "tensors", settings).to_pylist()
+    batch = torch.from_numpy(np.stack([decode_tensor(t["tensor"], "float16", [1, 224, 224]) for t in tensors]))
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(num_classes=18, weights=None).eval()
+    net.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    # random init saturates the outputs: rescale the classifier to unit-spread logits on these inputs
+    feats: list[torch.Tensor] = []
+    hook = net.fc.register_forward_hook(lambda _m, i, _o: feats.append(i[0]))
+    with torch.no_grad():
+        net(torch.nn.functional.interpolate(batch, size=(512, 512), mode="bilinear"))
+        hook.remove()
+        logits = net.fc(feats[0])
+        net.fc.weight.mul_(1.0 / (logits.std(dim=0, keepdim=True).T + 1e-6))
+        net.fc.bias.copy_(-net.fc(feats[0]).mean(dim=0) + net.fc.bias)
+    torch.save(net.state_dict(), weights / upstream_filename(name))  # xrv's ResNet files are state dicts
+    s = run_infer(str(tmp_path / "lake"), settings=settings, model_id=name, weights_dir=str(weights), progress=False)
+    assert (s.predicted, s.untrained) == (3, False)
+    preds = {r["image_id"]: r for r in read_arrow(str(tmp_path / "lake"), "predictions", settings).to_pylist()}
+    model = xrv.models.ResNet(weights=name, cache_dir=str(weights)).eval()
+    capsys.readouterr()
+    with torch.inference_mode():
+        expected = model(batch).numpy()
+    assert "Input size (224x224) is not the native resolution (512x512)" in capsys.readouterr().out  # xrv prints
+    # targets whose calibration threshold is NaN come out of xrv as a constant 0.5: the job writes null
+    calibrated = [j for j, t in enumerate(model.op_threshs.tolist()) if t == t]
+    assert len(calibrated) < len(model.targets)
+    got = np.array(
+        [[preds[t["image_id"]][PATHOLOGY_COLUMNS[k]] for k in model.targets] for t in tensors], dtype=np.float32
+    )
+    assert np.abs(got[:, calibrated] - expected[:, calibrated]).max() <= 1e-5
+    assert got[:, calibrated].std(axis=0).max() > 1e-3  # not saturated: the comparison means something
+    assert np.isnan(np.delete(got, calibrated, axis=1)).all()
+    # every default pathology this model lacks is null, not zero
+    lacking = set(PATHOLOGY_COLUMNS.values()) - {PATHOLOGY_COLUMNS[k] for k in model.targets if k in PATHOLOGY_COLUMNS}
+    assert all(preds[t["image_id"]][c] is None for t in tensors for c in lacking)
