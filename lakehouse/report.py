@@ -5,7 +5,7 @@ no CDN, so it opens from a folder, an S3 console download or an e-mail attachmen
 
 - the preprocessing run's counts (from ``<lakehouse>/runs/<run_id>.json``) and its quarantine reasons,
 - whole-lakehouse totals read from the Delta tables with delta-rs (column projections only: the
-  ``tensor`` column is read for the few thumbnails shown, filtered on their ``image_id``),
+  ``tensor`` column is read only from the data files that hold a thumbnail's image),
 - every model's identity (weights sha256 and source), with a loud banner for an untrained stand-in,
 - per-pathology score histograms and the highest-scoring images per finding,
 - Great Expectations results (``<lakehouse>/reports/validation/<table>.json``) and a Data Docs link.
@@ -400,11 +400,25 @@ def _attach_thumbs(
     ids = sorted({i for per_model in wanted.values() for _, top in per_model for i, _ in top})
     if not ids:
         return
+    import pyarrow as pa
+
     dataset = open_table(lake, "tensors", settings).to_pyarrow_dataset()
-    table = dataset.to_table(
-        columns=["image_id", "tensor", "tensor_dtype", "tensor_shape", "source_uri"],
-        filter=pc.field("image_id").isin(ids),
-    )
+    wanted_ids = pa.array(ids)
+    parts = []
+    # sha256 ids defeat min/max pruning: look at each file's small image_id column first and read the
+    # tensor bytes only of files that hold a wanted image
+    for fragment in dataset.get_fragments():
+        fragment_ids = fragment.to_table(columns=["image_id"]).column("image_id")
+        if pc.any(pc.is_in(fragment_ids, value_set=wanted_ids)).as_py():
+            parts.append(
+                fragment.to_table(
+                    columns=["image_id", "tensor", "tensor_dtype", "tensor_shape", "source_uri"],
+                    filter=pc.field("image_id").isin(ids),
+                )
+            )
+    if not parts:
+        return
+    table = pa.concat_tables(parts)
     images: dict[str, tuple[str, str]] = {}
     for row in table.to_pylist():
         images[row["image_id"]] = (
