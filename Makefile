@@ -60,7 +60,7 @@ sample: setup ## generate synthetic sample X-rays into $(SAMPLES)
 run: sample ## the main job: sample X-rays -> the Airflow DAG end to end (preprocess, validate, infer, publish, report)
 	$(RUN_ENV) $(AIRFLOW_ENV) $(CXR) run --input $(SAMPLES) --lakehouse $(LAKEHOUSE) $(RUN_FLAGS)
 
-s3: setup ## a local S3 server (moto) on 127.0.0.1:$(S3_PORT), in the foreground (Ctrl-C stops it)
+s3: setup ## a local S3 server (moto) on 127.0.0.1:5000 (S3_PORT=...), in the foreground (Ctrl-C stops it)
 	@echo "export $(S3_ENV)"
 	@echo "then use s3://$(S3_BUCKET)/... URIs (the bucket is created by 'make run-s3', or: aws --endpoint-url http://127.0.0.1:$(S3_PORT) s3 mb s3://$(S3_BUCKET))"
 	$(VENV)/bin/moto_server -H 127.0.0.1 -p $(S3_PORT)
