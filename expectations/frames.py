@@ -10,14 +10,12 @@ Nothing here imports Great Expectations; the frames are plain pandas and testabl
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.tables import DIRECT_IDENTIFIERS, PATHOLOGY_COLUMNS
 
@@ -170,24 +168,10 @@ def quarantine_frame(table: pa.Table) -> pd.DataFrame:
 
 
 def read_run_summaries(lakehouse_uri: str, settings: Settings) -> list[dict[str, Any]]:
-    """Every preprocessing run summary under ``<lakehouse>/runs/`` (``kind == "preprocess"``)."""
-    from lakehouse.errors import StorageError
+    """Every preprocessing run summary under ``<lakehouse>/runs/``."""
+    from lakehouse.runs import read_summaries
 
-    runs_uri = storage.join(lakehouse_uri, "runs")
-    try:
-        listed = [f for f in storage.list_files(runs_uri, settings) if f.uri.endswith(".json")]
-    except StorageError:
-        return []  # no runs folder: no run has written a summary yet
-    out = []
-    for f in listed:
-        try:
-            body = json.loads(storage.read_text(f.uri, settings))
-        except json.JSONDecodeError:
-            log.warning("skipping %s: not a JSON run summary", f.uri)
-            continue
-        if isinstance(body, dict) and body.get("kind") == "preprocess":
-            out.append(body)
-    return out
+    return [r.body for r in read_summaries(lakehouse_uri, settings, kind="preprocess")]
 
 
 def quarantine_runs_frame(

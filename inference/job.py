@@ -357,19 +357,17 @@ def run_infer(
 
 
 def _write_summary(lakehouse_uri: str, summary: InferSummary, settings: Settings, *, shard: Shard) -> None:
-    """Write the run summary to ``<lakehouse>/runs/<run_id>[-<model>][-shard-i-of-n].json``."""
-    import json
+    """Write the run summary to ``<lakehouse>/runs/<run_id>[-shard-i-of-n]-<model>.json`` (one file per
+    run and model: several models in one run each get a summary)."""
     from dataclasses import asdict
 
-    from lakehouse import storage
+    from lakehouse.runs import write_summary
 
     name = summary.run_id
     if shard.count > 1:
         name += f"-shard-{shard.index}-of-{shard.count}"
     body = {"kind": "infer", **asdict(summary), "shard": f"{shard.index}/{shard.count}"}
-    # one file per (run, model): several models in one run each get a summary
-    uri = storage.join(lakehouse_uri, "runs", f"{name}-{summary.model_id.replace('/', '_')}.json")
-    storage.write_text(uri, json.dumps(body, indent=2, sort_keys=True), settings, content_type="application/json")
+    write_summary(lakehouse_uri, f"{name}-{summary.model_id.replace('/', '_')}", body, settings)
 
 
 def _onnx_session(model: Any, *, weights_sha256: str, threads: int | None = None) -> Any:

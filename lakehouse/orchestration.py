@@ -82,19 +82,10 @@ def new_images_waiting(input_uri: str, lakehouse_uri: str) -> bool:
 
 def _duplicate_uris(lakehouse_uri: str, settings: Settings) -> set[str]:
     """Source URIs that earlier preprocessing runs found to duplicate another file (from ``runs/*.json``)."""
-    from lakehouse import storage
+    from lakehouse.runs import read_summaries
 
-    runs = storage.join(lakehouse_uri, "runs")
-    out: set[str] = set()
-    try:
-        files = [f for f in storage.list_files(runs, settings) if f.uri.endswith(".json")]
-    except CxrError:  # no runs folder yet
-        return out
-    for f in files:
-        body = json.loads(storage.read_text(f.uri, settings))
-        if body.get("kind", "preprocess") == "preprocess":
-            out.update(p["source_uri"] for p in body.get("duplicate_pairs", []))
-    return out
+    runs = read_summaries(lakehouse_uri, settings, kind="preprocess")
+    return {p["source_uri"] for r in runs for p in r.body.get("duplicate_pairs", [])}
 
 
 def validate_stage(

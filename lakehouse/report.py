@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lakehouse import storage
 from lakehouse.errors import CxrError, StorageError
+from lakehouse.runs import RunSummary, read_summaries
 from lakehouse.tables import PATHOLOGY_COLUMNS
 
 if TYPE_CHECKING:
@@ -91,15 +92,6 @@ class ModelReport:
     not_predicted: list[str] = field(default_factory=list)
 
 
-@dataclass
-class RunFile:
-    """One run summary JSON of ``<lakehouse>/runs/``."""
-
-    uri: str
-    mtime_ms: int
-    body: dict[str, Any]
-
-
 # --- public API ---------------------------------------------------------------------------------------
 def default_output(lakehouse_uri: str) -> str:
     """Where the report goes unless told otherwise: ``<lakehouse>/reports/report.html``."""
@@ -134,7 +126,7 @@ def build_report(
         raise CxrError(f"--top {top}: give 0 or more thumbnails per finding")
     lake = storage.normalize_uri(lakehouse_uri)
     out = storage.normalize_uri(output) if output else default_output(lake)
-    runs = _read_runs(lake, settings)
+    runs = read_summaries(lake, settings)
     tensors = _read_table(lake, "tensors", settings, ["image_id", "source_format", "run_id"])
     quarantine = _read_table(lake, "quarantine", settings, ["source_uri", "error_class", "error_message", "run_id"])
     predictions = _read_table(
@@ -146,7 +138,7 @@ def build_report(
             "or check --lakehouse"
         )
     preprocess_runs = sorted(
-        (r for r in runs if r.body.get("kind", "preprocess") == "preprocess"),
+        (r for r in runs if r.kind == "preprocess"),
         key=lambda r: (r.mtime_ms, str(r.body.get("run_id", ""))),
     )
     infer_runs = sorted(
@@ -231,25 +223,7 @@ def report_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --- reading ------------------------------------------------------------------------------------------
-def _read_runs(lake: str, settings: Settings) -> list[RunFile]:
-    """Every run summary under ``<lakehouse>/runs/`` (none when the folder is missing)."""
-    try:
-        listed = [f for f in storage.list_files(storage.join(lake, "runs"), settings) if f.uri.endswith(".json")]
-    except StorageError:
-        return []
-    runs = []
-    for f in listed:
-        try:
-            body = json.loads(storage.read_text(f.uri, settings))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            log.warning("skipping unreadable run summary %s: %s", f.uri, exc)
-            continue
-        if isinstance(body, dict) and "run_id" in body:
-            runs.append(RunFile(f.uri, f.mtime_ms, body))
-    return runs
-
-
-def _pick_run(runs: list[RunFile], run_id: str | None, lake: str) -> dict[str, Any] | None:
+def _pick_run(runs: list[RunSummary], run_id: str | None, lake: str) -> dict[str, Any] | None:
     """The requested preprocessing run, or the latest; None when there is none and none was asked for."""
     if run_id is None:
         return runs[-1].body if runs else None

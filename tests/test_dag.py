@@ -265,7 +265,13 @@ def test_new_images_sensor_counts_only_unseen_files(tmp_path: Path, settings: Se
     assert new_images_waiting(str(images), str(lake)) is True
     (lake / "runs").mkdir()
     (lake / "runs" / "pre-x.json").write_text(
-        json.dumps({"kind": "preprocess", "duplicate_pairs": [{"source_uri": str(copy), "duplicate_of": str(first)}]})
+        json.dumps(
+            {
+                "kind": "preprocess",
+                "run_id": "pre-x",
+                "duplicate_pairs": [{"source_uri": str(copy), "duplicate_of": str(first)}],
+            }
+        )
     )
     assert new_images_waiting(str(images), str(lake)) is False
     bad = images / "bad.png"

@@ -81,11 +81,13 @@ class Summary:
         """discovered = new + already present + duplicates + quarantined."""
         return self.discovered == self.new + self.already_present + self.duplicates + self.quarantined
 
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as written to ``<lakehouse>/runs/<run_id>.json``."""
+        return {"kind": "preprocess", **asdict(self), "reconciles": self.reconciles}
+
     def to_json(self) -> str:
-        """The summary as JSON (also written to ``<lakehouse>/runs/``)."""
-        return json.dumps(
-            {"kind": "preprocess", **asdict(self), "reconciles": self.reconciles}, indent=2, sort_keys=True
-        )
+        """The summary as JSON (``cxr preprocess --json``)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 def new_run_id(prefix: str = "pre") -> str:
@@ -379,8 +381,9 @@ def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: S
 
 
 def _write_summary(summary: Summary, settings: Settings) -> None:
-    uri = storage.join(summary.lakehouse_uri, "runs", f"{summary.run_id}.json")
-    storage.write_text(uri, summary.to_json(), settings, content_type="application/json")
+    from lakehouse.runs import write_summary
+
+    write_summary(summary.lakehouse_uri, summary.run_id, summary.to_dict(), settings)
 
 
 # --- progress ----------------------------------------------------------------------------------------
