@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
-#: eager PyTorch, or a frozen TorchScript graph (default on CPU)
+#: eager PyTorch, a frozen TorchScript graph (default on CPU), or ONNX Runtime (opt-in, CPU)
 GraphMode = Literal["auto", "eager", "frozen", "onnx"]
 UNTRAINED_SUFFIX = "+untrained-random-init"
 

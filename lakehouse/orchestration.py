@@ -186,34 +186,6 @@ def on_failure(context: Mapping[str, Any]) -> None:
 
 
 # --- the Spark stage ---------------------------------------------------------------------------------
-def spark_submit_options(settings: Settings) -> dict[str, Any]:
-    """``spark_submit_args`` as SparkSubmitOperator keyword values: conf, driver class path / jars /
-    packages, and the environment the pip-installed ``spark-submit`` needs."""
-    from lakehouse.spark import spark_submit_args, spark_submit_env
-
-    args = spark_submit_args(settings)
-    opts: dict[str, Any] = {"conf": {}}
-    i = 0
-    while i < len(args):
-        flag, value = args[i], args[i + 1]
-        if flag == "--conf":
-            k, v = value.split("=", 1)
-            opts["conf"][k] = v
-        elif flag == "--driver-class-path":
-            opts["driver_class_path"] = value
-        elif flag == "--jars":
-            opts["jars"] = value
-        elif flag == "--packages":
-            opts["packages"] = value
-        elif flag == "--master":
-            opts["master"] = value
-        i += 2
-    env = spark_submit_env()
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    opts["env_vars"] = env
-    return opts
-
-
 def _spark_submit_operator_class() -> type:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
@@ -223,9 +195,10 @@ def _spark_submit_operator_class() -> type:
         when Airflow defines one, else ``CXR_SPARK_MASTER`` (default ``local[*]``)."""
 
         def execute(self, context: Any) -> Any:
-            settings = load_settings()
-            opts = spark_submit_options(settings)
-            master = opts.pop("master", settings.spark_master)
+            from lakehouse.spark import spark_submit_env, spark_submit_options
+
+            opts = spark_submit_options(load_settings())
+            master = opts.pop("master")
             conn_env = f"AIRFLOW_CONN_{self._conn_id.upper()}"
             try:
                 from airflow.sdk import BaseHook
@@ -237,7 +210,12 @@ def _spark_submit_operator_class() -> type:
             for attr in ("driver_class_path", "jars", "packages"):
                 if attr in opts:
                     setattr(self, attr, opts[attr])
-            self.env_vars = {**opts["env_vars"], **(self.env_vars or {})}
+            # the pip-installed spark-submit: SPARK_HOME = the pyspark package, this venv's bin on PATH
+            env = {
+                **spark_submit_env(),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+            self.env_vars = {**env, **(self.env_vars or {})}
             self._hook = None
             return super().execute(context)
 
@@ -290,9 +268,6 @@ def run_local(
     env.setdefault("CXR_POKE_INTERVAL_S", os.environ.get("CXR_POKE_INTERVAL_S", "5"))
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
-    if "airflow" in sys.modules and os.environ.get("_CXR_AIRFLOW_HOME_SET") != env["AIRFLOW_HOME"]:
-        log.debug("airflow was imported before its home was set: its configuration may differ")
-    os.environ["_CXR_AIRFLOW_HOME_SET"] = env["AIRFLOW_HOME"]
     _migrate_db(env)
     from airflow.dag_processing.dagbag import DagBag
 

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lakehouse.config import Settings
 from lakehouse.storage import hadoop_uri, table_uri
@@ -268,28 +268,39 @@ def merge_insert_new(
     return int(metrics[0]["num_inserted_rows"]) if metrics else 0
 
 
-def spark_submit_args(settings: Settings) -> list[str]:
-    """The ``spark-submit`` options that give a local submission the same session as :func:`get_spark`.
+def spark_submit_options(settings: Settings) -> dict[str, Any]:
+    """What a ``spark-submit`` needs to give a local submission the same session as :func:`get_spark`:
+    ``master``, ``conf``, and one of ``driver_class_path`` / ``jars`` / ``packages``.
 
-    The jars go on the driver class path when ``make setup`` resolved them, else ``--packages``
+    The jars go on the driver class path when ``make setup`` resolved them, else ``packages``
     (downloads through Ivy). On EMR none of this is needed: Delta is enabled by the cluster config.
     """
     master = settings.spark_master or "local[*]"
-    args = ["--master", master]
+    opts: dict[str, Any] = {"master": master}
     jars = local_jars()
     if jars is None:
-        args += ["--packages", f"io.delta:delta-spark_4.1_2.13:{DELTA_VERSION},{HADOOP_AWS_PACKAGE}"]
+        opts["packages"] = f"io.delta:delta-spark_4.1_2.13:{DELTA_VERSION},{HADOOP_AWS_PACKAGE}"
     elif master.startswith("local"):
-        args += ["--driver-class-path", os.pathsep.join(jars)]
+        opts["driver_class_path"] = os.pathsep.join(jars)
     else:
-        args += ["--jars", ",".join(jars)]
-    for k, v in spark_conf(settings).items():
+        opts["jars"] = ",".join(jars)
+    opts["conf"] = {
+        **spark_conf(settings),
+        "spark.databricks.delta.snapshotPartitions": os.environ.get("CXR_DELTA_SNAPSHOT_PARTITIONS", "2"),
+        "spark.pyspark.python": sys.executable,
+    }
+    return opts
+
+
+def spark_submit_args(settings: Settings) -> list[str]:
+    """:func:`spark_submit_options` as ``spark-submit`` command-line options."""
+    opts = spark_submit_options(settings)
+    args = ["--master", opts["master"]]
+    for key in ("packages", "driver_class_path", "jars"):
+        if key in opts:
+            args += [f"--{key.replace('_', '-')}", opts[key]]
+    for k, v in opts["conf"].items():
         args += ["--conf", f"{k}={v}"]
-    args += [
-        "--conf",
-        f"spark.databricks.delta.snapshotPartitions={os.environ.get('CXR_DELTA_SNAPSHOT_PARTITIONS', '2')}",
-    ]
-    args += ["--conf", f"spark.pyspark.python={sys.executable}"]
     return args
 
 
