@@ -7,7 +7,11 @@ cluster and would cost seconds of Spark planning each.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lakehouse.config import Settings
@@ -75,3 +79,151 @@ def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settin
         except CommitFailedError:  # another writer (a parallel shard) committed first: MERGE again on the new version
             time.sleep(0.2 * (attempt + 1))
     raise CommitFailedError(f"{spec.name}: gave up after 8 concurrent-commit conflicts")
+
+
+# --- data files written outside delta-rs, committed in one transaction ----------------------------
+#: string statistics are recorded only up to this length (image ids and DICOM UIDs fit; long paths do not)
+_MAX_STAT_CHARS = 64
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A Parquet file written into a table's folder; it is part of the table only once committed."""
+
+    #: path relative to the table root, as the Delta log records it
+    path: str
+    size: int
+    #: milliseconds since the epoch
+    modification_time: int
+    num_records: int
+    #: Delta per-file statistics (JSON: numRecords, minValues, maxValues, nullCount)
+    stats: str
+
+
+def write_data_file(
+    lakehouse_uri: str,
+    spec: TableSpec,
+    rows: pa.Table,
+    settings: Settings,
+    *,
+    name_hint: str = "part-00000",
+    row_group_size: int = 64,
+    compression_level: int = 3,
+) -> DataFile:
+    """Write ``rows`` as one zstd Parquet file into the folder of table ``spec`` (not committed).
+
+    Meant for Spark's Python workers: the tensors go from the worker straight to storage, so the JVM
+    never carries the 100 KB values. Binary columns get no dictionary and no Parquet statistics (a
+    min/max of tensor bytes is useless and costly). The file is invisible to readers until
+    :func:`commit_data_files` adds it; a file never committed is removed by VACUUM.
+
+    Raises:
+        StorageError: when the file cannot be written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lakehouse import storage
+
+    table = rows.select(spec.column_names).cast(arrow_schema(spec))
+    flat = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        compression_level=compression_level,
+        row_group_size=row_group_size,
+        use_dictionary=flat,
+        write_statistics=flat,
+    )
+    data = sink.getvalue().to_pybytes()
+    rel = f"{name_hint}-{uuid.uuid4()}-c000.zstd.parquet"
+    storage.write_bytes(storage.join(table_uri(lakehouse_uri, spec.name), rel), data, settings)
+    return DataFile(
+        path=rel,
+        size=len(data),
+        modification_time=int(time.time() * 1000),
+        num_records=table.num_rows,
+        stats=delta_stats(table),
+    )
+
+
+def delta_stats(table: pa.Table) -> str:
+    """Delta per-file statistics of an Arrow table: numRecords, nullCount of every flat column, and
+    exact min/max of numbers and of short strings (timestamps, long strings and binaries get none:
+    absent statistics only disable data skipping, wrong ones would hide rows)."""
+    import math
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mins: dict[str, object] = {}
+    maxs: dict[str, object] = {}
+    nulls: dict[str, int] = {}
+    for name in table.column_names:
+        col = table.column(name)
+        typ = col.type
+        if pa.types.is_list(typ):
+            continue
+        nulls[name] = col.null_count
+        if col.null_count == len(col):
+            continue
+        numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
+        if pa.types.is_string(typ):
+            if pc.max(pc.utf8_length(col)).as_py() > _MAX_STAT_CHARS:
+                continue
+        elif not numeric:
+            continue
+        lo, hi = (v.as_py() for v in pc.min_max(col).values())
+        if pa.types.is_floating(typ) and not (math.isfinite(lo) and math.isfinite(hi)):
+            continue
+        mins[name], maxs[name] = lo, hi
+    return json.dumps(
+        {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls},
+        separators=(",", ":"),
+    )
+
+
+def read_data_file(lakehouse_uri: str, spec: TableSpec, path: str, settings: Settings) -> pa.Table:
+    """Read back a data file written by :func:`write_data_file` (to rewrite it without some rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lakehouse import storage
+
+    data = storage.read_bytes(storage.join(table_uri(lakehouse_uri, spec.name), path), settings)
+    return pq.read_table(pa.BufferReader(data))
+
+
+def delete_data_file(lakehouse_uri: str, spec: TableSpec, path: str, settings: Settings) -> None:
+    """Delete an uncommitted data file (best effort: an orphan is harmless and VACUUM removes it)."""
+    from lakehouse import storage
+    from lakehouse.errors import StorageError
+
+    try:
+        storage.delete(storage.join(table_uri(lakehouse_uri, spec.name), path), settings)
+    except StorageError as exc:
+        logging.getLogger(__name__).warning("left an uncommitted data file behind (VACUUM removes it): %s", exc)
+
+
+def commit_data_files(
+    lakehouse_uri: str, spec: TableSpec, files: list[DataFile], settings: Settings, *, run_id: str
+) -> int:
+    """Add data files to the table in one Delta commit (append: concurrent appends do not conflict).
+
+    Returns:
+        The number of rows the commit added.
+    """
+    if not files:
+        return 0
+    from deltalake.transaction import AddAction, CommitProperties
+
+    dt = ensure_table(lakehouse_uri, spec, settings)
+    dt.create_write_transaction(
+        [AddAction(f.path, f.size, {}, f.modification_time, True, f.stats) for f in files],
+        mode="append",
+        schema=arrow_schema(spec),
+        commit_properties=CommitProperties(custom_metadata={"cxr.run_id": run_id}),
+    )
+    return sum(f.num_records for f in files)

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.config import Settings
-from lakehouse.storage import hadoop_uri, table_uri
 from lakehouse.tables import TableSpec
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import SparkSession
     from pyspark.sql.types import DataType, StructType
 
 log = logging.getLogger(__name__)
@@ -221,51 +220,6 @@ def spark_schema(spec: TableSpec) -> StructType:
     return StructType(
         [StructField(c.name, spark_type(c.type), c.nullable, {"comment": c.doc} if c.doc else {}) for c in spec.columns]
     )
-
-
-def merge_insert_new(
-    spark: SparkSession,
-    source: DataFrame,
-    lakehouse_uri: str,
-    spec: TableSpec,
-    settings: Settings,
-    *,
-    source_persisted: bool = False,
-) -> int:
-    """MERGE ``source`` into the table on its key, inserting only rows whose key is not there yet.
-
-    Keys are compared null-safely (``<=>``). Rerunning with the same source inserts nothing.
-
-    Args:
-        spark: the session.
-        source: rows with at least the contract's columns.
-        lakehouse_uri: the lakehouse root.
-        spec: the table contract.
-        settings: for the storage options.
-        source_persisted: the source is already persisted and deterministic, so Delta need not
-            materialise another copy of it.
-
-    Returns:
-        The number of rows inserted (from the Delta commit's operation metrics).
-    """
-    from delta.tables import DeltaTable
-
-    from lakehouse.delta_rs import ensure_table
-
-    ensure_table(lakehouse_uri, spec, settings)
-    uri = hadoop_uri(table_uri(lakehouse_uri, spec.name))
-    target = DeltaTable.forPath(spark, uri)
-    cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in spec.key)
-    key = "spark.databricks.delta.merge.materializeSource"
-    before = spark.conf.get(key, "auto") or "auto"
-    if source_persisted:
-        spark.conf.set(key, "none")
-    try:
-        merge = target.alias("t").merge(source.select(*spec.column_names).alias("s"), cond)
-        metrics = merge.whenNotMatchedInsertAll().execute().collect()
-    finally:
-        spark.conf.set(key, before)
-    return int(metrics[0]["num_inserted_rows"]) if metrics else 0
 
 
 def spark_submit_options(settings: Settings) -> dict[str, Any]:

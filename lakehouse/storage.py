@@ -231,6 +231,45 @@ def write_text(uri: str, text: str, settings: Settings, *, content_type: str = "
     p.write_text(text)
 
 
+def write_bytes(uri: str, data: bytes, settings: Settings) -> None:
+    """Write one object (a Parquet data file) to a folder or s3://, creating folders as needed.
+
+    Raises:
+        StorageError: when the object cannot be written.
+    """
+    u = normalize_uri(uri)
+    if is_s3(u):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(u)
+        try:
+            s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot write {u}: {exc}") from exc
+        return
+    p = Path(u)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {u}: {exc.strerror or exc}") from exc
+
+
+def delete(uri: str, settings: Settings) -> None:
+    """Delete one object or file if it exists (best effort for files no table references)."""
+    u = normalize_uri(uri)
+    if is_s3(u):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(u)
+        try:
+            s3_client(settings).delete_object(Bucket=bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot delete {u}: {exc}") from exc
+        return
+    Path(u).unlink(missing_ok=True)
+
+
 def read_text(uri: str, settings: Settings) -> str:
     """Read a small text object written by :func:`write_text`."""
     u = normalize_uri(uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -169,6 +170,124 @@ def test_same_bytes_under_two_paths_give_one_row(spark, settings: Settings, tmp_
     ]
     t = read_arrow(str(lake), "tensors", settings)
     assert sorted(t.column("source_uri").to_pylist()) == sorted([first, str(inp / "other.png")])
+    # the duplicates' data files were written by their tasks and dropped before the commit: no orphan
+    assert _files_on_disk(lake) == _committed_files(lake, settings)
+    assert len(_committed_files(lake, settings)) == 2
+
+
+def _files_on_disk(lake: Path) -> set[str]:
+    return {p.name for p in (lake / "tensors").glob("*.parquet")}
+
+
+def _committed_files(lake: Path, settings: Settings) -> set[str]:
+    return {Path(f).name for f in open_table(str(lake), "tensors", settings).file_uris()}
+
+
+def test_spark_and_the_delta_log_see_the_worker_written_files(spark, first_run, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """The tensors are written by Python workers and committed with delta-rs: Spark reads them as a
+    Delta table, the log's per-file statistics are exact, and every file on disk is committed."""
+    lake, summary = first_run
+    expected = read_arrow(str(lake), "tensors", settings).sort_by("image_id")
+    df = spark.read.format("delta").load(str(lake / "tensors"))
+    assert df.count() == expected.num_rows == summary.new
+    got = df.orderBy("image_id").select("image_id", "tensor", "tensor_shape", "ingested_at").toArrow()
+    assert got.column("image_id").to_pylist() == expected.column("image_id").to_pylist()
+    assert got.column("tensor").to_pylist() == expected.column("tensor").to_pylist()
+    assert got.column("tensor_shape").to_pylist() == expected.column("tensor_shape").to_pylist()
+    assert got.column("ingested_at").to_pylist() == expected.column("ingested_at").to_pylist()
+    assert _files_on_disk(lake) == _committed_files(lake, settings)
+    log_stats = [
+        json.loads(json.loads(line)["add"]["stats"])
+        for f in sorted((lake / "tensors" / "_delta_log").glob("*.json"))
+        for line in f.read_text().splitlines()
+        if '"add"' in line
+    ]
+    assert sum(s["numRecords"] for s in log_stats) == expected.num_rows
+    ids = set(expected.column("image_id").to_pylist())
+    assert min(ids) == min(s["minValues"]["image_id"] for s in log_stats)
+    assert max(ids) == max(s["maxValues"]["image_id"] for s in log_stats)
+    assert all(s["nullCount"]["tensor"] == 0 for s in log_stats)
+
+
+def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_path: Path) -> None:
+    """The worker function and the commit step without Spark: a key another run committed after this
+    run read the table is not inserted twice, and the file holding it is rewritten, not orphaned."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+
+    from lakehouse import delta_rs
+    from lakehouse.delta_rs import DataFile
+    from lakehouse.tables import TENSORS
+    from transforms import preprocess as pp
+
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    inp.mkdir()
+    for i in range(5):
+        (inp / f"img{i}.png").write_bytes(png_bytes(to_uint(synthetic_cxr(64, 72, seed=40 + i), 8)))
+    delta_rs.ensure_table(str(lake), TENSORS, settings)
+    params = PreprocessParams(size=32, engine="cv2", dtype="float16", max_pixels=10**8)
+    lineage = {
+        "preprocess_version": "t",
+        "preprocess_params": params.to_json(),
+        "run_id": "r",
+        "ingested_at": datetime.now(UTC),
+    }
+
+    def work(names: list[str], rows_per_file: int) -> list[dict]:  # type: ignore[type-arg]
+        listing = pa.RecordBatch.from_pylist(
+            [{"source_uri": str(inp / n), "source_bytes": (inp / n).stat().st_size, "mtime_ms": 0} for n in names]
+        )
+        out = pp.process_files(
+            [listing],
+            known_files={},
+            known_ids=frozenset(),
+            params=params,
+            settings=settings,
+            lakehouse_uri=str(lake),
+            lineage=lineage,
+            rows_per_file=rows_per_file,
+        )
+        return pa.Table.from_batches(list(out)).to_pylist()
+
+    ours = work([f"img{i}.png" for i in range(5)], rows_per_file=3)  # two data files: 3 + 2 rows
+    written = [DataFile(**json.loads(r["data_file_meta"])) for r in ours if r["data_file_meta"]]
+    assert [f.num_records for f in written] == [3, 2] and len(_files_on_disk(lake)) == 2
+    assert _committed_files(lake, settings) == set()  # written, not yet visible
+    # another run commits img1 first
+    theirs = work(["img1.png"], rows_per_file=10)
+    their_file = DataFile(**json.loads(theirs[0]["data_file_meta"]))
+    delta_rs.commit_data_files(str(lake), TENSORS, [their_file], settings, run_id="other")
+    files = pp._without_rows(str(lake), ours, {}, written, settings)
+    assert [f.num_records for f in files] == [2, 2]  # the untouched file, then the rewrite of the other
+    assert written[1] in files and written[0] not in files
+    assert delta_rs.commit_data_files(str(lake), TENSORS, files, settings, run_id="r") == 4
+    t = read_arrow(str(lake), "tensors", settings)
+    assert t.num_rows == 5 and len(set(t.column("image_id").to_pylist())) == 5
+    assert _files_on_disk(lake) == _committed_files(lake, settings)  # the replaced file was deleted
+
+
+def test_a_failure_before_the_commit_leaves_no_data_file(
+    spark, settings: Settings, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from transforms import preprocess as pp
+
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    inp.mkdir()
+    for i in range(3):
+        (inp / f"f{i}.png").write_bytes(png_bytes(to_uint(synthetic_cxr(64, 64, seed=60 + i), 8)))
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        assert _files_on_disk(lake)  # the workers did write the tensors
+        raise RuntimeError("driver died before the commit")
+
+    monkeypatch.setattr(pp, "_without_rows", boom)
+    with pytest.raises(RuntimeError, match="before the commit"):
+        _run(spark, settings, inp, lake)
+    assert _files_on_disk(lake) == set()
+    assert read_arrow(str(lake), "tensors", settings).num_rows == 0
+    monkeypatch.undo()
+    assert _run(spark, settings, inp, lake).new == 3  # and the rerun completes
 
 
 def test_float32_and_size_options(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

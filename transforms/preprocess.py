@@ -1,12 +1,15 @@
-"""The Spark preprocessing job: discover -> read -> hash -> skip known -> decode -> MERGE.
+"""The Spark preprocessing job: discover -> read -> hash -> skip known -> decode -> write -> commit.
 
 1. List every file under the input (folder or s3://) on the driver: nothing is filtered out.
 2. Map the pure decode functions over partitions of that listing (``mapInArrow``). A file whose
    (uri, size, mtime) or whose sha256 is already in ``tensors`` is counted, not decoded; a file whose
    bytes were seen earlier in the same partition is a duplicate, not decoded.
-3. Duplicates across partitions are resolved on a small projection (no tensor shuffle); the first
-   path in sort order keeps the row.
-4. New tensors are MERGEd into ``tensors`` on ``image_id``; failures into ``quarantine``.
+3. Each worker writes its new tensors as zstd Parquet data files straight into the ``tensors`` folder
+   and returns only small rows (status, key, file name): the JVM never carries the 100 KB tensors.
+4. On the driver, duplicates across partitions and keys another writer committed meanwhile are taken
+   out of the files (the first path in sort order keeps the row); then all files are added to
+   ``tensors`` in one Delta commit (an insert-only MERGE on ``image_id``: no key is inserted twice,
+   and files of a failed run are never committed). Failures go to ``quarantine``.
 5. A summary reconciles: discovered = new + already present + duplicates + quarantined.
 """
 
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from lakehouse import storage
 from lakehouse.config import Settings, warn_if_dev_key
+from lakehouse.delta_rs import DataFile
 from lakehouse.errors import InputError, StorageError
 from lakehouse.tables import QUARANTINE, TENSORS, Column, TableSpec
 from transforms.tensor import PREPROCESS_VERSION, PreprocessParams, preprocess_bytes
@@ -39,23 +43,27 @@ log = logging.getLogger(__name__)
 #: status of each discovered file in the job's result
 NEW, PRESENT, DUPLICATE, QUARANTINED = "new", "already_present", "duplicate", "quarantined"
 
-#: per-file result of the decode stage (tensor columns + status), as a contract so Arrow and Spark agree
-_TENSOR_FIELDS = [
-    c for c in TENSORS.columns if c.name not in ("preprocess_version", "preprocess_params", "run_id", "ingested_at")
-]
+#: per-file result of the decode stage: small rows only (the tensors are in the data files)
 RESULT_SPEC = TableSpec(
     name="preprocess_result",
     key=("source_uri",),
     columns=(
-        *[Column(c.name, c.type, True, c.doc) for c in _TENSOR_FIELDS],
+        Column("source_uri", "string", False),
+        Column("source_bytes", "bigint", False),
+        Column("image_id", "string", True, "sha256 hex; null when the bytes could not be read"),
         Column("status", "string", False),
         Column("duplicate_of", "string", True),
         Column("decoded", "boolean", False),
         Column("error_class", "string", True),
         Column("error_message", "string", True),
+        Column("data_file", "string", True, "the data file (relative to tensors/) holding a new row"),
+        Column("data_file_meta", "string", True, "JSON of the DataFile, on one row per file"),
     ),
     properties=(),
 )
+
+#: rows per data file a worker writes (~18 MB of float16 224x224 tensors): few files, bounded memory
+ROWS_PER_FILE = 256
 
 
 @dataclass
@@ -103,25 +111,49 @@ def process_files(
     known_ids: frozenset[str],
     params: PreprocessParams,
     settings: Settings,
-    out_rows: int = 16,
+    lakehouse_uri: str,
+    lineage: dict[str, Any],
+    rows_per_file: int = ROWS_PER_FILE,
 ) -> Iterator[pa.RecordBatch]:
-    """Decode every listed file of a partition into result rows (one row per input, always)."""
+    """Decode every listed file of a partition; write the new tensors as data files of ``tensors``.
+
+    Yields one small result row per input (always); new rows name the data file that holds them.
+    ``lineage`` holds the run-level columns (preprocess_version, preprocess_params, run_id, ingested_at).
+    """
     import pyarrow as pa
 
+    from lakehouse import delta_rs
     from lakehouse.tables import arrow_schema
 
     schema = arrow_schema(RESULT_SPEC)
+    tensor_schema = arrow_schema(TENSORS)
     seen: dict[str, str] = {}
-    rows: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (tensor row, its result row)
+
+    def flush() -> None:
+        if not pending:
+            return
+        table = pa.Table.from_pylist([t for t, _ in pending], schema=tensor_schema)
+        written = delta_rs.write_data_file(lakehouse_uri, TENSORS, table, settings, name_hint="part-cxr")
+        for _, res in pending:
+            res["data_file"] = written.path
+        pending[0][1]["data_file_meta"] = json.dumps(asdict(written))
+        pending.clear()
+
     for batch in batches:
         cols = batch.to_pydict()
         for uri, size, mtime_ms in zip(cols["source_uri"], cols["source_bytes"], cols["mtime_ms"], strict=True):
-            rows.append(_process_one(uri, size, mtime_ms, known_files, known_ids, seen, params, settings))
-            if len(rows) >= out_rows:
-                yield pa.RecordBatch.from_pylist(rows, schema=schema)
-                rows = []
-    if rows:
-        yield pa.RecordBatch.from_pylist(rows, schema=schema)
+            row = _process_one(uri, size, mtime_ms, known_files, known_ids, seen, params, settings)
+            res = {k: row.get(k) for k in schema.names}
+            results.append(res)
+            if row["status"] == NEW:
+                pending.append(({**{k: row.get(k) for k in tensor_schema.names}, **lineage}, res))
+                if len(pending) >= rows_per_file:
+                    flush()
+    flush()
+    for i in range(0, len(results), 1024):
+        yield pa.RecordBatch.from_pylist(results[i : i + 1024], schema=schema)
 
 
 def _process_one(
@@ -203,11 +235,11 @@ def run_preprocess(
     Raises:
         StorageError: when the input cannot be listed or the lakehouse cannot be written.
     """
-    from pyspark.sql import functions as F
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
     from lakehouse import delta_rs
-    from lakehouse.spark import get_spark, merge_insert_new, spark_schema
+    from lakehouse.spark import get_spark, spark_schema
+    from lakehouse.tables import arrow_schema
 
     started = time.perf_counter()
     run_id = run_id or new_run_id()
@@ -267,91 +299,149 @@ def run_preprocess(
         sc.parallelize([(f.uri, f.size, f.mtime_ms) for f in listing], n_tasks), listing_schema
     )
 
+    now = datetime.now(UTC)
+    lineage = {
+        "preprocess_version": PREPROCESS_VERSION,
+        "preprocess_params": params.to_json(),
+        "run_id": run_id,
+        "ingested_at": now,
+    }
+
     def _map(batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
         return process_files(
-            batches, known_files=bc_files.value, known_ids=bc_ids.value, params=params, settings=settings
+            batches,
+            known_files=bc_files.value,
+            known_ids=bc_ids.value,
+            params=params,
+            settings=settings,
+            lakehouse_uri=lakehouse_uri,
+            lineage=lineage,
         )
 
-    result = files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).persist()
+    written: list[DataFile] = []
+    commit_attempted = False
     try:
         with _SparkProgress(spark, f"preprocessing {len(listing)} files", total_tasks=n_tasks, enabled=progress):
-            result.count()  # runs the decode once; the cached result feeds everything below
+            small = files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).toArrow().to_pylist()
         log.debug("decode took %.1fs", time.perf_counter() - started)
-        small = result.select("source_uri", "image_id", "status", "duplicate_of", "decoded", "error_class").collect()
-        summary.decoded = sum(1 for r in small if r.decoded)
+        written = [DataFile(**json.loads(r["data_file_meta"])) for r in small if r["data_file_meta"]]
+        summary.decoded = sum(1 for r in small if r["decoded"])
         # cross-partition duplicates: among rows decoded as new, the first path in sort order wins
         first_of: dict[str, str] = {}
-        for r in sorted((r for r in small if r.status == NEW), key=lambda r: r.source_uri):
-            first_of.setdefault(r.image_id, r.source_uri)
+        for r in sorted((r for r in small if r["status"] == NEW), key=lambda r: r["source_uri"]):
+            first_of.setdefault(r["image_id"], r["source_uri"])
         late_dups = {
-            r.source_uri: first_of[r.image_id]
+            r["source_uri"]: first_of[r["image_id"]]
             for r in small
-            if r.status == NEW and first_of[r.image_id] != r.source_uri
+            if r["status"] == NEW and first_of[r["image_id"]] != r["source_uri"]
         }
         summary.duplicate_pairs = sorted(
             [{"source_uri": u, "duplicate_of": d} for u, d in late_dups.items()]
             + [
-                {"source_uri": r.source_uri, "duplicate_of": first_of.get(r.image_id, r.duplicate_of)}
+                {"source_uri": r["source_uri"], "duplicate_of": first_of.get(r["image_id"], r["duplicate_of"])}
                 for r in small
-                if r.status == DUPLICATE
+                if r["status"] == DUPLICATE
             ],
             key=lambda p: p["source_uri"],
         )
-        for r in small:
-            if r.status == QUARANTINED:
-                summary.quarantine_reasons[r.error_class] = summary.quarantine_reasons.get(r.error_class, 0) + 1
+        quarantined = [r for r in small if r["status"] == QUARANTINED]
+        for r in quarantined:
+            summary.quarantine_reasons[r["error_class"]] = summary.quarantine_reasons.get(r["error_class"], 0) + 1
 
-        now = datetime.now(UTC)
-        new_rows = result.filter(F.col("status") == NEW)
-        if late_dups:
-            new_rows = new_rows.filter(~F.col("source_uri").isin(list(late_dups)))
-        tensors_src = new_rows.select(
-            *[c.name for c in _TENSOR_FIELDS],
-            F.lit(PREPROCESS_VERSION).alias("preprocess_version"),
-            F.lit(params.to_json()).alias("preprocess_params"),
-            F.lit(run_id).alias("run_id"),
-            F.lit(now).alias("ingested_at"),
-        )
         expected_new = len(first_of)
-        with _status(f"merging {expected_new} new tensors", progress):
-            inserted = (
-                merge_insert_new(spark, tensors_src, lakehouse_uri, TENSORS, settings, source_persisted=True)
-                if expected_new
-                else 0
-            )
-        log.debug("tensors merged at %.1fs", time.perf_counter() - started)
-        n_quarantined = sum(summary.quarantine_reasons.values())
-        if n_quarantined:  # small rows (no tensors): collected and merged with delta-rs
-            quarantine_rows = (
-                result.filter(F.col("status") == QUARANTINED)
-                .select(
-                    "source_uri",
-                    F.col("image_id").alias("content_sha256"),
-                    "source_bytes",
-                    F.lit("preprocess").alias("stage"),
-                    "error_class",
-                    "error_message",
-                    F.lit(run_id).alias("run_id"),
-                    F.lit(now).alias("quarantined_at"),
-                )
-                .toArrow()
+        with _status(f"committing {expected_new} new tensors", progress):
+            written = _without_rows(lakehouse_uri, small, late_dups, written, settings)
+            commit_attempted = True
+            try:
+                inserted = delta_rs.commit_data_files(lakehouse_uri, TENSORS, written, settings, run_id=run_id)
+            except Exception as exc:
+                raise StorageError(
+                    f"cannot commit {len(written)} data files to {lakehouse_uri}/tensors: {exc}"
+                ) from exc
+        log.debug("tensors committed at %.1fs", time.perf_counter() - started)
+        if quarantined:  # small rows: merged with delta-rs
+            import pyarrow as pa
+
+            quarantine_rows = pa.Table.from_pylist(
+                [
+                    {
+                        "source_uri": r["source_uri"],
+                        "content_sha256": r["image_id"],
+                        "source_bytes": r["source_bytes"],
+                        "stage": "preprocess",
+                        "error_class": r["error_class"],
+                        "error_message": r["error_message"],
+                        "run_id": run_id,
+                        "quarantined_at": now,
+                    }
+                    for r in quarantined
+                ],
+                schema=arrow_schema(QUARANTINE),
             )
             delta_rs.merge_insert_new(lakehouse_uri, QUARANTINE, quarantine_rows, settings)
+    except BaseException:
+        # files never committed are removed rather than left for VACUUM; after a commit attempt they
+        # stay (the commit may have landed even if it reported an error)
+        if not commit_attempted:
+            for f in written:
+                delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
+        raise
     finally:
-        result.unpersist()
         bc_files.unpersist()
         bc_ids.unpersist()
 
     summary.new = inserted
-    # rows another writer inserted between our read of the table and our MERGE are already present
-    summary.already_present = sum(1 for r in small if r.status == PRESENT) + (expected_new - inserted)
+    # keys another writer committed between our read of the table and our commit are already present
+    summary.already_present = sum(1 for r in small if r["status"] == PRESENT) + (expected_new - inserted)
+    summary.quarantined = len(quarantined)
     summary.duplicates = len(summary.duplicate_pairs)
-    summary.quarantined = n_quarantined
     summary.seconds = round(time.perf_counter() - started, 3)
     if not summary.reconciles:  # a bug, never an input problem: fail loudly rather than report wrong counts
         raise StorageError(f"counts do not reconcile: {summary.to_json()}")
     _write_summary(summary, settings)
     return summary
+
+
+def _without_rows(
+    lakehouse_uri: str,
+    small: list[dict[str, Any]],
+    late_dups: dict[str, str],
+    written: list[DataFile],
+    settings: Settings,
+) -> list[DataFile]:
+    """The workers' data files with no key twice, ready to commit to ``tensors``.
+
+    Rows to leave out: duplicates across partitions (``late_dups``) and keys another writer committed
+    after this run read the table. A file holding such rows is rewritten without them (rare: only
+    duplicate inputs or concurrent runs cause it). A key committed by another writer in the instant
+    between this re-read and the commit is the one window left (appends do not conflict in Delta).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lakehouse import delta_rs
+
+    current = frozenset(
+        delta_rs.open_table(lakehouse_uri, "tensors", settings)
+        .to_pyarrow_table(columns=["image_id"])
+        .column("image_id")
+        .to_pylist()
+    )
+    drop = sorted(
+        r["source_uri"]
+        for r in small
+        if r["status"] == NEW and (r["source_uri"] in late_dups or r["image_id"] in current)
+    )
+    dirty = {r["data_file"] for r in small if r["status"] == NEW and r["source_uri"] in set(drop)}
+    files = [f for f in written if f.path not in dirty]
+    for f in written:
+        if f.path in dirty:
+            table = delta_rs.read_data_file(lakehouse_uri, TENSORS, f.path, settings)
+            keep = table.filter(pc.invert(pc.is_in(table.column("source_uri"), value_set=pa.array(drop, pa.string()))))
+            if keep.num_rows:
+                files.append(delta_rs.write_data_file(lakehouse_uri, TENSORS, keep, settings, name_hint="part-cxr"))
+            delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
+    return files
 
 
 def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: Settings) -> None:
