@@ -210,6 +210,8 @@ def test_samples_are_deterministic(tmp_path: Path) -> None:
 
 
 def test_oversized_files_are_quarantined_before_reading(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
     import pyarrow as pa
 
     from lakehouse.config import load_settings
@@ -224,9 +226,24 @@ def test_oversized_files_are_quarantined_before_reading(tmp_path: Path) -> None:
     )
     rows = pa.Table.from_batches(
         list(
-            process_files([batch], known_files={}, known_ids=frozenset(), params=PreprocessParams(), settings=settings)
+            process_files(
+                [batch],
+                known_files={},
+                known_ids=frozenset(),
+                params=PreprocessParams(),
+                settings=settings,
+                lakehouse_uri=str(tmp_path / "lake"),
+                lineage={
+                    "preprocess_version": "t",
+                    "preprocess_params": "{}",
+                    "run_id": "r",
+                    "ingested_at": datetime.now(UTC),
+                },
+            )
         )
     ).to_pylist()
     assert [r["status"] for r in rows] == ["new", "quarantined"]
     assert rows[1]["error_class"] == "ImageTooLargeError" and "5000 bytes" in rows[1]["error_message"]
     assert rows[1]["decoded"] is False and rows[1]["image_id"] is None  # never read
+    assert rows[0]["data_file"] and (tmp_path / "lake" / "tensors" / rows[0]["data_file"]).is_file()
+    assert rows[1]["data_file"] is None
