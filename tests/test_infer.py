@@ -284,3 +284,40 @@ def test_resnet50_res512_on_224_tensors_upsamples_like_xrv(
     # every default pathology this model lacks is null, not zero
     lacking = set(PATHOLOGY_COLUMNS.values()) - {PATHOLOGY_COLUMNS[k] for k in model.targets if k in PATHOLOGY_COLUMNS}
     assert all(preds[t["image_id"]][c] is None for t in tensors for c in lacking)
+
+
+_FAULTS = """
+import ctypes, resource
+from inference.job import tune_allocator
+print(tune_allocator())
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def churn():
+    for _ in range(10):  # what a forward pass does: large blocks allocated, written, freed
+        p = libc.malloc(48 << 20)
+        ctypes.memset(p, 1, 48 << 20)
+        libc.free(p)
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning")
+def test_allocator_tuning_reuses_large_blocks_instead_of_faulting_fresh_pages() -> None:
+    """Large freed blocks stay on the heap (no fresh zero-filled pages per batch); off with CXR_MALLOC_TUNING=0."""
+    root = Path(__file__).resolve().parent.parent
+
+    def run(flag: str) -> tuple[str, int]:
+        env = {**os.environ, "CXR_MALLOC_TUNING": flag, "PYTHONPATH": str(root)}
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+        tuned, faults = out.stdout.split()
+        return tuned, int(faults)
+
+    tuned, faults_tuned = run("1")
+    untuned, faults_default = run("0")
+    assert (tuned, untuned) == ("True", "False")
+    assert faults_default >= 10 * 48 // 2  # a fresh mapping per block: at least a fault per 2 MiB huge page
+    assert faults_tuned < faults_default // 10, (faults_tuned, faults_default)
