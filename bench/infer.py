@@ -177,6 +177,9 @@ def main() -> None:
             tb = [max(r["bare"].values()) for r in tuned_refs[-2:]]
             per[graph][-1]["bare_tuned_allocator_img_s"] = round(sum(tb) / 2, 2)
             per[graph][-1]["ratio_vs_bare_tuned_allocator"] = round(marginal / (sum(tb) / 2), 3)
+            tp = sum(r["pattern"] for r in tuned_refs[-2:]) / 2
+            per[graph][-1]["process_batch_tuned_allocator_img_s"] = round(tp, 2)
+            per[graph][-1]["ratio_vs_process_batch_tuned_allocator"] = round(marginal / tp, 3)
             print(graph, json.dumps(per[graph][-1]), flush=True)
             prev = after
 
@@ -193,6 +196,9 @@ def main() -> None:
         "mean_ratio_vs_process_batch": {g: mean([r["ratio_vs_process_batch"] for r in rs]) for g, rs in per.items()},
         "mean_ratio_vs_bare_tuned_allocator": {
             g: mean([r["ratio_vs_bare_tuned_allocator"] for r in rs]) for g, rs in per.items()
+        },
+        "mean_ratio_vs_process_batch_tuned_allocator": {
+            g: mean([r["ratio_vs_process_batch_tuned_allocator"] for r in rs]) for g, rs in per.items()
         },
         "max_rss_ratio": {g: max(r["rss_ratio"] for r in rs) for g, rs in per.items()},
     }
