@@ -215,24 +215,16 @@ def read_bytes(uri: str, settings: Settings) -> bytes:
 
 
 def write_text(uri: str, text: str, settings: Settings, *, content_type: str = "text/plain") -> None:
-    """Write a small text object (a run summary, a report) to a folder or s3://."""
-    u = normalize_uri(uri)
-    if is_s3(u):
-        from botocore.exceptions import BotoCoreError, ClientError
+    """Write a small text object (a run summary, a report) to a folder or s3://.
 
-        bucket, key = split_s3(u)
-        try:
-            s3_client(settings).put_object(Bucket=bucket, Key=key, Body=text.encode(), ContentType=content_type)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"cannot write {u}: {exc}") from exc
-        return
-    p = Path(u)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
+    Raises:
+        StorageError: when the object cannot be written.
+    """
+    write_bytes(uri, text.encode(), settings, content_type=content_type)
 
 
-def write_bytes(uri: str, data: bytes, settings: Settings) -> None:
-    """Write one object (a Parquet data file) to a folder or s3://, creating folders as needed.
+def write_bytes(uri: str, data: bytes, settings: Settings, *, content_type: str | None = None) -> None:
+    """Write one object (a Parquet data file, a report) to a folder or s3://, creating folders as needed.
 
     Raises:
         StorageError: when the object cannot be written.
@@ -243,7 +235,8 @@ def write_bytes(uri: str, data: bytes, settings: Settings) -> None:
 
         bucket, key = split_s3(u)
         try:
-            s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data)
+            extra = {"ContentType": content_type} if content_type else {}
+            s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data, **extra)
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"cannot write {u}: {exc}") from exc
         return

@@ -427,17 +427,19 @@ def _without_rows(
         .column("image_id")
         .to_pylist()
     )
-    drop = sorted(
+    drop = {
         r["source_uri"]
         for r in small
         if r["status"] == NEW and (r["source_uri"] in late_dups or r["image_id"] in current)
-    )
-    dirty = {r["data_file"] for r in small if r["status"] == NEW and r["source_uri"] in set(drop)}
+    }
+    dirty = {r["data_file"] for r in small if r["status"] == NEW and r["source_uri"] in drop}
     files = [f for f in written if f.path not in dirty]
     for f in written:
         if f.path in dirty:
             table = delta_rs.read_data_file(lakehouse_uri, TENSORS, f.path, settings)
-            keep = table.filter(pc.invert(pc.is_in(table.column("source_uri"), value_set=pa.array(drop, pa.string()))))
+            keep = table.filter(
+                pc.invert(pc.is_in(table.column("source_uri"), value_set=pa.array(sorted(drop), pa.string())))
+            )
             if keep.num_rows:
                 files.append(delta_rs.write_data_file(lakehouse_uri, TENSORS, keep, settings, name_hint="part-cxr"))
             delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
