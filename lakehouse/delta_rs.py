@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.storage import delta_storage_options, table_uri
 from lakehouse.tables import TableSpec, arrow_schema
@@ -106,7 +107,7 @@ def write_data_file(
     rows: pa.Table,
     settings: Settings,
     *,
-    name_hint: str = "part-00000",
+    name_hint: str = "part-cxr",
     row_group_size: int = 64,
     compression_level: int = 3,
 ) -> DataFile:
@@ -123,8 +124,6 @@ def write_data_file(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lakehouse import storage
-
     table = rows.select(spec.column_names).cast(arrow_schema(spec))
     flat = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
     sink = pa.BufferOutputStream()
@@ -139,7 +138,7 @@ def write_data_file(
     )
     data = sink.getvalue().to_pybytes()
     rel = f"{name_hint}-{uuid.uuid4()}-c000.zstd.parquet"
-    storage.write_bytes(storage.join(table_uri(lakehouse_uri, spec.name), rel), data, settings)
+    storage.write_bytes(_data_file_uri(lakehouse_uri, spec, rel), data, settings)
     return DataFile(
         path=rel,
         size=len(data),
@@ -147,6 +146,11 @@ def write_data_file(
         num_records=table.num_rows,
         stats=delta_stats(table),
     )
+
+
+def _data_file_uri(lakehouse_uri: str, spec: TableSpec, path: str) -> str:
+    """Where a data file (``path`` relative to the table root, as the log records it) lives."""
+    return storage.join(table_uri(lakehouse_uri, spec.name), path)
 
 
 def delta_stats(table: pa.Table) -> str:
@@ -190,19 +194,16 @@ def read_data_file(lakehouse_uri: str, spec: TableSpec, path: str, settings: Set
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lakehouse import storage
-
-    data = storage.read_bytes(storage.join(table_uri(lakehouse_uri, spec.name), path), settings)
+    data = storage.read_bytes(_data_file_uri(lakehouse_uri, spec, path), settings)
     return pq.read_table(pa.BufferReader(data))
 
 
 def delete_data_file(lakehouse_uri: str, spec: TableSpec, path: str, settings: Settings) -> None:
     """Delete an uncommitted data file (best effort: an orphan is harmless and VACUUM removes it)."""
-    from lakehouse import storage
     from lakehouse.errors import StorageError
 
     try:
-        storage.delete(storage.join(table_uri(lakehouse_uri, spec.name), path), settings)
+        storage.delete(_data_file_uri(lakehouse_uri, spec, path), settings)
     except StorageError as exc:
         logging.getLogger(__name__).warning("left an uncommitted data file behind (VACUUM removes it): %s", exc)
 

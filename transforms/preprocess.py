@@ -135,7 +135,7 @@ def process_files(
         if not pending:
             return
         table = pa.Table.from_pylist([t for t, _ in pending], schema=tensor_schema)
-        written = delta_rs.write_data_file(lakehouse_uri, TENSORS, table, settings, name_hint="part-cxr")
+        written = delta_rs.write_data_file(lakehouse_uri, TENSORS, table, settings)
         for _, res in pending:
             res["data_file"] = written.path
         pending[0][1]["data_file_meta"] = json.dumps(asdict(written))
@@ -441,7 +441,7 @@ def _without_rows(
                 pc.invert(pc.is_in(table.column("source_uri"), value_set=pa.array(sorted(drop), pa.string())))
             )
             if keep.num_rows:
-                files.append(delta_rs.write_data_file(lakehouse_uri, TENSORS, keep, settings, name_hint="part-cxr"))
+                files.append(delta_rs.write_data_file(lakehouse_uri, TENSORS, keep, settings))
             delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
     return files
 
