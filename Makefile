@@ -49,7 +49,7 @@ $(CLASSPATH_FILE): jvm/pom.xml
 CDS_ARCHIVE := jvm/cxr-classes.jsa
 $(CDS_ARCHIVE): $(CLASSPATH_FILE) $(STAMP)
 	@echo "recording a JVM class-data-sharing archive (Spark starts seconds faster afterwards)"
-	@CXR_PSEUDONYM_KEY=setup $(PY) -c "from lakehouse.config import load_settings; from lakehouse.spark import record_cds_archive; print(record_cds_archive(load_settings()) or '(no archive made: Spark will start a little slower)')" 2>/dev/null \
+	@CXR_PSEUDONYM_KEY=setup $(PY) -c "from lakehouse.config import load_settings; from cxr.warmup import record_cds_archive; print(record_cds_archive(load_settings()) or '(no archive made: Spark will start a little slower)')" 2>/dev/null \
 	  || echo "(no archive made: Spark will start a little slower)"
 
 setup: $(STAMP) $(CLASSPATH_FILE) $(CDS_ARCHIVE) ## create .venv, install everything (locked), resolve the Spark jars with Maven

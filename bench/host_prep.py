@@ -23,7 +23,7 @@ def main() -> None:
     import pyarrow as pa
 
     from inference.job import _stacked_view
-    from transforms.tensor import decode_tensor
+    from lakehouse.tables import decode_tensor
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)

@@ -39,10 +39,10 @@ def build_table(lake: Path, rows: int) -> None:
 
     from lakehouse.config import load_settings
     from lakehouse.delta_rs import ensure_table
-    from lakehouse.tables import TENSORS, arrow_schema
+    from lakehouse.tables import TENSORS, arrow_schema, encode_tensor
     from transforms.decode import DecodedImage
     from transforms.sample import synthetic_cxr, to_uint
-    from transforms.tensor import PreprocessParams, encode_tensor, to_tensor
+    from transforms.tensor import PreprocessParams, to_tensor
 
     params = PreprocessParams()
     blobs = []

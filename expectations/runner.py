@@ -14,14 +14,12 @@ the table's suites in a throw-away GX file context in a temporary folder, and wr
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import mimetypes
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -205,37 +203,6 @@ def validate_lakehouse(
     )
     log.info("validation %s; Data Docs: %s", "passed" if report.success else "FAILED", report.data_docs_uri)
     return report
-
-
-def validate_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``cxr validate``: run the suites, print a summary, return 1 when any expectation failed.
-
-    Args:
-        args: parsed ``cxr validate`` arguments (lakehouse, table, run_id, model, max_quarantine_share, json).
-        settings: loaded settings (``lakehouse_uri`` is used when ``--lakehouse`` is absent).
-
-    Returns:
-        0 when every expectation passed, 1 otherwise.
-
-    Raises:
-        CxrError: when no lakehouse is given or a requested table is missing.
-    """
-    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
-    if not lakehouse_uri:
-        raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
-    report = validate_lakehouse(
-        lakehouse_uri,
-        settings=settings,
-        tables=args.table,
-        run_id=args.run_id,
-        models=args.model,
-        max_quarantine_share=args.max_quarantine_share,
-    )
-    if args.json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    else:
-        _print_summary(report)
-    return 0 if report.success else 1
 
 
 # --- frames -----------------------------------------------------------------------------------------
@@ -490,38 +457,3 @@ def _seed_history(history_uri: str, store: Path, settings: Settings, *, skip: se
         target = store / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-
-
-# --- terminal summary -------------------------------------------------------------------------------
-def _print_summary(report: ValidationReport) -> None:
-    """A rich table (table, rows, expectations passed / failed), then each failing expectation with examples."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console(soft_wrap=True)
-    table = Table(title=f"validation of {report.lakehouse_uri}")
-    for col in ("table", "suites", "rows", "passed", "failed"):
-        table.add_column(col)
-    for name, t in report.tables.items():
-        colour = "green" if t.success else "red"
-        table.add_row(f"[{colour}]{name}[/]", ", ".join(t.suites), str(t.rows), str(t.passed), str(t.failed_count))
-    console.print(table)
-    for name, t in report.tables.items():
-        for f in t.failed:
-            detail = f.error or ", ".join(_short(x) for x in f.examples[:3])
-            count = f" ({f.unexpected_count} unexpected)" if f.unexpected_count is not None else ""
-            line = f"{name} / {f.suite}: {f.label()}{count}" + (f": {detail}" if detail else "")
-            console.print(f"[red]FAILED[/] {escape(line)}")
-    verdict = "[green]all expectations passed[/]" if report.success else "[red]validation FAILED[/]"
-    console.print(f"{verdict}; Data Docs: {escape(report.data_docs_uri)}")
-
-
-def _short(value: Any) -> str:
-    """A compact rendering of an unexpected value or row identifier (hashes shortened)."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={_short(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    text = str(value)
-    return text[:12] + "…" if len(text) > 16 else text

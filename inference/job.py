@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from inference.weights import ResolvedWeights, resolve_weights, upstream_url
-from lakehouse.config import Settings
+from lakehouse.config import Settings, load_settings
 from lakehouse.errors import CxrError, WeightsNotFoundError
-from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, arrow_schema
+from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, UNTRAINED_SUFFIX, arrow_schema, decode_tensor
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 #: eager PyTorch, a frozen TorchScript graph (default on CPU), or ONNX Runtime (opt-in, CPU)
 GraphMode = Literal["auto", "eager", "frozen", "onnx"]
-UNTRAINED_SUFFIX = "+untrained-random-init"
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,6 @@ class Predictor:
         (converted to float32 on the GPU: half the copy, and no per-image work on the host)."""
         import torch
 
-        from transforms.tensor import decode_tensor
-
         arr = _stacked_view(tensors, dtypes, shapes)
         if arr is None:  # mixed dtypes or shapes: one image at a time
             arr = np.stack([decode_tensor(t, d, s) for t, d, s in zip(_as_bytes(tensors), dtypes, shapes, strict=True)])
@@ -236,7 +233,7 @@ def tune_allocator() -> bool:
     import ctypes
     import sys
 
-    if os.environ.get("CXR_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    if not load_settings().inference.malloc_tuning or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -276,7 +273,7 @@ def run_infer(
     from deltalake.exceptions import TableNotFoundError
 
     from lakehouse import delta_rs
-    from transforms.preprocess import new_run_id
+    from lakehouse.runs import new_run_id
 
     started = time.perf_counter()
     malloc_tuned = tune_allocator()
@@ -421,7 +418,7 @@ def _onnx_session(model: Any, *, weights_sha256: str, threads: int | None = None
     except ImportError as exc:
         raise CxrError("--graph onnx needs onnxruntime: pip install 'cxr-lakehouse[onnx]'") from exc
     opset = 18
-    cache = Path(os.environ.get("CXR_ONNX_CACHE") or Path.home() / ".cache" / "cxr" / "onnx")
+    cache = Path(load_settings().inference.onnx_cache or Path.home() / ".cache" / "cxr" / "onnx")
     cache.mkdir(parents=True, exist_ok=True)
     key = (
         f"{weights_sha256.replace(':', '_')}-torch{torch.__version__.replace('+', '_')}-ort{ort.__version__}-op{opset}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import zipfile
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lakehouse.config import Settings
+from lakehouse.config import Settings, load_settings
 from lakehouse.errors import CxrError, WeightsNotFoundError
 from lakehouse.storage import is_s3, read_bytes
 
@@ -85,9 +84,7 @@ def pinned_sha256(model_id: str, pinned: dict[str, str] | None = None) -> str | 
     """The pinned hash of a weights name: ``pinned`` first, then ``CXR_WEIGHTS_SHA256_<NAME>``."""
     if pinned and model_id in pinned:
         return pinned[model_id].lower()
-    env = "CXR_WEIGHTS_SHA256_" + "".join(ch if ch.isalnum() else "_" for ch in model_id).upper()
-    value = os.environ.get(env)
-    return value.lower() if value else None
+    return load_settings().weights_sha256_for(model_id)
 
 
 def verify(path: Path, model_id: str, *, pinned: dict[str, str] | None = None) -> str:
@@ -196,7 +193,7 @@ def resolve_weights(
     if not allow_download:
         raise WeightsNotFoundError(_not_found(model_id, tried, filename))
     url = upstream_url(model_id)
-    base = os.environ.get("CXR_WEIGHTS_BASE_URL")
+    base = settings.inference.weights_base_url
     if base:
         url = f"{base.rstrip('/')}/{filename}"
     log.info("downloading %s weights from %s", model_id, url)

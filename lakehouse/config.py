@@ -1,23 +1,27 @@
 """Settings: one switch (``CXR_PROFILE=local|aws``) picks the whole set of defaults.
 
-Defaults are committed here; secrets (the pseudonym key, AWS credentials) come only from the
-environment. CLI flags override environment variables, which override the profile defaults.
+Every ``CXR_*`` variable the project reads is read here, once per process, and nowhere else: the table
+:data:`VARIABLES` names each one, the setting it fills and its default. Defaults are committed here;
+secrets (the pseudonym key, AWS credentials) come only from the environment. CLI flags override
+environment variables, which override the profile defaults. ``cxr config`` prints the effective settings
+and where each value came from.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
 from lakehouse.errors import ConfigError
+from lakehouse.tables import ResizeEngine, TensorDtype
 
 log = logging.getLogger(__name__)
 
 Profile = Literal["local", "aws"]
-ResizeEngine = Literal["cv2", "skimage"]
-TensorDtype = Literal["float16", "float32"]
+Source = Literal["flag", "env", "profile", "default"]
 
 #: Built-in pseudonym key for demos and tests only. Pseudonyms made with it are not secret.
 DEV_PSEUDONYM_KEY = "cxr-dev-key-not-secret"
@@ -36,6 +40,63 @@ _PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
         "spark_master": "",
     },
 }
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """The local Spark session (under spark-submit on EMR, spark-submit's own options win)."""
+
+    driver_memory: str = "4g"
+    ui: bool = False
+    shuffle_partitions: int = 8
+    #: Delta rebuilds table state after each commit with this many partitions (default 50 costs seconds).
+    delta_snapshot_partitions: int = 2
+    #: log4j2 level of the Spark JVM (WARN keeps the terminal readable; logs of `cxr run` go to files).
+    log_level: str = "WARN"
+    #: driver JVM options replacing the defaults (C1 JIT, the class-data-sharing archive); empty = defaults.
+    java_opts: str = ""
+    #: the file listing the resolved Delta/S3A jars; empty = jvm/classpath.txt (written by `make setup`).
+    classpath_file: str = ""
+
+
+@dataclass(frozen=True)
+class AirflowSettings:
+    """What the DAG and its operators read at parse time."""
+
+    retry_delay_s: int = 60
+    poke_interval_s: int = 60
+    #: the new-images sensor gives up (the run is skipped) after this long.
+    wait_timeout_s: int = 6 * 3600
+    #: how the local profile runs inference: in its container (docker), as a process, or docker when a
+    #: Docker daemon socket is present (auto).
+    infer_runner: Literal["auto", "docker", "process"] = "auto"
+    infer_image: str = "cxr-infer:latest"
+    #: host folder bind-mounted at the same path into the inference container (a folder lakehouse).
+    docker_mount: str = ""
+    #: the ``cxr`` executable tasks call; empty = the one beside this Python.
+    cli: str = ""
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """The aws profile's services."""
+
+    emr_mode: Literal["serverless", "cluster"] = "serverless"
+    ecs_launch_type: str = "FARGATE"
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The inference job."""
+
+    #: glibc allocator tuning in the inference process (see docs/benchmarks.md); False to disable.
+    malloc_tuning: bool = True
+    #: where `--graph onnx` keeps its exported models; empty = ~/.cache/cxr/onnx.
+    onnx_cache: str = ""
+    #: a mirror of xrv's weights release (air-gapped download); empty = GitHub.
+    weights_base_url: str = ""
+    #: pinned sha256 per model id (``CXR_WEIGHTS_SHA256_<MODEL>``), checked after a download.
+    weights_sha256: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,15 +123,33 @@ class Settings:
     files_per_task: int = 256
     #: validation fails when a preprocessing run quarantined more than this share of its inputs.
     max_quarantine_share: float = 0.05
+    spark: SparkSettings = field(default_factory=SparkSettings)
+    airflow: AirflowSettings = field(default_factory=AirflowSettings)
+    aws: AwsSettings = field(default_factory=AwsSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    #: where each value came from, by dotted setting name ("flag", "env", "profile", "default").
+    sources: Mapping[str, Source] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def uses_dev_key(self) -> bool:
         """True when pseudonyms are made with the built-in, non-secret key."""
         return self.pseudonym_key == DEV_PSEUDONYM_KEY
 
+    def source(self, name: str) -> Source:
+        """Where the setting ``name`` (dotted for sub-settings, e.g. ``spark.log_level``) came from."""
+        return self.sources.get(name, "default")
+
+    def weights_sha256_for(self, model_id: str) -> str | None:
+        """The sha256 pinned for ``model_id`` through the environment, or None."""
+        return dict(self.inference.weights_sha256).get(
+            weights_sha_variable(model_id)[len(WEIGHTS_SHA_PREFIX) :].lower()
+        )
+
     def with_overrides(self, **overrides: object) -> Settings:
-        """Return a validated copy with the non-None overrides applied (CLI flags)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()  # type: ignore[arg-type]
+        """Return a validated copy with the non-None overrides applied (CLI flags; top-level settings)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        sources = {**self.sources, **dict.fromkeys(given, "flag")}
+        return replace(self, **given, sources=sources).validate()  # type: ignore[arg-type]
 
     def validate(self) -> Settings:
         """Check value ranges; return self.
@@ -86,69 +165,192 @@ class Settings:
             raise ConfigError(f"files per task must be at least 1 (got {self.files_per_task})")
         if not 0.0 <= self.max_quarantine_share <= 1.0:
             raise ConfigError(f"max quarantine share must be within [0, 1] (got {self.max_quarantine_share})")
+        for name in ("retry_delay_s", "poke_interval_s", "wait_timeout_s"):
+            if getattr(self.airflow, name) < 0:
+                raise ConfigError(f"airflow {name} must be 0 or more (got {getattr(self.airflow, name)})")
+        if self.spark.shuffle_partitions < 1 or self.spark.delta_snapshot_partitions < 1:
+            raise ConfigError("Spark shuffle and Delta snapshot partitions must be at least 1")
         return self
 
 
-def _int_env(env: dict[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+# --- the variables ------------------------------------------------------------------------------------
+def _int(name: str, raw: str) -> int:
     try:
         return int(raw.replace("_", ""))
     except ValueError as exc:
         raise ConfigError(f"{name}={raw!r} is not an integer") from exc
 
 
-def _float_env(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+def _float(name: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError as exc:
         raise ConfigError(f"{name}={raw!r} is not a number") from exc
 
 
-def load_settings(env: dict[str, str] | None = None) -> Settings:
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true/false (or 1/0)")
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in allowed:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+        return raw
+
+    return parse
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: the setting it fills (dotted for sub-settings) and how it is parsed."""
+
+    env: str
+    setting: str
+    parse: Callable[[str, str], Any] = _text
+    #: other variables read when ``env`` is absent (e.g. AWS's own names), in order.
+    fallbacks: tuple[str, ...] = ()
+    secret: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("CXR_INPUT_URI", "input_uri"),
+    Variable("CXR_LAKEHOUSE_URI", "lakehouse_uri"),
+    Variable("CXR_SPARK_MASTER", "spark_master"),
+    Variable("CXR_S3_ENDPOINT_URL", "s3_endpoint_url", fallbacks=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+    Variable("AWS_REGION", "s3_region", fallbacks=("AWS_DEFAULT_REGION",)),
+    Variable("CXR_PSEUDONYM_KEY", "pseudonym_key", secret=True),
+    Variable("CXR_RESIZE_SIZE", "resize_size", _int),
+    Variable("CXR_RESIZE_ENGINE", "resize_engine", _choice("cv2", "skimage")),
+    Variable("CXR_TENSOR_DTYPE", "tensor_dtype", _choice("float16", "float32")),
+    Variable("CXR_MAX_PIXELS", "max_pixels", _int),
+    Variable("CXR_MAX_FILE_BYTES", "max_file_bytes", _int),
+    Variable("CXR_FILES_PER_TASK", "files_per_task", _int),
+    Variable("CXR_MAX_QUARANTINE_SHARE", "max_quarantine_share", _float),
+    Variable("CXR_SPARK_DRIVER_MEMORY", "spark.driver_memory"),
+    Variable("CXR_SPARK_UI", "spark.ui", _bool),
+    Variable("CXR_SHUFFLE_PARTITIONS", "spark.shuffle_partitions", _int),
+    Variable("CXR_DELTA_SNAPSHOT_PARTITIONS", "spark.delta_snapshot_partitions", _int),
+    Variable(
+        "CXR_SPARK_LOG_LEVEL", "spark.log_level", _choice("ALL", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "OFF")
+    ),
+    Variable("CXR_SPARK_JAVA_OPTS", "spark.java_opts"),
+    Variable("CXR_SPARK_CLASSPATH_FILE", "spark.classpath_file"),
+    Variable("CXR_RETRY_DELAY_S", "airflow.retry_delay_s", _int),
+    Variable("CXR_POKE_INTERVAL_S", "airflow.poke_interval_s", _int),
+    Variable("CXR_WAIT_TIMEOUT_S", "airflow.wait_timeout_s", _int),
+    Variable("CXR_INFER_RUNNER", "airflow.infer_runner", _choice("auto", "docker", "process")),
+    Variable("CXR_INFER_IMAGE", "airflow.infer_image"),
+    Variable("CXR_DOCKER_MOUNT", "airflow.docker_mount"),
+    Variable("CXR_CLI", "airflow.cli"),
+    Variable("CXR_EMR_MODE", "aws.emr_mode", _choice("serverless", "cluster")),
+    Variable("CXR_ECS_LAUNCH_TYPE", "aws.ecs_launch_type", _choice("FARGATE", "EC2", "EXTERNAL")),
+    Variable("CXR_MALLOC_TUNING", "inference.malloc_tuning", _bool),
+    Variable("CXR_ONNX_CACHE", "inference.onnx_cache"),
+    Variable("CXR_WEIGHTS_BASE_URL", "inference.weights_base_url"),
+)
+#: ``CXR_WEIGHTS_SHA256_<MODEL>`` (model id upper-cased, non-alphanumerics as ``_``) pins a weights hash.
+WEIGHTS_SHA_PREFIX = "CXR_WEIGHTS_SHA256_"
+_SUB = {"spark": SparkSettings, "airflow": AirflowSettings, "aws": AwsSettings, "inference": InferenceSettings}
+
+
+def weights_sha_variable(model_id: str) -> str:
+    """The environment variable that pins ``model_id``'s weights sha256."""
+    return WEIGHTS_SHA_PREFIX + "".join(ch if ch.isalnum() else "_" for ch in model_id).upper()
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from the environment.
 
     Args:
         env: the environment to read; ``os.environ`` when None.
 
     Returns:
-        The resolved settings.
+        The resolved settings, each value's source in ``Settings.sources``.
 
     Raises:
         ConfigError: on an unknown profile or a malformed value.
     """
     e = dict(os.environ if env is None else env)
-    profile = e.get("CXR_PROFILE", "local")
+    profile = e.get("CXR_PROFILE") or "local"
     if profile not in _PROFILE_DEFAULTS:
         raise ConfigError(f"CXR_PROFILE={profile!r}: expected one of {sorted(_PROFILE_DEFAULTS)}")
-    d = _PROFILE_DEFAULTS[profile]
-    engine = e.get("CXR_RESIZE_ENGINE", "cv2")
-    if engine not in ("cv2", "skimage"):
-        raise ConfigError(f"CXR_RESIZE_ENGINE={engine!r}: expected 'cv2' or 'skimage'")
-    dtype = e.get("CXR_TENSOR_DTYPE", "float16")
-    if dtype not in ("float16", "float32"):
-        raise ConfigError(f"CXR_TENSOR_DTYPE={dtype!r}: expected 'float16' or 'float32'")
-    settings = Settings(
-        profile=profile,  # type: ignore[arg-type]
-        input_uri=e.get("CXR_INPUT_URI", d["input_uri"]),
-        lakehouse_uri=e.get("CXR_LAKEHOUSE_URI", d["lakehouse_uri"]),
-        spark_master=e.get("CXR_SPARK_MASTER", d["spark_master"]),
-        s3_endpoint_url=e.get("CXR_S3_ENDPOINT_URL", e.get("AWS_ENDPOINT_URL_S3", e.get("AWS_ENDPOINT_URL", ""))),
-        s3_region=e.get("AWS_REGION", e.get("AWS_DEFAULT_REGION", "us-east-1")),
-        pseudonym_key=e.get("CXR_PSEUDONYM_KEY") or DEV_PSEUDONYM_KEY,
-        resize_size=_int_env(e, "CXR_RESIZE_SIZE", 224),
-        resize_engine=engine,  # type: ignore[arg-type]
-        tensor_dtype=dtype,  # type: ignore[arg-type]
-        max_pixels=_int_env(e, "CXR_MAX_PIXELS", 64_000_000),
-        files_per_task=_int_env(e, "CXR_FILES_PER_TASK", 256),
-        max_file_bytes=_int_env(e, "CXR_MAX_FILE_BYTES", 1 << 30),
-        max_quarantine_share=_float_env(e, "CXR_MAX_QUARANTINE_SHARE", 0.05),
+    top: dict[str, Any] = dict(_PROFILE_DEFAULTS[profile])
+    sources: dict[str, Source] = {"profile": "env" if e.get("CXR_PROFILE") else "default"}
+    sources.update(dict.fromkeys(top, "profile"))
+    sub: dict[str, dict[str, Any]] = {name: {} for name in _SUB}
+    for var in VARIABLES:
+        name, raw = next(((n, e[n]) for n in (var.env, *var.fallbacks) if e.get(n)), (var.env, None))
+        if raw is None:
+            continue
+        group, _, attr = var.setting.rpartition(".")
+        (sub[group] if group else top)[attr] = var.parse(name, raw)
+        sources[var.setting] = "env"
+    pins = tuple(
+        sorted(
+            (k[len(WEIGHTS_SHA_PREFIX) :].lower(), v.strip().lower())
+            for k, v in e.items()
+            if k.startswith(WEIGHTS_SHA_PREFIX) and v.strip()
+        )
     )
-    return settings.validate()
+    if pins:
+        sub["inference"]["weights_sha256"] = pins
+        sources["inference.weights_sha256"] = "env"
+    parts = {name: cls(**sub[name]) for name, cls in _SUB.items()}
+    return Settings(profile=profile, **top, **parts, sources=sources).validate()  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    """One line of ``cxr config``."""
+
+    name: str
+    value: str
+    source: Source
+    env: str
+
+
+def describe(settings: Settings) -> list[SettingRow]:
+    """Every setting with its effective value (secrets masked), its source and its variable.
+
+    Args:
+        settings: resolved settings (``load_settings()``, with any flags applied).
+
+    Returns:
+        One row per setting, top-level first, then the Spark, Airflow, AWS and inference groups.
+    """
+    by_setting = {v.setting: v for v in VARIABLES}
+    rows = [SettingRow("profile", settings.profile, settings.source("profile"), "CXR_PROFILE")]
+
+    def add(prefix: str, obj: object) -> None:
+        for f in fields(obj):  # type: ignore[arg-type]
+            if f.name in ("profile", "sources") or f.name in _SUB and not prefix:
+                continue
+            dotted = f"{prefix}{f.name}"
+            var = by_setting.get(dotted)
+            value = getattr(obj, f.name)
+            if dotted == "pseudonym_key":
+                shown = "(built-in development key: NOT secret)" if settings.uses_dev_key else "****** (set)"
+            elif dotted == "inference.weights_sha256":
+                shown = ", ".join(f"{m}={h[:12]}…" for m, h in value) or "(none)"
+            else:
+                shown = str(value) if value != "" else "(empty)"
+            env = var.env if var else (f"{WEIGHTS_SHA_PREFIX}<MODEL>" if dotted == "inference.weights_sha256" else "")
+            rows.append(SettingRow(dotted, shown, settings.source(dotted), env))
+
+    add("", settings)
+    for group in _SUB:
+        add(f"{group}.", getattr(settings, group))
+    return rows
 
 
 def warn_if_dev_key(settings: Settings) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from lakehouse import storage
@@ -15,6 +17,11 @@ from lakehouse.errors import StorageError
 log = logging.getLogger(__name__)
 
 RunKind = Literal["preprocess", "infer"]
+
+
+def new_run_id(prefix: str = "pre") -> str:
+    """A sortable, unique run id (``pre-20261130T221000Z-1a2b3c``)."""
+    return f"{prefix}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,13 @@ def _artifact_id(jar: Path) -> str:
     return jar.stem
 
 
-def local_jars(classpath_file: Path = CLASSPATH_FILE) -> list[str] | None:
+def local_jars(settings: Settings) -> list[str] | None:
     """The resolved jars Spark itself lacks, or None when ``make setup`` has not resolved them.
 
     Jars whose artifact Spark already ships (jackson, parquet, hadoop-client, scala-library, ...) are
     left out so Spark's own versions win.
     """
-    path = Path(os.environ.get("CXR_SPARK_CLASSPATH_FILE", classpath_file))
+    path = Path(settings.spark.classpath_file or CLASSPATH_FILE)
     if not path.is_file():
         return None
     import pyspark
@@ -136,22 +136,19 @@ def get_spark(settings: Settings, *, app_name: str = "cxr") -> SparkSession:
     builder = (
         SparkSession.builder.appName(app_name)
         .master(settings.spark_master or "local[*]")
-        .config("spark.driver.memory", os.environ.get("CXR_SPARK_DRIVER_MEMORY", "4g"))
-        .config("spark.ui.enabled", os.environ.get("CXR_SPARK_UI", "false"))
+        .config("spark.driver.memory", settings.spark.driver_memory)
+        .config("spark.ui.enabled", str(settings.spark.ui).lower())
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", os.environ.get("CXR_SHUFFLE_PARTITIONS", "8"))
+        .config("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
         .config("spark.python.worker.reuse", "true")
         # Delta rebuilds table state after each commit with this many shuffle partitions (default 50:
         # seconds of task overhead on a laptop for a log of a few files).
-        .config("spark.databricks.delta.snapshotPartitions", os.environ.get("CXR_DELTA_SNAPSHOT_PARTITIONS", "2"))
-        .config(
-            "spark.driver.extraJavaOptions",
-            _java_options(),
-        )
+        .config("spark.databricks.delta.snapshotPartitions", str(settings.spark.delta_snapshot_partitions))
+        .config("spark.driver.extraJavaOptions", _java_options(settings))
     )
     for k, v in conf.items():
         builder = builder.config(k, v)
-    jars = local_jars()
+    jars = local_jars(settings)
     if jars is not None:
         if (settings.spark_master or "local").startswith("local"):
             # one JVM: put the jars on its class path (seconds faster than shipping them with spark.jars)
@@ -168,18 +165,18 @@ def get_spark(settings: Settings, *, app_name: str = "cxr") -> SparkSession:
         )
         builder = configure_spark_with_delta_pip(builder, extra_packages=[HADOOP_AWS_PACKAGE])
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("CXR_SPARK_LOG_LEVEL", "WARN"))
+    spark.sparkContext.setLogLevel(settings.spark.log_level)
     return spark
 
 
-def _java_options() -> str:
+def _java_options(settings: Settings) -> str:
     """JVM options of a local session: quick start-up (C1 JIT, class-data-sharing archive when made).
 
     The heavy lifting of the job runs in Python workers and native code, so the C2 compiler's peak
     speed matters less than start-up on short jobs. ``CXR_SPARK_JAVA_OPTS`` replaces these options.
     """
-    if "CXR_SPARK_JAVA_OPTS" in os.environ:
-        return os.environ["CXR_SPARK_JAVA_OPTS"]
+    if settings.spark.java_opts:
+        return settings.spark.java_opts
     opts = ["-XX:TieredStopAtLevel=1", "-XX:+UseParallelGC"]
     if CDS_ARCHIVE.is_file():
         opts += [f"-XX:SharedArchiveFile={CDS_ARCHIVE}", "-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
@@ -231,7 +228,7 @@ def spark_submit_options(settings: Settings) -> dict[str, Any]:
     """
     master = settings.spark_master or "local[*]"
     opts: dict[str, Any] = {"master": master}
-    jars = local_jars()
+    jars = local_jars(settings)
     if jars is None:
         opts["packages"] = f"io.delta:delta-spark_4.1_2.13:{DELTA_VERSION},{HADOOP_AWS_PACKAGE}"
     elif master.startswith("local"):
@@ -240,7 +237,7 @@ def spark_submit_options(settings: Settings) -> dict[str, Any]:
         opts["jars"] = ",".join(jars)
     opts["conf"] = {
         **spark_conf(settings),
-        "spark.databricks.delta.snapshotPartitions": os.environ.get("CXR_DELTA_SNAPSHOT_PARTITIONS", "2"),
+        "spark.databricks.delta.snapshotPartitions": str(settings.spark.delta_snapshot_partitions),
         "spark.pyspark.python": sys.executable,
     }
     return opts
@@ -263,45 +260,3 @@ def spark_submit_env() -> dict[str, str]:
     import pyspark
 
     return {"SPARK_HOME": str(Path(pyspark.__file__).parent), "PYSPARK_PYTHON": sys.executable}
-
-
-def record_cds_archive(settings: Settings) -> Path | None:
-    """Run a small representative job with class recording on, and install the JVM's archive.
-
-    The JVM writes the archive while exiting, after Python has let go of it: this waits for the JVM
-    process to end and then moves the archive into place atomically, so no session ever maps a
-    half-written file. Used by ``make setup``.
-
-    Returns:
-        The archive's path, or None when the JVM did not write one.
-    """
-    import tempfile
-
-    from transforms.preprocess import run_preprocess
-    from transforms.sample import write_samples
-
-    tmp = Path(tempfile.mkdtemp(prefix="cxr-cds-"))
-    partial = tmp / "classes.jsa"
-    os.environ["CXR_SPARK_JAVA_OPTS"] = (
-        f"-XX:TieredStopAtLevel=1 -XX:+UseParallelGC -XX:ArchiveClassesAtExit={partial} -Xlog:cds=off -Xlog:cds+dynamic=off"
-    )
-    try:
-        write_samples(tmp / "in", count=6, include_invalid=True)
-        spark = get_spark(settings, app_name="cxr-record-classes")
-        proc = spark.sparkContext._gateway.proc  # type: ignore[attr-defined,union-attr]
-        run_preprocess(str(tmp / "in"), str(tmp / "lake"), settings=settings, spark=spark, progress=False)
-        run_preprocess(str(tmp / "in"), str(tmp / "lake"), settings=settings, spark=spark, progress=False)
-        spark.stop()
-        spark.sparkContext._gateway.shutdown()  # type: ignore[attr-defined,union-attr]
-        if proc is not None:
-            proc.stdin.close()  # the JVM exits when its stdin closes, and dumps the archive
-            proc.wait(timeout=300)
-        if not partial.is_file():
-            return None
-        partial.replace(CDS_ARCHIVE)
-        return CDS_ARCHIVE
-    finally:
-        del os.environ["CXR_SPARK_JAVA_OPTS"]
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)

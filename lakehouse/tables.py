@@ -1,5 +1,6 @@
-"""Table contracts: columns, keys and Delta table properties of ``tensors``, ``quarantine`` (and later
-``predictions``), defined once and rendered as Arrow (delta-rs, DuckDB) or Spark schemas.
+"""Table contracts: columns, keys and Delta table properties of ``tensors``, ``quarantine`` and
+``predictions``, defined once and rendered as Arrow (delta-rs, DuckDB), Spark, Athena DDL and GX column
+checks; and the tensor byte format every stage reads and writes (:func:`encode_tensor` / :func:`decode_tensor`).
 
 Tables stay readable by Athena engine v3 and by delta-rs: reader version 1, writer version 2, no
 deletion vectors, no column mapping, no VARIANT, no TIMESTAMP_NTZ (a test checks the protocol).
@@ -8,10 +9,20 @@ deletion vectors, no column mapping, no VARIANT, no TIMESTAMP_NTZ (a test checks
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
     import pyarrow as pa
+
+#: how a tensor's values are stored (``tensors.tensor_dtype``)
+TensorDtype = Literal["float16", "float32"]
+#: the resize implementation (``xrv.datasets.XRayResizer(engine=...)``)
+ResizeEngine = Literal["cv2", "skimage"]
+_NUMPY_DTYPE = {"float16": "<f2", "float32": "<f4"}
+
+#: appended to a model id whose predictions come from a random-init stand-in (no weights): marked in every row
+UNTRAINED_SUFFIX = "+untrained-random-init"
 
 
 @dataclass(frozen=True)
@@ -186,3 +197,18 @@ def arrow_schema(spec: TableSpec) -> pa.Schema:
             for c in spec.columns
         ]
     )
+
+
+# --- the tensor byte format -----------------------------------------------------------------------------
+def encode_tensor(tensor: np.ndarray, dtype: TensorDtype) -> bytes:
+    """C-order little-endian bytes of the tensor in the storage dtype (``tensors.tensor``)."""
+    import numpy as np
+
+    return np.ascontiguousarray(tensor, dtype=_NUMPY_DTYPE[dtype]).tobytes()
+
+
+def decode_tensor(blob: bytes, dtype: str, shape: list[int] | tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`encode_tensor`, as float32."""
+    import numpy as np
+
+    return np.frombuffer(blob, dtype=_NUMPY_DTYPE[dtype]).reshape(tuple(shape)).astype(np.float32)

@@ -248,8 +248,8 @@ def test_new_images_sensor_counts_only_unseen_files(tmp_path: Path, settings: Se
     """Files already stored, quarantined, or found to duplicate another file are not new."""
     import pyarrow as pa
 
+    from cxr.tasks import new_images_waiting
     from lakehouse.delta_rs import ensure_table, merge_insert_new
-    from lakehouse.orchestration import new_images_waiting
     from lakehouse.tables import QUARANTINE, arrow_schema
     from tests.conftest import write_tensors_table
     from transforms.sample import write_samples

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from lakehouse.errors import ImageTooLargeError, InputError, PixelRangeError
+from lakehouse.tables import decode_tensor
 from tests.xrv_reference import xrv_reference
 from transforms.decode import decode, pseudonymize, sniff_format
 from transforms.sample import INVALID_KINDS, VALID_KINDS, dicom_bytes, png_bytes
-from transforms.tensor import PreprocessParams, center_crop, decode_tensor, normalize, preprocess_bytes, resize
+from transforms.tensor import PreprocessParams, center_crop, normalize, preprocess_bytes, resize
 
 KEY = "unit-test-key"
 

@@ -14,8 +14,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from cxr.cli import main
 from expectations import frames
-from lakehouse.cli import main
 from lakehouse.config import Settings
 from tests.conftest import MODEL, make_bucket, upload_dir
 

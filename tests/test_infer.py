@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.job import UNTRAINED_SUFFIX, Shard, run_infer
+from inference.job import Shard, run_infer
 from lakehouse.config import Settings
 from lakehouse.delta_rs import read_arrow
 from lakehouse.errors import WeightsNotFoundError
-from lakehouse.tables import PATHOLOGY_COLUMNS
+from lakehouse.tables import PATHOLOGY_COLUMNS, UNTRAINED_SUFFIX, decode_tensor
 from tests.conftest import MODEL, write_tensors_table
 from transforms.sample import VALID_KINDS, write_samples
-from transforms.tensor import decode_tensor
 
 
 @pytest.fixture(scope="module")

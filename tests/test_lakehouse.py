@@ -76,7 +76,7 @@ def test_jar_resolution_prefers_local_maven_and_falls_back_to_delta_pip(
 ) -> None:
     from lakehouse import spark as sp
 
-    jars = sp.local_jars()
+    jars = sp.local_jars(load_settings({}))
     assert jars is not None, "run `make setup`: jvm/classpath.txt is missing"
     names = {Path(j).name for j in jars}
     assert any(n.startswith("delta-spark_4.1_2.13-") for n in names) and any(
@@ -85,9 +85,9 @@ def test_jar_resolution_prefers_local_maven_and_falls_back_to_delta_pip(
     assert not any(
         n.startswith(("jackson-databind", "scala-library", "hadoop-client-api")) for n in names
     )  # Spark's own win
-    monkeypatch.setenv("CXR_SPARK_CLASSPATH_FILE", str(tmp_path / "missing.txt"))
-    assert sp.local_jars() is None
-    args = sp.spark_submit_args(load_settings({}))
+    missing = load_settings({"CXR_SPARK_CLASSPATH_FILE": str(tmp_path / "missing.txt")})
+    assert sp.local_jars(missing) is None
+    args = sp.spark_submit_args(missing)
     assert (
         args[args.index("--packages") + 1]
         == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"

@@ -41,7 +41,7 @@ def test_notebook_goes_through_the_package() -> None:
     source = "\n".join(c.source for c in _read().cells if c.cell_type == "code")
     for forbidden in ("import duckdb", "deltalake", "boto3", "matplotlib", "pyarrow.dataset", "DeltaTable"):
         assert forbidden not in source
-    for used in ("lakehouse.sql import", "run_saved(", "read_arrow(", "decode_tensor(", "read_bytes("):
+    for used in ("cxr.sql import", "run_saved(", "read_arrow(", "decode_tensor(", "read_bytes("):
         assert used in source
 
 

@@ -12,11 +12,12 @@ import pytest
 
 from lakehouse.config import Settings
 from lakehouse.delta_rs import open_table, read_arrow
+from lakehouse.tables import decode_tensor
 from tests.conftest import TEST_KEY, make_bucket, upload_dir
 from transforms.decode import pseudonymize
 from transforms.preprocess import Summary, run_preprocess
 from transforms.sample import INVALID_KINDS, VALID_KINDS, Identity, dicom_bytes, png_bytes, synthetic_cxr, to_uint
-from transforms.tensor import PreprocessParams, decode_tensor, preprocess_bytes
+from transforms.tensor import PreprocessParams, preprocess_bytes
 
 pytestmark = pytest.mark.slow
 

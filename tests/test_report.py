@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cxr.report import BANNER_RGB, build_report, write_report
 from lakehouse.config import Settings
 from lakehouse.errors import CxrError
-from lakehouse.report import BANNER_RGB, build_report, write_report
 from lakehouse.tables import PATHOLOGY_COLUMNS
 from tests.conftest import MODEL, make_bucket, upload_dir
 from transforms.sample import INVALID_KINDS, VALID_KINDS
@@ -256,7 +256,7 @@ def test_thumbnail_is_the_stored_tensor(lake: Path, report: tuple[Path, Page, st
     import cv2
     from PIL import Image
 
-    from transforms.tensor import decode_tensor
+    from lakehouse.tables import decode_tensor
 
     img = next(e for e in report[1].elements if e["tag"] == "img")
     prefix, b64 = img["attrs"]["src"].split(",", 1)
@@ -375,7 +375,7 @@ def test_latest_run_by_default_and_run_id_selects(
 
 
 def test_no_lakehouse_is_a_clear_error(tmp_path: Path, settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    from lakehouse.cli import main
+    from cxr.cli import main
 
     with pytest.raises(CxrError, match="no lakehouse at .*run `cxr preprocess` first"):
         build_report(str(tmp_path / "missing"), settings=settings)
@@ -386,7 +386,7 @@ def test_no_lakehouse_is_a_clear_error(tmp_path: Path, settings: Settings, capsy
 
 
 def test_cli_writes_the_report(lake: Path, tmp_path: Path) -> None:
-    from lakehouse.cli import main
+    from cxr.cli import main
 
     out = tmp_path / "r.html"
     assert main(["report", "--lakehouse", str(lake), "--output", str(out), "--top", "3", "--run-id", "pre-test"]) == 0

@@ -12,10 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lakehouse.cli import main
-from lakehouse.config import Settings, load_settings
-from lakehouse.errors import QueryError
-from lakehouse.sql import (
+from cxr.cli import main
+from cxr.sql import (
     SAVED_QUERIES,
     Param,
     _literal,
@@ -26,6 +24,8 @@ from lakehouse.sql import (
     run_saved,
     saved_query_sql,
 )
+from lakehouse.config import Settings, load_settings
+from lakehouse.errors import QueryError
 from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, QUARANTINE, TENSORS, arrow_schema
 from tests.conftest import make_bucket, upload_dir
 
@@ -436,7 +436,7 @@ def test_query_binds_params_and_returns_arrow(lake: Path) -> None:
 
 
 def test_tensor_bytes_and_shape_read_back(lake: Path) -> None:
-    from transforms.tensor import decode_tensor
+    from lakehouse.tables import decode_tensor
 
     row = query(
         str(lake), "SELECT tensor, tensor_dtype, tensor_shape FROM tensors WHERE image_id = 'ib'", settings=Settings()
@@ -516,7 +516,7 @@ def test_cli_limit(lake: Path, capsys: pytest.CaptureFixture[str], caplog: pytes
     assert out == "image_id\nia\nib\n"
     assert "showing the first 2 rows; there are more (raise --limit to see more)" in caplog.text
     # the limit is applied inside DuckDB: exactly limit rows come back, and no warning when nothing is cut
-    from lakehouse.sql import query
+    from cxr.sql import query
 
     assert query(str(lake), "SELECT image_id FROM tensors", settings=load_settings({}), limit=3).num_rows == 3
     caplog.clear()

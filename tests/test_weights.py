@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from inference.weights import WeightsIntegrityError, resolve_weights, sha256_file, upstream_filename
-from lakehouse.config import Settings
+from lakehouse.config import Settings, load_settings
 from lakehouse.errors import WeightsNotFoundError
 from tests.conftest import MODEL, make_bucket
 
@@ -71,6 +71,8 @@ def test_download_path_against_a_local_http_server(
     http_server: str, checkpoint: Path, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CXR_WEIGHTS_BASE_URL", http_server)
+    settings = load_settings()  # the mirror is a setting, read from the environment
+    assert settings.inference.weights_base_url == http_server
     cache = tmp_path / "cache"
     w = resolve_weights(MODEL, settings=settings, cache_dir=str(cache))
     assert (w.source, w.path) == ("download", cache / upstream_filename(MODEL))
@@ -83,6 +85,7 @@ def test_download_failure_is_a_clear_error(
     http_server: str, tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CXR_WEIGHTS_BASE_URL", http_server + "/missing")
+    settings = load_settings()
     with pytest.raises(WeightsNotFoundError, match="download failed: 404"):
         resolve_weights(MODEL, settings=settings, cache_dir=str(tmp_path / "cache"))
     assert not (tmp_path / "cache" / upstream_filename(MODEL)).exists()

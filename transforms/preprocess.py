@@ -20,7 +20,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from lakehouse import storage
 from lakehouse.config import Settings, warn_if_dev_key
 from lakehouse.delta_rs import DataFile
 from lakehouse.errors import InputError, StorageError
+from lakehouse.runs import new_run_id
 from lakehouse.tables import QUARANTINE, TENSORS, Column, TableSpec
 from transforms.tensor import PREPROCESS_VERSION, PreprocessParams, preprocess_bytes
 
@@ -96,11 +96,6 @@ class Summary:
     def to_json(self) -> str:
         """The summary as JSON (``cxr preprocess --json``)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-def new_run_id(prefix: str = "pre") -> str:
-    """A sortable, unique run id."""
-    return f"{prefix}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
 # --- the per-partition function (runs in Spark's Python workers) ------------------------------------

@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from lakehouse.errors import PixelRangeError
+from lakehouse.tables import ResizeEngine, TensorDtype, encode_tensor
 from transforms.decode import DecodedImage, decode
 
 #: bump when the produced tensors change for the same input (recorded in every row).
 PREPROCESS_VERSION = "1"
-
-ResizeEngine = Literal["cv2", "skimage"]
-TensorDtype = Literal["float16", "float32"]
 
 
 @lru_cache(maxsize=32)
@@ -132,17 +130,6 @@ def _library_versions() -> dict[str, str]:
         "pydicom": pydicom.__version__,
         "numpy": np.__version__,
     }
-
-
-def encode_tensor(tensor: np.ndarray, dtype: TensorDtype) -> bytes:
-    """C-order little-endian bytes of the tensor in the storage dtype."""
-    return np.ascontiguousarray(tensor, dtype="<f2" if dtype == "float16" else "<f4").tobytes()
-
-
-def decode_tensor(blob: bytes, dtype: str, shape: list[int] | tuple[int, ...]) -> np.ndarray:
-    """Inverse of :func:`encode_tensor`, as float32."""
-    np_dtype = {"float16": "<f2", "float32": "<f4"}[dtype]
-    return np.frombuffer(blob, dtype=np_dtype).reshape(tuple(shape)).astype(np.float32)
 
 
 def preprocess_bytes(data: bytes, *, name: str, params: PreprocessParams, pseudonym_key: str) -> dict[str, Any]:

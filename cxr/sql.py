@@ -13,7 +13,6 @@ for tables and parameters that are substituted as validated literals.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import io
@@ -21,7 +20,6 @@ import json
 import logging
 import math
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -438,27 +436,6 @@ def run_saved(
     return query(lakehouse_uri, saved_query_sql(name, params=params), settings=settings, limit=limit)
 
 
-# --- the `cxr query` command -------------------------------------------------------------------------
-def _parse_params(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise QueryError(f"--param {item!r}: expected NAME=VALUE")
-        out[name.strip()] = value
-    return out
-
-
-def _ad_hoc_value(text: str) -> ParamValue:
-    """A CLI value for a ``$name`` placeholder: an integer or number when it reads as one, else a string."""
-    for convert in (int, float):
-        try:
-            return convert(text)  # type: ignore[no-any-return]
-        except ValueError:
-            continue
-    return text
-
-
 def _cell(value: object, arrow_type: pa.DataType, *, fmt: OutputFormat) -> object:
     import numpy as np
     import pyarrow as pa
@@ -521,48 +498,3 @@ def format_result(table: pa.Table, *, fmt: OutputFormat = "table") -> str:
     out += [line(r) for r in text]
     out.append(f"({table.num_rows} row{'' if table.num_rows == 1 else 's'})")
     return "\n".join(out) + "\n"
-
-
-def query_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``cxr query``: ad-hoc SQL, a saved query, the saved-query list or the Athena DDL.
-
-    Args:
-        args: the parsed ``cxr query`` arguments.
-        settings: the resolved settings (lakehouse default, S3 endpoint).
-
-    Returns:
-        0 when the query ran.
-
-    Raises:
-        QueryError: bad SQL, unknown table or saved query, missing or invalid parameter, no lakehouse.
-    """
-    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
-    if args.list:
-        lines = []
-        for q in SAVED_QUERIES.values():
-            accepted = " ".join(f"{p.name}={'(required)' if p.default is None else p.default}" for p in q.params)
-            lines.append(f"{q.name}{'  [' + accepted + ']' if accepted else ''}\n    {q.description}")
-        sys.stdout.write("\n".join(lines) + "\n")
-        return 0
-    if args.athena_ddl:
-        if not lakehouse_uri:
-            raise QueryError("give --lakehouse s3://bucket/prefix (or set CXR_LAKEHOUSE_URI)")
-        sys.stdout.write("".join(f"{s};\n\n" for s in athena_ddl(lakehouse_uri, database=args.database)))
-        return 0
-    if args.limit < 0:
-        raise QueryError(f"--limit must be 0 or more (got {args.limit})")
-    params = _parse_params(args.param)
-    if args.saved and args.sql:
-        raise QueryError("give either SQL or --saved NAME, not both")
-    if args.saved:
-        result = run_saved(lakehouse_uri, args.saved, settings=settings, params=params, limit=args.limit + 1)
-    elif args.sql:
-        values = {k: _ad_hoc_value(v) for k, v in params.items()}
-        result = query(lakehouse_uri, args.sql, settings=settings, params=values, limit=args.limit + 1)
-    else:
-        raise QueryError('give the SQL to run (cxr query "SELECT ...") or --saved NAME (see --list)')
-    shown = result.slice(0, args.limit)
-    sys.stdout.write(format_result(shown, fmt=args.format))
-    if result.num_rows > shown.num_rows:
-        log.warning("showing the first %d rows; there are more (raise --limit to see more)", shown.num_rows)
-    return 0

@@ -5,17 +5,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a file (spark-submit lakehouse/cli.py): keep lakehouse/ off the import path
+if __name__ == "__main__":  # run as a file (spark-submit cxr/cli.py): keep cxr/ off the import path
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from lakehouse import __version__
-from lakehouse.config import load_settings
-from lakehouse.errors import CxrError
+from lakehouse.config import Settings, describe, load_settings
+from lakehouse.errors import CxrError, QueryError
+
+if TYPE_CHECKING:
+    from expectations.runner import ValidationReport
 
 log = logging.getLogger("cxr")
 
@@ -95,9 +101,6 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import asdict
-
     from inference.job import Shard, run_infer
 
     settings = load_settings()
@@ -159,26 +162,158 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from expectations.runner import validate_command
+def _lakehouse(args: argparse.Namespace, settings: Settings) -> str:
+    """``--lakehouse`` or the configured lakehouse; a clear error when neither is given."""
+    uri = getattr(args, "lakehouse", None) or settings.lakehouse_uri
+    if not uri:
+        raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
+    return str(uri)
 
-    return validate_command(args, load_settings())
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """``cxr validate``: run the suites, print a summary; 1 when any expectation failed."""
+    from expectations.runner import validate_lakehouse
+
+    settings = load_settings()
+    report = validate_lakehouse(
+        _lakehouse(args, settings),
+        settings=settings,
+        tables=args.table,
+        run_id=args.run_id,
+        models=args.model,
+        max_quarantine_share=args.max_quarantine_share,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    else:
+        _print_validation(report)
+    return 0 if report.success else 1
+
+
+def _print_validation(report: ValidationReport) -> None:
+    """A rich table (table, rows, expectations passed / failed), then each failing expectation with examples."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    table = Table(title=f"validation of {report.lakehouse_uri}")
+    for col in ("table", "suites", "rows", "passed", "failed"):
+        table.add_column(col)
+    for name, t in report.tables.items():
+        colour = "green" if t.success else "red"
+        table.add_row(f"[{colour}]{name}[/]", ", ".join(t.suites), str(t.rows), str(t.passed), str(t.failed_count))
+    console.print(table)
+    for name, t in report.tables.items():
+        for f in t.failed:
+            detail = f.error or ", ".join(_short(x) for x in f.examples[:3])
+            count = f" ({f.unexpected_count} unexpected)" if f.unexpected_count is not None else ""
+            line = f"{name} / {f.suite}: {f.label()}{count}" + (f": {detail}" if detail else "")
+            console.print(f"[red]FAILED[/] {escape(line)}")
+    verdict = "[green]all expectations passed[/]" if report.success else "[red]validation FAILED[/]"
+    console.print(f"{verdict}; Data Docs: {escape(report.data_docs_uri)}")
+
+
+def _short(value: Any) -> str:
+    """A compact rendering of an unexpected value or row identifier (hashes shortened)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 else text
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from lakehouse.sql import query_command
+    """``cxr query``: ad-hoc SQL, a saved query, the saved-query list or the Athena DDL."""
+    from cxr.sql import SAVED_QUERIES, athena_ddl, format_result, query, run_saved
 
-    return query_command(args, load_settings())
+    settings = load_settings()
+    if args.list:
+        lines = []
+        for q in SAVED_QUERIES.values():
+            accepted = " ".join(f"{p.name}={'(required)' if p.default is None else p.default}" for p in q.params)
+            lines.append(f"{q.name}{'  [' + accepted + ']' if accepted else ''}\n    {q.description}")
+        sys.stdout.write("\n".join(lines) + "\n")
+        return 0
+    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
+    if args.athena_ddl:
+        if not lakehouse_uri:
+            raise QueryError("give --lakehouse s3://bucket/prefix (or set CXR_LAKEHOUSE_URI)")
+        sys.stdout.write("".join(f"{s};\n\n" for s in athena_ddl(lakehouse_uri, database=args.database)))
+        return 0
+    if args.limit < 0:
+        raise QueryError(f"--limit must be 0 or more (got {args.limit})")
+    params = _parse_params(args.param)
+    if args.saved and args.sql:
+        raise QueryError("give either SQL or --saved NAME, not both")
+    if args.saved:
+        result = run_saved(lakehouse_uri, args.saved, settings=settings, params=params, limit=args.limit + 1)
+    elif args.sql:
+        values = {k: _ad_hoc_value(v) for k, v in params.items()}
+        result = query(lakehouse_uri, args.sql, settings=settings, params=values, limit=args.limit + 1)
+    else:
+        raise QueryError('give the SQL to run (cxr query "SELECT ...") or --saved NAME (see --list)')
+    shown = result.slice(0, args.limit)
+    sys.stdout.write(format_result(shown, fmt=args.format))
+    if result.num_rows > shown.num_rows:
+        log.warning("showing the first %d rows; there are more (raise --limit to see more)", shown.num_rows)
+    return 0
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    """``--param NAME=VALUE`` items as a dict."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise QueryError(f"--param {item!r}: expected NAME=VALUE")
+        out[name.strip()] = value
+    return out
+
+
+def _ad_hoc_value(text: str) -> int | float | str:
+    """A CLI value for a ``$name`` placeholder: an integer or number when it reads as one, else a string."""
+    for convert in (int, float):
+        try:
+            return convert(text)  # type: ignore[no-any-return]
+        except ValueError:
+            continue
+    return text
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lakehouse.report import report_command
+    """``cxr report``: write the HTML run report."""
+    from cxr.report import write_report
 
-    return report_command(args, load_settings())
+    settings = load_settings()
+    write_report(_lakehouse(args, settings), settings=settings, run_id=args.run_id, top=args.top, output=args.output)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """``cxr config``: the effective settings, where each came from, secrets masked."""
+    settings = load_settings().with_overrides(input_uri=args.input, lakehouse_uri=args.lakehouse)
+    rows = describe(settings)
+    if args.json:
+        sys.stdout.write(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cxr settings (profile {settings.profile})", box=None, padding=(0, 2))
+    for col in ("setting", "value", "source", "variable"):
+        table.add_column(col)
+    for r in rows:
+        source = {"profile": f"profile default ({settings.profile})", "env": "environment"}.get(r.source, r.source)
+        table.add_row(r.name, r.value, source, r.env)
+    Console(soft_wrap=True).print(table)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lakehouse.orchestration import DEFAULT_MODELS, run_local
+    from cxr.local_run import run_local
+    from cxr.tasks import DEFAULT_MODELS
     from lakehouse.storage import join
 
     settings = load_settings()
@@ -307,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-untrained", action="store_true", help="without weights, a random-init stand-in (marked in every row)"
     )
     run.set_defaults(func=_cmd_run)
+
+    cfg = sub.add_parser("config", help="the effective settings and where each came from (secrets masked)")
+    cfg.add_argument("--input", help="as for `cxr run`: shown as coming from a flag")
+    cfg.add_argument("--lakehouse", help="as for `cxr run`: shown as coming from a flag")
+    cfg.add_argument("--json", action="store_true", help="print the settings as JSON")
+    cfg.set_defaults(func=_cmd_config)
 
     smp = sub.add_parser("sample", help="write synthetic chest-X-ray-like PNG/JPEG/DICOM files")
     smp.add_argument("--output", required=True, help="folder to write into")

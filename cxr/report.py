@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING, Any
 from lakehouse import storage
 from lakehouse.errors import CxrError, StorageError
 from lakehouse.runs import RunSummary, read_summaries
-from lakehouse.tables import PATHOLOGY_COLUMNS
+from lakehouse.tables import PATHOLOGY_COLUMNS, UNTRAINED_SUFFIX, decode_tensor
 
 if TYPE_CHECKING:
-    import argparse
-
     import numpy as np
     import pyarrow as pa
     from markupsafe import Markup
@@ -40,9 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: marks a random-init stand-in model (same value as ``inference.job.UNTRAINED_SUFFIX``; not imported
-#: from there because that module imports torch)
-UNTRAINED_SUFFIX = "+untrained-random-init"
 #: the banner colour; the browser test looks for these pixels
 BANNER_RGB = (198, 40, 40)
 HIST_BINS = 20
@@ -207,19 +202,6 @@ def write_report(
     storage.write_text(out, html, settings, content_type="text/html; charset=utf-8")
     log.info("wrote the run report to %s (%d kB)", out, len(html) // 1024)
     return out
-
-
-def report_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``cxr report``: write the report; 0 when written.
-
-    Raises:
-        CxrError: no lakehouse given or found, no tables, unknown run id.
-    """
-    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
-    if not lakehouse_uri:
-        raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
-    write_report(lakehouse_uri, settings=settings, run_id=args.run_id, top=args.top, output=args.output)
-    return 0
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -414,8 +396,6 @@ def _thumbnail_uri(blob: bytes, dtype: str, shape: list[int]) -> str:
     import cv2
     import numpy as np
 
-    from transforms.tensor import decode_tensor
-
     arr = decode_tensor(blob, dtype, shape)
     img = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 else arr
     u8: Any = np.clip(np.rint((img + 1024.0) * (255.0 / 2048.0)), 0, 255).astype(np.uint8)
@@ -550,237 +530,13 @@ def _render(context: dict[str, Any]) -> str:
     """Render the template with autoescaping."""
     import jinja2
 
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("cxr", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["short"] = lambda s, n=12: str(s)[:n]
     env.filters["num"] = lambda v: "n/a" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
-    return env.from_string(_TEMPLATE).render(**context)
-
-
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="cxr report">
-<title>{{ title }}</title>
-<style>
-  body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d2430;
-         background: #f6f7f9; }
-  main { max-width: 1200px; margin: 0 auto; padding: 16px 24px 48px; }
-  h1 { font-size: 24px; margin: 8px 0 4px; }
-  h2 { font-size: 19px; margin: 28px 0 8px; border-bottom: 2px solid #d5dbe3; padding-bottom: 4px; }
-  h3 { font-size: 15px; margin: 18px 0 6px; }
-  .meta { color: #5a6472; font-size: 13px; }
-  .banner { background: {{ banner_rgb }}; color: #fff; padding: 18px 24px; font-size: 20px; font-weight: 700; }
-  .banner p { margin: 4px 0 0; font-size: 15px; font-weight: 400; }
-  .warn { background: #fff3cd; border: 1px solid #e0c060; padding: 8px 12px; margin: 8px 0; }
-  .cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 12px 0; }
-  .card { background: #fff; border: 1px solid #d5dbe3; border-radius: 6px; padding: 10px 16px; min-width: 130px; }
-  .card .n { font-size: 28px; font-weight: 700; color: #2a4d7a; }
-  .card .l { font-size: 12px; color: #5a6472; text-transform: uppercase; letter-spacing: .04em; }
-  table { border-collapse: collapse; background: #fff; margin: 6px 0 12px; font-size: 13px; }
-  th, td { border: 1px solid #d5dbe3; padding: 4px 8px; text-align: left; vertical-align: top; }
-  th { background: #eaeef3; }
-  td.r { text-align: right; font-variant-numeric: tabular-nums; }
-  code { font-size: 12px; }
-  .passed { color: #1b7a34; font-weight: 700; }
-  .failed { color: #e53935; font-weight: 700; }
-  .not-validated { color: #6b7280; }
-  .hists { display: flex; flex-wrap: wrap; gap: 10px; }
-  .hist-box { background: #fff; border: 1px solid #d5dbe3; border-radius: 6px; padding: 6px 8px; }
-  .hist-box .cap { font-size: 12px; color: #3a4452; }
-  .grid { display: flex; flex-wrap: wrap; gap: 8px; }
-  figure { margin: 0; background: #fff; border: 1px solid #d5dbe3; border-radius: 4px; padding: 4px;
-           width: {{ 128 }}px; font-size: 11px; }
-  figure img { display: block; width: 128px; height: 128px; object-fit: contain; background: #000; }
-  figcaption { overflow-wrap: anywhere; }
-</style>
-</head>
-<body>
-{% if untrained %}
-<div class="banner" id="untrained-banner" role="alert">
-  UNTRAINED STAND-IN MODEL: these predictions are meaningless
-  <p>{{ untrained | join(", ") }} ran with random-init weights (no weights file was found). Do not use its
-  scores for anything; rerun <code>cxr infer</code> with real weights (<code>--weights-dir</code> or
-  <code>--weights</code>).</p>
-</div>
-{% endif %}
-<main>
-<h1>{{ title }}</h1>
-<div class="meta">lakehouse <code>{{ lakehouse }}</code> &middot; generated {{ generated_at }}</div>
-
-<section id="summary">
-<h2>Run summary</h2>
-{% if run %}
-{% if run.get("dev_pseudonym_key") %}
-<div class="warn">This run made DICOM pseudonyms with the built-in development key: they are not secret.
-Set CXR_PSEUDONYM_KEY for real data.</div>
-{% endif %}
-{% if run.get("reconciles") is false %}
-<div class="warn">The counts of this run do not reconcile (discovered &ne; new + already present + duplicates +
-quarantined).</div>
-{% endif %}
-<div class="cards">
-  <div class="card"><div class="n" data-count="discovered">{{ run.get("discovered") | num }}</div><div class="l">discovered</div></div>
-  <div class="card"><div class="n" data-count="accepted">{{ accepted }}</div><div class="l">accepted</div></div>
-  <div class="card"><div class="n" data-count="duplicates">{{ run.get("duplicates") | num }}</div><div class="l">duplicates</div></div>
-  <div class="card"><div class="n" data-count="quarantined">{{ run.get("quarantined") | num }}</div><div class="l">quarantined</div></div>
-  <div class="card"><div class="n" data-count="predicted">{{ totals.get("predicted_images") | num }}</div>
-    <div class="l">images with predictions</div></div>
-</div>
-<table>
-  <tr><th>preprocessing run</th><td><code data-field="run_id">{{ run.get("run_id") | num }}</code></td></tr>
-  <tr><th>input</th><td><code>{{ run.get("input_uri", "") }}</code></td></tr>
-  <tr><th>discovered files</th><td class="r" data-field="discovered">{{ run.get("discovered") | num }}</td></tr>
-  <tr><th>new tensors</th><td class="r" data-field="new">{{ run.get("new") | num }}</td></tr>
-  <tr><th>already present</th><td class="r" data-field="already_present">{{ run.get("already_present") | num }}</td></tr>
-  <tr><th>duplicates (same bytes as another file)</th><td class="r" data-field="duplicates">{{ run.get("duplicates") | num }}</td></tr>
-  <tr><th>quarantined</th><td class="r" data-field="quarantined">{{ run.get("quarantined") | num }}</td></tr>
-  <tr><th>counts reconcile</th><td data-field="reconciles">{{ "yes" if run.get("reconciles") else "no" }}</td></tr>
-  <tr><th>seconds</th><td class="r" data-field="seconds">{{ run.get("seconds", 0) | round(1) }}</td></tr>
-</table>
-<p class="meta">accepted = new + already present. &ldquo;Images with predictions&rdquo; counts distinct images in
-the predictions table (every model, whole lakehouse).</p>
-{% if other_runs | length > 1 %}
-<p class="meta">Other preprocessing runs in this lakehouse (newest first):
-{% for r in other_runs if r != run_id %}<code>{{ r }}</code>{{ ", " if not loop.last }}{% endfor %}
-&mdash; pick one with <code>cxr report --run-id</code>.</p>
-{% endif %}
-{% if duplicate_pairs %}
-<h3>Duplicates</h3>
-<table id="duplicates">
-  <tr><th>file</th><th>same bytes as</th></tr>
-  {% for p in duplicate_pairs %}<tr><td>{{ p.source }}</td><td>{{ p.duplicate_of }}</td></tr>{% endfor %}
-</table>
-{% endif %}
-{% else %}
-<p>No preprocessing run summary in <code>{{ lakehouse }}/runs/</code>: the counts below come from the tables only.</p>
-{% endif %}
-</section>
-
-<section id="quarantine">
-<h2>Quarantine reasons</h2>
-{% if quarantine_reasons %}
-<table id="quarantine-reasons">
-  <tr><th>error class</th><th>files in this run</th></tr>
-  {% for cls, n in quarantine_reasons %}
-  <tr><td>{{ cls }}</td><td class="r" data-reason="{{ cls }}">{{ n }}</td></tr>
-  {% endfor %}
-</table>
-{% else %}
-<p>Nothing was quarantined{{ " in this run" if run else "" }}.</p>
-{% endif %}
-{% if run_quarantine.rows %}
-<h3>Quarantined files of this run{% if run_quarantine.total > run_quarantine.rows | length %}
-(first {{ run_quarantine.rows | length }} of {{ run_quarantine.total }}){% endif %}</h3>
-<table id="quarantined-files">
-  <tr><th>file</th><th>error class</th><th>message</th></tr>
-  {% for q in run_quarantine.rows %}
-  <tr><td>{{ q.file }}</td><td>{{ q.error_class }}</td><td>{{ q.message }}</td></tr>
-  {% endfor %}
-</table>
-{% endif %}
-</section>
-
-<section id="lakehouse-totals">
-<h2>Lakehouse totals</h2>
-<table>
-  <tr><th>table</th><th>rows</th><th>breakdown</th></tr>
-  <tr><td>tensors</td><td class="r" data-total="tensors">{{ totals.tensors | num }}</td>
-    <td>{% for k, n in totals.get("tensors_by_format", []) %}{{ k }}: <span data-format="{{ k }}">{{ n }}</span>{{ ", " if not loop.last }}{% endfor %}
-    {% if totals.get("tensors_of_run") is not none %} &middot; written by this run: <span data-total="tensors_of_run">{{ totals.tensors_of_run }}</span>{% endif %}</td></tr>
-  <tr><td>quarantine</td><td class="r" data-total="quarantine">{{ totals.quarantine | num }}</td>
-    <td>{% for k, n in totals.get("quarantine_by_class", []) %}{{ k }}: {{ n }}{{ ", " if not loop.last }}{% endfor %}</td></tr>
-  <tr><td>predictions</td><td class="r" data-total="predictions">{{ totals.predictions | num }}</td>
-    <td>{% for k, n in totals.get("predictions_by_model", []) %}<code>{{ k }}</code>: <span data-model-rows="{{ k }}">{{ n }}</span>{{ ", " if not loop.last }}{% endfor %}</td></tr>
-</table>
-<p class="meta">n/a: the table does not exist yet.</p>
-</section>
-
-<section id="models">
-<h2>Models and weights</h2>
-{% if models %}
-<table>
-  <tr><th>model</th><th>rows</th><th>weights sha256</th><th>weights source</th><th>device</th><th>inference runs</th></tr>
-  {% for m in models %}
-  <tr{% if m.untrained %} class="untrained"{% endif %}><td><code>{{ m.model_id }}</code>{% if m.untrained %} <strong>(UNTRAINED)</strong>{% endif %}</td>
-    <td class="r">{{ m.rows }}</td>
-    <td>{% for s in m.weights_sha256 %}<code title="{{ s }}">{{ s | short(16) }}</code>{{ ", " if not loop.last }}{% endfor %}</td>
-    <td>{{ m.weights_source | join(", ") }}</td><td>{{ m.devices | join(", ") }}</td>
-    <td>{% for r in m.run_ids %}<code>{{ r }}</code>{{ ", " if not loop.last }}{% endfor %}</td></tr>
-  {% endfor %}
-</table>
-{% else %}
-<p>No predictions yet: run <code>cxr infer</code>.</p>
-{% endif %}
-{% if infer_runs %}
-<h3>Inference runs</h3>
-<table id="inference-runs">
-  <tr><th>run</th><th>model</th><th>device</th><th>tensors version</th><th>candidates</th><th>already predicted</th>
-    <th>predicted</th><th>seconds</th></tr>
-  {% for r in infer_runs %}
-  <tr><td><code>{{ r.run_id }}</code></td><td><code>{{ r.get("model_id", "") }}</code>{% if r.get("untrained") %} <strong>(UNTRAINED)</strong>{% endif %}</td>
-    <td>{{ r.get("device", "") }}</td><td class="r">{{ r.get("tensors_version", "") }}</td>
-    <td class="r">{{ r.get("candidates", "") }}</td><td class="r">{{ r.get("already_predicted", "") }}</td>
-    <td class="r" data-infer-predicted="{{ r.run_id }}|{{ r.get('model_id', '') }}">{{ r.get("predicted", "") }}</td>
-    <td class="r">{{ r.get("seconds", 0) | round(1) }}</td></tr>
-  {% endfor %}
-</table>
-{% endif %}
-</section>
-
-<section id="distributions">
-<h2>Score distributions</h2>
-<p class="meta">Calibrated outputs on [0, 1]; the dashed line is the model's operating point (0.5).</p>
-{% for m in models %}
-<h3>{{ m.model_id }}</h3>
-<div class="hists">
-  {% for f in m.findings %}
-  <div class="hist-box" data-model="{{ m.model_id }}" data-finding="{{ f.column }}">{{ f.histogram }}
-    <div class="cap"><strong>{{ f.name }}</strong>: n={{ f.count }}, &ge;0.5: {{ f.positive }}, mean {{ "%.3f" | format(f.mean) }}</div></div>
-  {% endfor %}
-</div>
-{% if m.not_predicted %}<p class="meta">Not predicted by this model: {{ m.not_predicted | join(", ") }}.</p>{% endif %}
-{% else %}
-<p>No predictions yet.</p>
-{% endfor %}
-</section>
-
-<section id="top-images">
-<h2>Highest-scoring images per finding</h2>
-{% for m in models %}
-<h3>{{ m.model_id }}</h3>
-{% for f in m.findings %}
-<div class="finding" data-model="{{ m.model_id }}" data-finding="{{ f.column }}">
-  <div class="meta"><strong>{{ f.name }}</strong>: top {{ f.thumbs | length }}</div>
-  <div class="grid">
-  {% for t in f.thumbs %}
-    <figure>{% if t.data_uri %}<img class="thumb" src="{{ t.data_uri }}" alt="{{ t.image_id | short }}" width="128" height="128">{% endif %}
-      <figcaption><code>{{ t.image_id | short }}</code> <span class="score">{{ "%.3f" | format(t.score) }}</span><br>
-        <span class="file">{{ t.source_name }}</span></figcaption></figure>
-  {% endfor %}
-  </div>
-</div>
-{% endfor %}
-{% else %}
-<p>No predictions yet.</p>
-{% endfor %}
-</section>
-
-<section id="validation">
-<h2>Validation</h2>
-<table>
-  <tr><th>table</th><th>result</th><th>expectations</th></tr>
-  {% for v in validation %}
-  <tr><td>{{ v.table }}</td><td class="{{ v.status | replace(' ', '-') }}" data-validation="{{ v.table }}">{{ v.status }}</td>
-    <td>{% if v.evaluated is not none %}{{ v.successful }}/{{ v.evaluated }} passed{% endif %}
-    {% if v.failed %}<br>failed: {% for f in v.failed %}<code>{{ f }}</code>{{ ", " if not loop.last }}{% endfor %}{% endif %}</td></tr>
-  {% endfor %}
-</table>
-<p><a id="data-docs-link" href="{{ data_docs.href }}">Great Expectations Data Docs</a>
-{% if not data_docs.exists %}<span class="meta">(not built yet: run <code>cxr validate</code>)</span>{% endif %}</p>
-</section>
-</main>
-</body>
-</html>
-"""
+    return env.get_template("report.html.j2").render(**context)

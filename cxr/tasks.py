@@ -1,0 +1,164 @@
+"""What the DAG's tasks run: the stage callables, the failure callback, the DAG id and default models.
+
+Importing this module is cheap (no pyspark, torch, GX or boto session): every heavy import happens
+inside the callable that needs it, at task run time. ``dags/xray_inference_pipeline.py`` only wires;
+the operators that call these are built in :mod:`cxr.operators`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lakehouse.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "xray_inference_pipeline"
+DEFAULT_MODELS = ("densenet121-res224-all",)
+
+
+# --- stage callables (run inside Airflow tasks) ------------------------------------------------------
+
+
+def new_images_waiting(input_uri: str, lakehouse_uri: str) -> bool:
+    """Sensor poke: True when ``input_uri`` holds files the lakehouse has not seen (by URI and size).
+
+    A file seen before (in ``tensors`` or ``quarantine``) does not count: a rerun over an unchanged
+    folder waits, then skips (soft fail), instead of reprocessing.
+    """
+    from lakehouse import delta_rs, storage
+
+    settings = load_settings()
+    listing = {(f.uri, f.size) for f in storage.list_files(input_uri, settings)}
+    if not listing:
+        log.info("no files under %s yet", input_uri)
+        return False
+    from deltalake.exceptions import TableNotFoundError
+
+    seen: set[tuple[str, int]] = set()
+    for table in ("tensors", "quarantine"):
+        try:
+            t = delta_rs.read_arrow(lakehouse_uri, table, settings, columns=["source_uri", "source_bytes"])
+        except TableNotFoundError:  # nothing written there yet
+            continue
+        seen.update(zip(t.column("source_uri").to_pylist(), t.column("source_bytes").to_pylist(), strict=True))
+    # files stored under another name (byte-identical duplicates) are in the run summaries only
+    seen_uris = {uri for uri, _ in seen} | _duplicate_uris(lakehouse_uri, settings)
+    new = sum(1 for uri, size in listing if (uri, size) not in seen and uri not in seen_uris)
+    log.info("%d of %d files under %s are new", new, len(listing), input_uri)
+    return new > 0
+
+
+def _duplicate_uris(lakehouse_uri: str, settings: Settings) -> set[str]:
+    """Source URIs that earlier preprocessing runs found to duplicate another file (from ``runs/*.json``)."""
+    from lakehouse.runs import read_summaries
+
+    runs = read_summaries(lakehouse_uri, settings, kind="preprocess")
+    return {p["source_uri"] for r in runs for p in r.body.get("duplicate_pairs", [])}
+
+
+def validate_stage(
+    lakehouse_uri: str,
+    tables: Sequence[str],
+    *,
+    run_id: str | None = None,
+    models: Sequence[str] | str | None = None,
+) -> dict[str, Any]:
+    """Audit step: run the GX suites; raise AirflowFailException (no retry: data does not heal by
+    retrying) when any expectation failed, so that no later stage runs on it: no inference on failing
+    tensors, no published versions, no Athena declaration, no report.
+
+    Returns:
+        Per-table success and the Data Docs URI (an XCom for the report and the logs).
+    """
+    from airflow.exceptions import AirflowFailException
+
+    from expectations.runner import validate_lakehouse
+
+    if isinstance(models, str):  # a rendered template: "['a', 'b']"
+        import ast
+
+        models = [str(m) for m in ast.literal_eval(models)] if models.strip() else None
+    report = validate_lakehouse(
+        lakehouse_uri, settings=load_settings(), tables=list(tables), run_id=run_id, models=list(models or []) or None
+    )
+    per_table = {name: bool(result.success) for name, result in report.tables.items()}
+    summary: dict[str, Any] = {
+        "success": report.success,
+        "tables": per_table,
+        "data_docs": report.data_docs_uri,
+    }
+    log.info("validation of %s: %s (Data Docs: %s)", ", ".join(tables), summary["tables"], report.data_docs_uri)
+    if not report.success:
+        failed = [name for name, ok in per_table.items() if not ok]
+        raise AirflowFailException(
+            f"validation failed for {', '.join(failed)}: the run stops here (no publish); see {report.data_docs_uri}"
+        )
+    return summary
+
+
+def publish_stage(lakehouse_uri: str, *, run_id: str, database: str = "cxr") -> dict[str, Any]:
+    """Publish step (after both audits passed): record the validated table versions in
+    ``<lakehouse>/reports/published.json`` and, on s3://, return the Athena DDL the AWS profile runs.
+
+    Readers that want only audited data read the versions named there (Delta time travel).
+    """
+    from datetime import UTC, datetime
+
+    from lakehouse import delta_rs, storage
+
+    settings = load_settings()
+    versions = {t: int(delta_rs.open_table(lakehouse_uri, t, settings).version()) for t in ("tensors", "predictions")}
+    record = {"run_id": run_id, "published_at": datetime.now(UTC).isoformat(), "versions": versions}
+    uri = storage.join(lakehouse_uri, "reports", "published.json")
+    storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True), settings, content_type="application/json")
+    log.info("published %s -> %s", versions, uri)
+    ddl: list[str] = []
+    if storage.is_s3(lakehouse_uri):
+        from cxr.sql import athena_ddl
+
+        ddl = athena_ddl(lakehouse_uri, database=database)
+    return {**record, "uri": uri, "athena_ddl": ddl}
+
+
+def athena_ddl_stage(lakehouse_uri: str, *, database: str = "cxr") -> list[str]:
+    """The Athena DDL statements for the lakehouse (an XCom list the AthenaOperator maps over)."""
+    from cxr.sql import athena_ddl
+
+    return athena_ddl(lakehouse_uri, database=database)
+
+
+def report_stage(lakehouse_uri: str, *, run_id: str | None = None) -> str:
+    """Write the HTML run report; return its URI."""
+    from cxr.report import write_report
+
+    return write_report(lakehouse_uri, settings=load_settings(), run_id=run_id or None)
+
+
+def on_failure(context: Mapping[str, Any]) -> None:
+    """``on_failure_callback``: one summary line a person can act on (no data, no identifiers)."""
+    ti = context.get("task_instance") or context.get("ti")
+    exc = context.get("exception")
+    params = context.get("params") or {}
+    log.error(
+        "cxr pipeline task failed: dag=%s task=%s run=%s try=%s/%s error=%s: %s | lakehouse=%s | log: %s",
+        getattr(ti, "dag_id", DAG_ID),
+        getattr(ti, "task_id", "?"),
+        context.get("run_id"),
+        getattr(ti, "try_number", "?"),
+        (getattr(ti, "max_tries", 0) or 0) + 1,
+        type(exc).__name__ if exc else "unknown",
+        (str(exc).splitlines() or [""])[0][:300] if exc else "",
+        params.get("lakehouse_uri"),
+        getattr(ti, "log_url", ""),
+    )
+
+
+def safe_id(run_id: str) -> str:
+    """An Airflow run id as a lakehouse run id: letters, digits and '-' only."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(run_id)).strip("-")[:80]
