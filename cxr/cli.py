@@ -67,7 +67,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(summary.to_json() + "\n")
         return 0
-    from lakehouse.storage import join
+    from lakehouse.storage import run_summary_uri, table_uri
+    from lakehouse.tables import QUARANTINE, TENSORS
 
     console = Console(soft_wrap=True)
     table = Table(show_header=False, box=None, padding=(0, 2))
@@ -95,8 +96,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         f"discovered {summary.discovered} {check} new {summary.new} + already present {summary.already_present}"
         f" + duplicates {summary.duplicates} + quarantined {summary.quarantined}"
     )
-    console.print(f"tables: {join(lakehouse_uri, 'tensors')}, {join(lakehouse_uri, 'quarantine')}")
-    console.print(f"run summary: {join(lakehouse_uri, 'runs', summary.run_id + '.json')}")
+    console.print(f"tables: {table_uri(lakehouse_uri, TENSORS)}, {table_uri(lakehouse_uri, QUARANTINE)}")
+    console.print(f"run summary: {run_summary_uri(lakehouse_uri, summary.run_id)}")
     return 0
 
 
@@ -314,7 +315,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from cxr.local_run import run_local
     from cxr.tasks import DEFAULT_MODELS
-    from lakehouse.storage import join
+    from lakehouse.storage import data_docs_index_uri, join, report_uri
 
     settings = load_settings()
     input_uri = args.input or settings.input_uri or "data/samples"
@@ -331,8 +332,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         + "".join(f"  {task:<22} {state}\n" for task, state in result["tasks"].items())
         + f"tables:    {join(lakehouse_uri, 'tensors')}, {join(lakehouse_uri, 'quarantine')},"
         f" {join(lakehouse_uri, 'predictions')}\n"
-        f"data docs: {join(lakehouse_uri, 'reports', 'data_docs', 'index.html')}\n"
-        f"report:    {join(lakehouse_uri, 'reports', 'report.html')}\n"
+        f"data docs: {data_docs_index_uri(lakehouse_uri)}\n"
+        f"report:    {report_uri(lakehouse_uri)}\n"
     )
     return 0
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from lakehouse import storage
 from lakehouse.errors import CxrError, StorageError
 from lakehouse.runs import RunSummary, read_summaries
-from lakehouse.tables import PATHOLOGY_COLUMNS, UNTRAINED_SUFFIX, decode_tensor
+from lakehouse.tables import PATHOLOGY_COLUMNS, TABLE_NAMES, TENSORS, UNTRAINED_SUFFIX, decode_tensor, spec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,7 +90,7 @@ class ModelReport:
 # --- public API ---------------------------------------------------------------------------------------
 def default_output(lakehouse_uri: str) -> str:
     """Where the report goes unless told otherwise: ``<lakehouse>/reports/report.html``."""
-    return storage.join(lakehouse_uri, "reports", "report.html")
+    return storage.report_uri(lakehouse_uri)
 
 
 def build_report(
@@ -225,7 +225,7 @@ def _read_table(
     from lakehouse.delta_rs import open_table
 
     try:
-        dt = open_table(lake, name, settings)
+        dt = open_table(lake, spec(name), settings)
     except TableNotFoundError:
         return None
     if optional_columns:
@@ -358,7 +358,7 @@ def _attach_thumbs(
         return
     import pyarrow as pa
 
-    dataset = open_table(lake, "tensors", settings).to_pyarrow_dataset()
+    dataset = open_table(lake, TENSORS, settings).to_pyarrow_dataset()
     wanted_ids = pa.array(ids)
     parts = []
     # sha256 ids defeat min/max pruning: look at each file's small image_id column first and read the
@@ -413,7 +413,7 @@ def _validation(lake: str, settings: Settings) -> list[dict[str, Any]]:
     """Great Expectations results per table: passed / failed / not validated."""
     found: dict[str, dict[str, Any]] = {}
     try:
-        listed = list(storage.list_files(storage.join(lake, "reports", "validation"), settings))
+        listed = list(storage.list_files(storage.validation_uri(lake), settings))
     except StorageError:
         listed = []
     for f in listed:
@@ -428,7 +428,7 @@ def _validation(lake: str, settings: Settings) -> list[dict[str, Any]]:
         if isinstance(body, dict):
             found[name[: -len(".json")]] = body
     rows = []
-    for table in [*storage.TABLE_NAMES, *sorted(set(found) - set(storage.TABLE_NAMES))]:
+    for table in [*TABLE_NAMES, *sorted(set(found) - set(TABLE_NAMES))]:
         body = found.get(table) or {}
         # the runner's form (evaluated / passed / failed), or GX's own statistics block
         stats: dict[str, Any] = body["statistics"] if isinstance(body.get("statistics"), dict) else {}
@@ -453,7 +453,7 @@ def _validation(lake: str, settings: Settings) -> list[dict[str, Any]]:
 
 def _data_docs_link(lake: str, output: str, settings: Settings) -> dict[str, Any]:
     """The Data Docs link, relative to the report when both live on the same file system or bucket."""
-    index = storage.join(lake, "reports", "data_docs", "index.html")
+    index = storage.data_docs_index_uri(lake)
     if storage.is_s3(index) == storage.is_s3(output) and (
         not storage.is_s3(index) or storage.split_s3(index)[0] == storage.split_s3(output)[0]
     ):
@@ -463,23 +463,7 @@ def _data_docs_link(lake: str, output: str, settings: Settings) -> dict[str, Any
             href = os.path.relpath(index, os.path.dirname(output)).replace(os.sep, "/")
     else:
         href = index
-    return {"href": href, "uri": index, "exists": _exists(index, settings)}
-
-
-def _exists(uri: str, settings: Settings) -> bool:
-    """True when the file exists (folder or s3://)."""
-    if not storage.is_s3(uri):
-        return os.path.isfile(uri)
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key = storage.split_s3(uri)
-    try:
-        storage.s3_client(settings).head_object(Bucket=bucket, Key=key)
-    except ClientError:
-        return False
-    except BotoCoreError as exc:
-        raise StorageError(f"cannot check {uri}: {exc}") from exc
-    return True
+    return {"href": href, "uri": index, "exists": storage.exists(index, settings)}
 
 
 def _basename(uri: str) -> str:

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Literal
 
 from lakehouse.config import Settings
 from lakehouse.errors import QueryError
-from lakehouse.storage import TABLE_NAMES, is_s3, normalize_uri, table_uri
-from lakehouse.tables import PATHOLOGY_COLUMNS
+from lakehouse.storage import is_s3, normalize_uri, table_uri
+from lakehouse.tables import PATHOLOGY_COLUMNS, SPECS, TABLE_NAMES
 
 if TYPE_CHECKING:
     import duckdb
@@ -341,7 +341,7 @@ def connect(lakehouse_uri: str, *, settings: Settings) -> duckdb.DuckDBPyConnect
     present = []
     for name in TABLE_NAMES:
         try:
-            dataset = open_table(lakehouse_uri, name, settings).to_pyarrow_dataset()
+            dataset = open_table(lakehouse_uri, SPECS[name], settings).to_pyarrow_dataset()
         except TableNotFoundError:
             log.debug("no %s table under %s", name, lakehouse_uri)
             continue

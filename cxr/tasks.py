@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lakehouse.config import Settings, load_settings
+from lakehouse.tables import PREDICTIONS, QUARANTINE, TENSORS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def new_images_waiting(input_uri: str, lakehouse_uri: str) -> bool:
     from deltalake.exceptions import TableNotFoundError
 
     seen: set[tuple[str, int]] = set()
-    for table in ("tensors", "quarantine"):
+    for table in (TENSORS, QUARANTINE):
         try:
             t = delta_rs.read_arrow(lakehouse_uri, table, settings, columns=["source_uri", "source_bytes"])
         except TableNotFoundError:  # nothing written there yet
@@ -111,9 +112,9 @@ def publish_stage(lakehouse_uri: str, *, run_id: str, database: str = "cxr") -> 
     from lakehouse import delta_rs, storage
 
     settings = load_settings()
-    versions = {t: int(delta_rs.open_table(lakehouse_uri, t, settings).version()) for t in ("tensors", "predictions")}
+    versions = {t.name: int(delta_rs.open_table(lakehouse_uri, t, settings).version()) for t in (TENSORS, PREDICTIONS)}
     record = {"run_id": run_id, "published_at": datetime.now(UTC).isoformat(), "versions": versions}
-    uri = storage.join(lakehouse_uri, "reports", "published.json")
+    uri = storage.published_uri(lakehouse_uri)
     storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True), settings, content_type="application/json")
     log.info("published %s -> %s", versions, uri)
     ddl: list[str] = []

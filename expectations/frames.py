@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.config import Settings
-from lakehouse.tables import DIRECT_IDENTIFIERS, PATHOLOGY_COLUMNS
+from lakehouse.tables import DIRECT_IDENTIFIERS, PATHOLOGY_COLUMNS, TENSORS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -134,7 +134,7 @@ def read_tensors_frame(lakehouse_uri: str, settings: Settings, *, batch_size: in
     """Scan ``tensors`` in batches with delta-rs and build :func:`tensors_frame` (bounded memory)."""
     from lakehouse.delta_rs import open_table
 
-    dataset = open_table(lakehouse_uri, "tensors", settings).to_pyarrow_dataset()
+    dataset = open_table(lakehouse_uri, TENSORS, settings).to_pyarrow_dataset()
     present = set(dataset.schema.names)
     columns = ["tensor", *(c for c in TENSOR_COLUMNS if c in present)]
     missing = [c for c in TENSOR_COLUMNS if c not in present]

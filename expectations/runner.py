@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import mimetypes
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError, CxrError, StorageError
-from lakehouse.tables import DIRECT_IDENTIFIERS
+from lakehouse.tables import DIRECT_IDENTIFIERS, PREDICTIONS, QUARANTINE, TENSORS, spec
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -187,17 +185,16 @@ def validate_lakehouse(
         raise CxrError(f"validating predictions needs the tensors table, which is missing under {lake}")
     batches = _build_batches(lake, settings, chosen, run_id=run_id, models=models, max_share=share)
     results = _run_gx(lake, settings, batches)
-    reports = storage.join(lake, "reports")
     result_uris: dict[str, str] = {}
     for name, result in results.items():
-        uri = storage.join(reports, "validation", f"{name}.json")
+        uri = storage.validation_uri(lake, name)
         body = {"lakehouse_uri": lake, "run_id": run_id, **result.to_dict()}
         storage.write_text(uri, json.dumps(body, indent=2, default=str), settings, content_type="application/json")
         result_uris[name] = uri
     report = ValidationReport(
         lakehouse_uri=lake,
         tables=results,
-        data_docs_uri=storage.join(reports, "data_docs", "index.html"),
+        data_docs_uri=storage.data_docs_index_uri(lake),
         result_uris=result_uris,
         run_id=run_id,
     )
@@ -215,7 +212,7 @@ def _present_tables(lake: str, settings: Settings) -> set[str]:
     found = set()
     for name in TABLES:
         try:
-            open_table(lake, name, settings)
+            open_table(lake, spec(name), settings)
         except TableNotFoundError:
             continue
         found.add(name)
@@ -240,22 +237,22 @@ def _build_batches(
         tensors = frames.read_tensors_frame(lake, settings)
         sizes = sorted({settings.resize_size, 224})
         out.append(_Batch("tensors", "tensors", partial(suites.tensors_suite, sizes=sizes), tensors))
-        names = open_table(lake, "tensors", settings).schema().to_arrow().names
+        names = open_table(lake, TENSORS, settings).schema().to_arrow().names
         columns = frames.columns_frame(names)
         keys = frames.DIRECT_IDENTIFIER_KEYS
         out.append(
             _Batch("tensors", "tensors_columns", partial(suites.tensors_columns_suite, identifier_keys=keys), columns)
         )
     if "quarantine" in chosen:
-        quarantine = read_arrow(lake, "quarantine", settings)
+        quarantine = read_arrow(lake, QUARANTINE, settings)
         out.append(_Batch("quarantine", "quarantine", suites.quarantine_suite, frames.quarantine_frame(quarantine)))
         runs = frames.quarantine_runs_frame(quarantine, frames.read_run_summaries(lake, settings), run_id=run_id)
         out.append(
             _Batch("quarantine", "quarantine_runs", partial(suites.quarantine_runs_suite, max_share=max_share), runs)
         )
     if "predictions" in chosen:
-        predictions = read_arrow(lake, "predictions", settings)
-        tensor_ids = read_arrow(lake, "tensors", settings, columns=["image_id"]).column("image_id").to_pylist()
+        predictions = read_arrow(lake, PREDICTIONS, settings)
+        tensor_ids = read_arrow(lake, TENSORS, settings, columns=["image_id"]).column("image_id").to_pylist()
         rows = frames.predictions_frame(predictions, tensor_ids)
         out.append(_Batch("predictions", "predictions", suites.predictions_suite, rows))
         wanted = frames.coverage_models(predictions, models=models, run_id=run_id)
@@ -278,7 +275,7 @@ def _run_gx(lake: str, settings: Settings, batches: Sequence[_Batch]) -> dict[st
         context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         gx_root = Path(str(context.root_directory))
         store = gx_root / "uncommitted" / "validations"
-        history = storage.join(lake, "reports", "gx_validations")
+        history = storage.gx_history_uri(lake)
         validated = {b.suite_name for b in batches}
         _seed_history(history, store, settings, skip=validated)
         source = context.data_sources.add_pandas("cxr_lakehouse")
@@ -306,10 +303,10 @@ def _run_gx(lake: str, settings: Settings, batches: Sequence[_Batch]) -> dict[st
                 per_table.setdefault(b.table, []).append((suite.name, run_result, len(b.frame)))
         context.build_data_docs()
         site = gx_root / "uncommitted" / "data_docs" / "local_site"
-        _put_tree(site, storage.join(lake, "reports", "data_docs"), settings)
+        storage.put_tree(site, storage.data_docs_uri(lake), settings)
         for name in sorted(validated):
             if (store / name).is_dir():
-                _put_tree(store / name, storage.join(history, name), settings)
+                storage.put_tree(store / name, storage.join(history, name), settings)
     return {table: _table_result(table, runs) for table, runs in per_table.items()}
 
 
@@ -403,37 +400,6 @@ def _plain(value: Any) -> Any:
         except (TypeError, ValueError):
             return str(value)
     return str(value)
-
-
-# --- copying folders to a folder or s3:// -----------------------------------------------------------
-def _put_tree(local: Path, dest_uri: str, settings: Settings) -> int:
-    """Replace ``dest_uri`` by the files under ``local`` (folder or s3://); return the file count."""
-    dest = storage.normalize_uri(dest_uri)
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    if not storage.is_s3(dest):
-        target = Path(dest)
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(local, target)
-        return len(files)
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = storage.split_s3(dest)
-    client = storage.s3_client(settings)
-    keys = {f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/") for p in files}
-    try:
-        stale = [f.uri for f in storage.list_files(dest, settings)]
-        for p in files:
-            key = f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/")
-            ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
-            client.put_object(Bucket=bucket, Key=key, Body=p.read_bytes(), ContentType=ctype)
-        for uri in stale:
-            key = storage.split_s3(uri)[1]
-            if key not in keys:  # a page of an earlier build that the new index no longer links
-                client.delete_object(Bucket=bucket, Key=key)
-    except (BotoCoreError, ClientError) as exc:
-        raise StorageError(f"cannot write {dest}: {exc}") from exc
-    return len(files)
 
 
 def _seed_history(history_uri: str, store: Path, settings: Settings, *, skip: set[str]) -> None:

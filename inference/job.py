@@ -279,7 +279,7 @@ def run_infer(
     malloc_tuned = tune_allocator()
     upstream_url(model_id)  # an unknown name is an error, never a stand-in
     try:
-        tensors = delta_rs.open_table(lakehouse_uri, TENSORS.name, settings)
+        tensors = delta_rs.open_table(lakehouse_uri, TENSORS, settings)
     except TableNotFoundError as exc:
         raise CxrError(f"no tensors table under {lakehouse_uri}: run `cxr preprocess` first") from exc
     try:

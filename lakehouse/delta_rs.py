@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from deltalake import DeltaTable
 
 
-def open_table(lakehouse_uri: str, name: str, settings: Settings, *, version: int | None = None) -> DeltaTable:
+def open_table(lakehouse_uri: str, spec: TableSpec, settings: Settings, *, version: int | None = None) -> DeltaTable:
     """Open a lakehouse table with delta-rs.
 
     Raises:
@@ -32,7 +32,7 @@ def open_table(lakehouse_uri: str, name: str, settings: Settings, *, version: in
     """
     from deltalake import DeltaTable
 
-    uri = table_uri(lakehouse_uri, name)
+    uri = table_uri(lakehouse_uri, spec)
     return DeltaTable(uri, version=version, storage_options=delta_storage_options(uri, settings))
 
 
@@ -40,7 +40,7 @@ def ensure_table(lakehouse_uri: str, spec: TableSpec, settings: Settings) -> Del
     """Open the table of ``spec``, creating it empty (with the contract's properties) when missing."""
     from deltalake import DeltaTable
 
-    uri = table_uri(lakehouse_uri, spec.name)
+    uri = table_uri(lakehouse_uri, spec)
     return DeltaTable.create(
         uri,
         schema=arrow_schema(spec),
@@ -51,9 +51,11 @@ def ensure_table(lakehouse_uri: str, spec: TableSpec, settings: Settings) -> Del
     )
 
 
-def read_arrow(lakehouse_uri: str, name: str, settings: Settings, *, columns: list[str] | None = None) -> pa.Table:
+def read_arrow(
+    lakehouse_uri: str, spec: TableSpec, settings: Settings, *, columns: list[str] | None = None
+) -> pa.Table:
     """Read a whole table (or some of its columns) as Arrow; fine for small tables and tests."""
-    return open_table(lakehouse_uri, name, settings).to_pyarrow_table(columns=columns)
+    return open_table(lakehouse_uri, spec, settings).to_pyarrow_table(columns=columns)
 
 
 def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settings) -> int:
@@ -150,7 +152,7 @@ def write_data_file(
 
 def _data_file_uri(lakehouse_uri: str, spec: TableSpec, path: str) -> str:
     """Where a data file (``path`` relative to the table root, as the log records it) lives."""
-    return storage.join(table_uri(lakehouse_uri, spec.name), path)
+    return storage.join(table_uri(lakehouse_uri, spec), path)
 
 
 def delta_stats(table: pa.Table) -> str:

@@ -40,7 +40,7 @@ class RunSummary:
 
 def write_summary(lakehouse_uri: str, name: str, body: dict[str, Any], settings: Settings) -> str:
     """Write ``body`` as ``<lakehouse>/runs/<name>.json``; return its URI."""
-    uri = storage.join(lakehouse_uri, "runs", f"{name}.json")
+    uri = storage.run_summary_uri(lakehouse_uri, name)
     storage.write_text(uri, json.dumps(body, indent=2, sort_keys=True), settings, content_type="application/json")
     return uri
 
@@ -49,9 +49,7 @@ def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: RunKind | No
     """Every run summary under ``<lakehouse>/runs/`` (of one ``kind`` when given); none when the folder is
     missing. Files that are not JSON objects with a ``run_id`` are skipped with a warning."""
     try:
-        listed = [
-            f for f in storage.list_files(storage.join(lakehouse_uri, "runs"), settings) if f.uri.endswith(".json")
-        ]
+        listed = [f for f in storage.list_files(storage.runs_uri(lakehouse_uri), settings) if f.uri.endswith(".json")]
     except StorageError:
         return []  # no run has written a summary yet
     out = []

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.errors import SourceReadError, StorageError
+from lakehouse.tables import TABLE_NAMES, TableSpec
 
 if TYPE_CHECKING:
     from lakehouse.config import Settings
-
-TABLE_NAMES = ("tensors", "quarantine", "predictions")
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,59 @@ def join(uri: str, *parts: str) -> str:
     return f"{base}/{tail}" if tail else base
 
 
-def table_uri(lakehouse_uri: str, table: str) -> str:
-    """Where table ``table`` of the lakehouse lives."""
-    if table not in TABLE_NAMES:
-        raise StorageError(f"unknown table {table!r}: expected one of {TABLE_NAMES}")
-    return join(lakehouse_uri, table)
+# --- the lakehouse layout: every path under the lakehouse root is spelled here, once -------------------
+def table_uri(lakehouse_uri: str, table: TableSpec | str) -> str:
+    """Where a table of the lakehouse lives: ``<lakehouse>/<name>``."""
+    name = table.name if isinstance(table, TableSpec) else table
+    if name not in TABLE_NAMES:
+        raise StorageError(f"unknown table {name!r}: expected one of {TABLE_NAMES}")
+    return join(lakehouse_uri, name)
+
+
+def runs_uri(lakehouse_uri: str) -> str:
+    """The folder of run summaries: ``<lakehouse>/runs``."""
+    return join(lakehouse_uri, "runs")
+
+
+def run_summary_uri(lakehouse_uri: str, name: str) -> str:
+    """One run summary: ``<lakehouse>/runs/<name>.json``."""
+    return join(runs_uri(lakehouse_uri), f"{name}.json")
+
+
+def reports_uri(lakehouse_uri: str) -> str:
+    """The folder of reports: ``<lakehouse>/reports``."""
+    return join(lakehouse_uri, "reports")
+
+
+def validation_uri(lakehouse_uri: str, table: str | None = None) -> str:
+    """Validation results: the folder ``<lakehouse>/reports/validation``, or one table's ``<table>.json``."""
+    folder = join(reports_uri(lakehouse_uri), "validation")
+    return join(folder, f"{table}.json") if table else folder
+
+
+def gx_history_uri(lakehouse_uri: str) -> str:
+    """The stored GX validation results Data Docs are rebuilt from: ``<lakehouse>/reports/gx_validations``."""
+    return join(reports_uri(lakehouse_uri), "gx_validations")
+
+
+def data_docs_uri(lakehouse_uri: str) -> str:
+    """The Data Docs site: ``<lakehouse>/reports/data_docs``."""
+    return join(reports_uri(lakehouse_uri), "data_docs")
+
+
+def data_docs_index_uri(lakehouse_uri: str) -> str:
+    """The Data Docs start page: ``<lakehouse>/reports/data_docs/index.html``."""
+    return join(data_docs_uri(lakehouse_uri), "index.html")
+
+
+def report_uri(lakehouse_uri: str) -> str:
+    """The HTML run report: ``<lakehouse>/reports/report.html``."""
+    return join(reports_uri(lakehouse_uri), "report.html")
+
+
+def published_uri(lakehouse_uri: str) -> str:
+    """The record of the audited table versions: ``<lakehouse>/reports/published.json``."""
+    return join(reports_uri(lakehouse_uri), "published.json")
 
 
 def hadoop_uri(uri: str) -> str:
@@ -269,3 +316,69 @@ def read_text(uri: str, settings: Settings) -> str:
     if is_s3(u):
         return read_bytes(u, settings).decode()
     return Path(u).read_text()
+
+
+def exists(uri: str, settings: Settings) -> bool:
+    """True when the file exists (folder or s3://).
+
+    Raises:
+        StorageError: when the store cannot be asked (network, permissions other than a missing key).
+    """
+    if not is_s3(uri):
+        return os.path.isfile(uri)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        s3_client(settings).head_object(Bucket=bucket, Key=key)
+    except ClientError:
+        return False
+    except BotoCoreError as exc:
+        raise StorageError(f"cannot check {uri}: {exc}") from exc
+    return True
+
+
+def put_tree(local: Path, dest_uri: str, settings: Settings) -> int:
+    """Replace ``dest_uri`` (folder or s3://) by the files under the local folder ``local``.
+
+    On s3:// every file is uploaded with its content type, then objects under ``dest_uri`` that the new
+    tree does not hold are deleted (pages of an earlier build the new index no longer links).
+
+    Returns:
+        The number of files written.
+
+    Raises:
+        StorageError: when the destination cannot be written.
+    """
+    import mimetypes
+    import shutil
+
+    dest = normalize_uri(dest_uri)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    if not is_s3(dest):
+        target = Path(dest)
+        try:
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(local, target)
+        except OSError as exc:
+            raise StorageError(f"cannot write {dest}: {exc}") from exc
+        return len(files)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3(dest)
+    client = s3_client(settings)
+    keys = {f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/") for p in files}
+    try:
+        stale = [f.uri for f in list_files(dest, settings)]
+        for p in files:
+            key = f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/")
+            ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
+            client.put_object(Bucket=bucket, Key=key, Body=p.read_bytes(), ContentType=ctype)
+        for uri in stale:
+            key = split_s3(uri)[1]
+            if key not in keys:
+                client.delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageError(f"cannot write {dest}: {exc}") from exc
+    return len(files)

@@ -163,7 +163,21 @@ PREDICTIONS = TableSpec(
     properties=READABLE_PROTOCOL,
 )
 
-SPECS = {s.name: s for s in (TENSORS, QUARANTINE, PREDICTIONS)}
+#: every table of the lakehouse by name: the one list of table names (``TABLE_NAMES``) derives from it
+SPECS: dict[str, TableSpec] = {s.name: s for s in (TENSORS, QUARANTINE, PREDICTIONS)}
+TABLE_NAMES: tuple[str, ...] = tuple(SPECS)
+
+
+def spec(name: str) -> TableSpec:
+    """The contract of table ``name``.
+
+    Raises:
+        KeyError: naming the known tables, for an unknown name.
+    """
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise KeyError(f"unknown table {name!r}: expected one of {TABLE_NAMES}") from None
 
 
 def arrow_type(type_name: str) -> pa.DataType:

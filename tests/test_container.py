@@ -15,6 +15,7 @@ import pytest
 
 from lakehouse.config import Settings
 from lakehouse.delta_rs import read_arrow
+from lakehouse.tables import PREDICTIONS
 from tests.conftest import MODEL, write_tensors_table
 from transforms.sample import write_samples
 
@@ -62,4 +63,4 @@ def test_entrypoint_runs_with_the_image_environment(tmp_path: Path, checkpoint: 
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout)[0]
     assert (summary["model_id"], summary["predicted"], summary["untrained"]) == (MODEL, n, False)
-    assert read_arrow(str(tmp_path / "lake"), "predictions", settings).num_rows == n
+    assert read_arrow(str(tmp_path / "lake"), PREDICTIONS, settings).num_rows == n

@@ -15,6 +15,7 @@ import pytest
 from deltalake import DeltaTable
 
 from lakehouse.config import Settings
+from lakehouse.tables import PREDICTIONS, TENSORS
 from tests.conftest import MODEL, TEST_KEY, make_bucket, upload_dir
 from transforms.sample import INVALID_KINDS, VALID_KINDS
 
@@ -216,8 +217,8 @@ def test_local_dag_on_the_local_s3_server(
     from lakehouse.delta_rs import read_arrow
     from lakehouse.storage import read_text
 
-    tensors = read_arrow(f"{bucket}/lake", "tensors", settings, columns=["image_id"])
-    preds = read_arrow(f"{bucket}/lake", "predictions", settings, columns=["image_id", "model_id"])
+    tensors = read_arrow(f"{bucket}/lake", TENSORS, settings, columns=["image_id"])
+    preds = read_arrow(f"{bucket}/lake", PREDICTIONS, settings, columns=["image_id", "model_id"])
     assert tensors.num_rows == n == len(VALID_KINDS)
     assert preds.num_rows == n
     assert "<html" in read_text(f"{bucket}/lake/reports/report.html", settings).lower()

@@ -18,7 +18,7 @@ from inference.job import Shard, run_infer
 from lakehouse.config import Settings
 from lakehouse.delta_rs import read_arrow
 from lakehouse.errors import WeightsNotFoundError
-from lakehouse.tables import PATHOLOGY_COLUMNS, UNTRAINED_SUFFIX, decode_tensor
+from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, UNTRAINED_SUFFIX, decode_tensor
 from tests.conftest import MODEL, write_tensors_table
 from transforms.sample import VALID_KINDS, write_samples
 
@@ -68,11 +68,11 @@ def test_predictions_equal_xrv_called_directly(
         progress=False,
     )
     assert (s.predicted, s.candidates, s.untrained, s.extra["graph"]) == (lake[1], lake[1], False, graph)
-    preds = read_arrow(str(root), "predictions", settings).to_pylist()
-    tensors = {r["image_id"]: r for r in read_arrow(str(root), "tensors", settings).to_pylist()}
+    preds = read_arrow(str(root), PREDICTIONS, settings).to_pylist()
+    tensors = {r["image_id"]: r for r in read_arrow(str(root), TENSORS, settings).to_pylist()}
     model = xrv.models.DenseNet(weights=MODEL, cache_dir=str(checkpoint.parent)).eval()
     # xrv's model called directly on the same tensors, in the same batches the job formed
-    order = read_arrow(str(root), "tensors", settings).column("image_id").to_pylist()
+    order = read_arrow(str(root), TENSORS, settings).column("image_id").to_pylist()
     expected_by_id = {}
     for start in range(0, len(order), 3):
         ids = order[start : start + 3]
@@ -103,7 +103,7 @@ def test_rerun_scores_only_missing_pairs(
     first = run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
     again = run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
     assert (first.predicted, again.predicted, again.already_predicted) == (lake[1], 0, lake[1])
-    assert read_arrow(str(root), "predictions", settings).num_rows == lake[1]
+    assert read_arrow(str(root), PREDICTIONS, settings).num_rows == lake[1]
 
 
 def test_shards_are_disjoint_and_complete(
@@ -122,7 +122,7 @@ def test_shards_are_disjoint_and_complete(
         for i in range(3)
     ]
     counts = [s.predicted for s in runs]
-    ids = read_arrow(str(root), "predictions", settings).column("image_id").to_pylist()
+    ids = read_arrow(str(root), PREDICTIONS, settings).column("image_id").to_pylist()
     assert sum(counts) == len(ids) == len(set(ids)) == lake[1]
     # candidates count every image a shard owns, predicted before or not: disjoint means they sum to n
     assert sum(s.candidates for s in runs) == lake[1]
@@ -141,7 +141,7 @@ def test_untrained_stand_in_says_so_in_every_row(
         run_infer(str(root), settings=settings, device="cpu", progress=False)
     s = run_infer(str(root), settings=settings, allow_untrained=True, device="cpu", progress=False)
     assert s.untrained and s.model_id == MODEL + UNTRAINED_SUFFIX
-    rows = read_arrow(str(root), "predictions", settings).to_pylist()
+    rows = read_arrow(str(root), PREDICTIONS, settings).to_pylist()
     assert len(rows) == lake[1]
     assert all(
         r["model_id"].endswith(UNTRAINED_SUFFIX)
@@ -170,10 +170,10 @@ def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     del log
-    partial = read_arrow(str(root), "predictions", settings).num_rows
+    partial = read_arrow(str(root), PREDICTIONS, settings).num_rows
     assert 0 < partial < lake[1]
     s = run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
-    ids = read_arrow(str(root), "predictions", settings).column("image_id").to_pylist()
+    ids = read_arrow(str(root), PREDICTIONS, settings).column("image_id").to_pylist()
     assert (s.already_predicted, s.predicted) == (partial, lake[1] - partial)
     assert len(ids) == len(set(ids)) == lake[1]
 
@@ -189,8 +189,8 @@ def test_within_2e3_of_xrvs_own_preprocessing_and_model(
 
     root = _copy(lake[0], tmp_path)
     run_infer(str(root), settings=settings, weights_dir=str(checkpoint.parent), device="cpu", progress=False)
-    preds = read_arrow(str(root), "predictions", settings).to_pylist()
-    uris = {r["image_id"]: r["source_uri"] for r in read_arrow(str(root), "tensors", settings).to_pylist()}
+    preds = read_arrow(str(root), PREDICTIONS, settings).to_pylist()
+    uris = {r["image_id"]: r["source_uri"] for r in read_arrow(str(root), TENSORS, settings).to_pylist()}
     model = xrv.models.DenseNet(weights=MODEL, cache_dir=str(checkpoint.parent)).eval()
     kinds = set()
     for p in preds:
@@ -248,7 +248,7 @@ def test_resnet50_res512_on_224_tensors_upsamples_like_xrv(
     weights.mkdir()
     files = write_samples(tmp_path / "in", count=3, seed=11)
     write_tensors_table(tmp_path / "lake", files, settings)
-    tensors = read_arrow(str(tmp_path / "lake"), "tensors", settings).to_pylist()
+    tensors = read_arrow(str(tmp_path / "lake"), TENSORS, settings).to_pylist()
     batch = torch.from_numpy(np.stack([decode_tensor(t["tensor"], "float16", [1, 224, 224]) for t in tensors]))
     torch.manual_seed(0)
     net = torchvision.models.resnet50(num_classes=18, weights=None).eval()
@@ -265,7 +265,7 @@ def test_resnet50_res512_on_224_tensors_upsamples_like_xrv(
     torch.save(net.state_dict(), weights / upstream_filename(name))  # xrv's ResNet files are state dicts
     s = run_infer(str(tmp_path / "lake"), settings=settings, model_id=name, weights_dir=str(weights), progress=False)
     assert (s.predicted, s.untrained) == (3, False)
-    preds = {r["image_id"]: r for r in read_arrow(str(tmp_path / "lake"), "predictions", settings).to_pylist()}
+    preds = {r["image_id"]: r for r in read_arrow(str(tmp_path / "lake"), PREDICTIONS, settings).to_pylist()}
     model = xrv.models.ResNet(weights=name, cache_dir=str(weights)).eval()
     capsys.readouterr()
     with torch.inference_mode():

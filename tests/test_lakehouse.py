@@ -157,5 +157,5 @@ def test_concurrent_delta_rs_merges_both_land(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(inserted) == [20, 20, 20, 20]
-    assert read_arrow(str(tmp_path), "quarantine", settings).num_rows == 80
+    assert read_arrow(str(tmp_path), QUARANTINE, settings).num_rows == 80
     assert merge_insert_new(str(tmp_path), QUARANTINE, rows("a"), settings) == 0  # null-safe key: no double insert

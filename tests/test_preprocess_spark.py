@@ -12,7 +12,7 @@ import pytest
 
 from lakehouse.config import Settings
 from lakehouse.delta_rs import open_table, read_arrow
-from lakehouse.tables import decode_tensor
+from lakehouse.tables import QUARANTINE, TENSORS, decode_tensor
 from tests.conftest import TEST_KEY, make_bucket, upload_dir
 from transforms.decode import pseudonymize
 from transforms.preprocess import Summary, run_preprocess
@@ -39,15 +39,15 @@ def test_counts_reconcile_and_every_input_is_accounted_for(first_run, samples_di
     assert s.discovered == n_files == len(VALID_KINDS) + len(INVALID_KINDS)
     assert (s.new, s.already_present, s.duplicates, s.quarantined) == (len(VALID_KINDS), 0, 0, len(INVALID_KINDS))
     assert s.reconciles
-    tensors = read_arrow(str(lake), "tensors", settings)
-    quarantine = read_arrow(str(lake), "quarantine", settings)
+    tensors = read_arrow(str(lake), TENSORS, settings)
+    quarantine = read_arrow(str(lake), QUARANTINE, settings)
     seen = set(tensors.column("source_uri").to_pylist()) | set(quarantine.column("source_uri").to_pylist())
     assert seen == {str(p) for p in samples_dir.rglob("*") if p.is_file()}
 
 
 def test_quarantine_has_a_reason_per_bad_kind(first_run, samples_dir: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     lake, s = first_run
-    q = read_arrow(str(lake), "quarantine", settings).to_pylist()
+    q = read_arrow(str(lake), QUARANTINE, settings).to_pylist()
     by_name = {Path(r["source_uri"]).name: r for r in q}
     for kind, (fname, _, expected) in INVALID_KINDS.items():
         row = by_name[f"{kind}_{fname}"]
@@ -64,7 +64,7 @@ def test_tensors_equal_the_pure_function_and_contract(first_run, samples_dir: Pa
     import json
 
     lake, s = first_run
-    rows = read_arrow(str(lake), "tensors", settings).to_pylist()
+    rows = read_arrow(str(lake), TENSORS, settings).to_pylist()
     assert len(rows) == len(VALID_KINDS)
     for row in rows:
         data = Path(row["source_uri"]).read_bytes()
@@ -86,7 +86,7 @@ def test_tensors_equal_the_pure_function_and_contract(first_run, samples_dir: Pa
 def test_no_phi_in_any_column_or_file(first_run, samples_dir: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     lake, _ = first_run
     forbidden = ["SYNTHETIC^PATIENT", "SYNTHETIC", "SYN-000", "19700101", "SYNTHETIC HOSPITAL"]
-    for table in ("tensors", "quarantine"):
+    for table in (TENSORS, QUARANTINE):
         t = read_arrow(str(lake), table, settings)
         names = set(t.column_names)
         assert not names & {"patient_name", "patient_id", "patient_birth_date", "institution_name"}
@@ -100,7 +100,7 @@ def test_no_phi_in_any_column_or_file(first_run, samples_dir: Path, settings: Se
         if f.is_file():
             blob = f.read_bytes()
             assert b"SYN-000" not in blob and b"SYNTHETIC^PATIENT" not in blob, f
-    dicom_rows = [r for r in read_arrow(str(lake), "tensors", settings).to_pylist() if r["source_format"] == "dicom"]
+    dicom_rows = [r for r in read_arrow(str(lake), TENSORS, settings).to_pylist() if r["source_format"] == "dicom"]
     assert dicom_rows
     for r in dicom_rows:
         seed = int(Path(r["source_uri"]).stem.rsplit("_", 1)[1])
@@ -109,7 +109,7 @@ def test_no_phi_in_any_column_or_file(first_run, samples_dir: Path, settings: Se
 
 def test_tables_stay_readable_by_delta_rs_and_athena(first_run, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     lake, _ = first_run
-    for table in ("tensors", "quarantine"):
+    for table in (TENSORS, QUARANTINE):
         dt = open_table(str(lake), table, settings)
         proto = dt.protocol()
         assert (proto.min_reader_version, proto.min_writer_version) == (1, 2)
@@ -123,8 +123,8 @@ def test_tables_stay_readable_by_delta_rs_and_athena(first_run, settings: Settin
 
 def test_rerun_is_idempotent(spark, settings: Settings, samples_dir: Path, first_run) -> None:  # type: ignore[no-untyped-def]
     lake, first = first_run
-    before_t = read_arrow(str(lake), "tensors", settings).num_rows
-    before_q = read_arrow(str(lake), "quarantine", settings).num_rows
+    before_t = read_arrow(str(lake), TENSORS, settings).num_rows
+    before_q = read_arrow(str(lake), QUARANTINE, settings).num_rows
     again = _run(spark, settings, samples_dir, lake)
     assert (again.new, again.already_present, again.quarantined, again.duplicates) == (
         0,
@@ -134,9 +134,9 @@ def test_rerun_is_idempotent(spark, settings: Settings, samples_dir: Path, first
     )
     # only the quarantined inputs are read again; known images are skipped before decoding
     assert again.decoded == first.quarantined
-    assert read_arrow(str(lake), "tensors", settings).num_rows == before_t
-    assert read_arrow(str(lake), "quarantine", settings).num_rows == before_q
-    assert set(pc.unique(read_arrow(str(lake), "tensors", settings).column("run_id")).to_pylist()) == {first.run_id}
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == before_t
+    assert read_arrow(str(lake), QUARANTINE, settings).num_rows == before_q
+    assert set(pc.unique(read_arrow(str(lake), TENSORS, settings).column("run_id")).to_pylist()) == {first.run_id}
 
 
 def test_incremental_add_decodes_only_new_files(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -151,7 +151,7 @@ def test_incremental_add_decodes_only_new_files(spark, settings: Settings, tmp_p
     shutil.copy(inp / "a000.png", inp / "copy_of_a000.png")  # known bytes under a new path: hashed, not decoded
     s2 = _run(spark, settings, inp, lake)
     assert (s2.discovered, s2.new, s2.already_present, s2.decoded) == (16, 3, 13, 3)
-    assert read_arrow(str(lake), "tensors", settings).num_rows == 15
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == 15
 
 
 def test_same_bytes_under_two_paths_give_one_row(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -169,7 +169,7 @@ def test_same_bytes_under_two_paths_give_one_row(spark, settings: Settings, tmp_
         {"source_uri": str(inp / "x/two.png"), "duplicate_of": first},
         {"source_uri": str(inp / "zz_three.png"), "duplicate_of": first},
     ]
-    t = read_arrow(str(lake), "tensors", settings)
+    t = read_arrow(str(lake), TENSORS, settings)
     assert sorted(t.column("source_uri").to_pylist()) == sorted([first, str(inp / "other.png")])
     # the duplicates' data files were written by their tasks and dropped before the commit: no orphan
     assert _files_on_disk(lake) == _committed_files(lake, settings)
@@ -181,14 +181,14 @@ def _files_on_disk(lake: Path) -> set[str]:
 
 
 def _committed_files(lake: Path, settings: Settings) -> set[str]:
-    return {Path(f).name for f in open_table(str(lake), "tensors", settings).file_uris()}
+    return {Path(f).name for f in open_table(str(lake), TENSORS, settings).file_uris()}
 
 
 def test_spark_and_the_delta_log_see_the_worker_written_files(spark, first_run, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     """The tensors are written by Python workers and committed with delta-rs: Spark reads them as a
     Delta table, the log's per-file statistics are exact, and every file on disk is committed."""
     lake, summary = first_run
-    expected = read_arrow(str(lake), "tensors", settings).sort_by("image_id")
+    expected = read_arrow(str(lake), TENSORS, settings).sort_by("image_id")
     df = spark.read.format("delta").load(str(lake / "tensors"))
     assert df.count() == expected.num_rows == summary.new
     got = df.orderBy("image_id").select("image_id", "tensor", "tensor_shape", "ingested_at").toArrow()
@@ -263,7 +263,7 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
     assert [f.num_records for f in files] == [2, 2]  # the untouched file, then the rewrite of the other
     assert written[1] in files and written[0] not in files
     assert delta_rs.commit_data_files(str(lake), TENSORS, files, settings, run_id="r") == 4
-    t = read_arrow(str(lake), "tensors", settings)
+    t = read_arrow(str(lake), TENSORS, settings)
     assert t.num_rows == 5 and len(set(t.column("image_id").to_pylist())) == 5
     assert _files_on_disk(lake) == _committed_files(lake, settings)  # the replaced file was deleted
 
@@ -286,7 +286,7 @@ def test_a_failure_before_the_commit_leaves_no_data_file(
     with pytest.raises(RuntimeError, match="before the commit"):
         _run(spark, settings, inp, lake)
     assert _files_on_disk(lake) == set()
-    assert read_arrow(str(lake), "tensors", settings).num_rows == 0
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == 0
     monkeypatch.undo()
     assert _run(spark, settings, inp, lake).new == 3  # and the rerun completes
 
@@ -296,7 +296,7 @@ def test_float32_and_size_options(spark, settings: Settings, tmp_path: Path) -> 
     inp.mkdir()
     (inp / "a.dcm").write_bytes(dicom_bytes(to_uint(synthetic_cxr(90, 120, seed=5), 12), bits_stored=12))
     _run(spark, settings.with_overrides(tensor_dtype="float32", resize_size=64), inp, lake)
-    row = read_arrow(str(lake), "tensors", settings).to_pylist()[0]
+    row = read_arrow(str(lake), TENSORS, settings).to_pylist()[0]
     assert row["tensor_dtype"] == "float32" and row["tensor_shape"] == [1, 64, 64] and len(row["tensor"]) == 64 * 64 * 4
     assert np.isfinite(decode_tensor(row["tensor"], "float32", [1, 64, 64])).all()
 
@@ -308,10 +308,10 @@ def test_s3_input_and_s3_lakehouse_round_trip(spark, settings: Settings, samples
     lake = f"{bucket_lake}/lakehouse"
     s = _run(spark, settings, f"{bucket_in}/archive", lake)
     assert (s.discovered, s.new, s.quarantined) == (n, len(VALID_KINDS), len(INVALID_KINDS)) and s.reconciles
-    tensors = read_arrow(lake, "tensors", settings)
+    tensors = read_arrow(lake, TENSORS, settings)
     assert tensors.num_rows == len(VALID_KINDS)
     assert all(u.startswith("s3://cxr-raw/archive/") for u in tensors.column("source_uri").to_pylist())
-    assert read_arrow(lake, "quarantine", settings).num_rows == len(INVALID_KINDS)
+    assert read_arrow(lake, QUARANTINE, settings).num_rows == len(INVALID_KINDS)
     again = _run(spark, settings, f"{bucket_in}/archive", lake)
     assert (again.new, again.already_present) == (0, len(VALID_KINDS))
     # the run summary went to the lakehouse too

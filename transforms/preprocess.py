@@ -417,7 +417,7 @@ def _without_rows(
     from lakehouse import delta_rs
 
     current = frozenset(
-        delta_rs.open_table(lakehouse_uri, "tensors", settings)
+        delta_rs.open_table(lakehouse_uri, TENSORS, settings)
         .to_pyarrow_table(columns=["image_id"])
         .column("image_id")
         .to_pylist()
@@ -450,7 +450,7 @@ def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: S
     from lakehouse import delta_rs
     from lakehouse.errors import ConfigError
 
-    table = delta_rs.open_table(lakehouse_uri, "tensors", settings)
+    table = delta_rs.open_table(lakehouse_uri, TENSORS, settings)
     head = table.to_pyarrow_dataset().head(1, columns=["preprocess_params"]).column("preprocess_params").to_pylist()
     if not head:
         return
