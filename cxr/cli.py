@@ -299,16 +299,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"cxr settings (profile {settings.profile})", box=None, padding=(0, 2))
-    for col in ("setting", "value", "source", "variable"):
-        table.add_column(col)
-    for r in rows:
-        source = {"profile": f"profile default ({settings.profile})", "env": "environment"}.get(r.source, r.source)
-        table.add_row(r.name, r.value, source, r.env)
-    Console(soft_wrap=True).print(table)
+    names = {"profile": f"profile default ({settings.profile})", "env": "environment"}
+    cells = [(r.name, r.value, names.get(r.source, r.source), r.env) for r in rows]
+    header = ("setting", "value", "source", "variable")
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(3)]
+    lines = [f"cxr settings (profile {settings.profile}; flag > environment > profile default > default)"]
+    for c in [header, *cells]:
+        lines.append("  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3])
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 

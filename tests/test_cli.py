@@ -95,3 +95,26 @@ def test_a_stage_that_cannot_run_exits_2_with_one_line(tmp_path: Path) -> None:
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("cxr preprocess: ") and last.endswith("(run with -v for the traceback)")
     assert "Traceback" not in r.stderr
+
+
+def test_config_shows_sources_and_masks_the_pseudonym_key() -> None:
+    env = {"CXR_PSEUDONYM_KEY": "s3cr3t-hospital-key", "CXR_SPARK_LOG_LEVEL": "ERROR", "CXR_PROFILE": "local"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CXR_")}, **env}
+    r = subprocess.run(
+        [CXR, "config", "--lakehouse", "/data/lake", "--json"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert "s3cr3t" not in r.stdout and rows["pseudonym_key"]["value"] == "****** (set)"
+    assert (rows["pseudonym_key"]["source"], rows["pseudonym_key"]["env"]) == ("env", "CXR_PSEUDONYM_KEY")
+    assert (rows["lakehouse_uri"]["value"], rows["lakehouse_uri"]["source"]) == ("/data/lake", "flag")
+    assert (rows["input_uri"]["value"], rows["input_uri"]["source"]) == ("data/samples", "profile")
+    assert (rows["spark.log_level"]["value"], rows["spark.log_level"]["source"]) == ("ERROR", "env")
+    assert (rows["airflow.retry_delay_s"]["value"], rows["airflow.retry_delay_s"]["source"]) == ("60", "default")
+    text = subprocess.run([CXR, "config"], capture_output=True, text=True, env=env, timeout=60).stdout
+    assert "s3cr3t" not in text and "******" in text and "CXR_PSEUDONYM_KEY" in text
+    # without a key the built-in development key is named as such, never printed
+    dev = subprocess.run(
+        [CXR, "config"], capture_output=True, text=True, timeout=60, env={**env, "CXR_PSEUDONYM_KEY": ""}
+    )
+    assert "NOT secret" in dev.stdout and "cxr-dev-key-not-secret" not in dev.stdout

@@ -159,3 +159,29 @@ def test_concurrent_delta_rs_merges_both_land(tmp_path: Path) -> None:
     assert sorted(inserted) == [20, 20, 20, 20]
     assert read_arrow(str(tmp_path), QUARANTINE, settings).num_rows == 80
     assert merge_insert_new(str(tmp_path), QUARANTINE, rows("a"), settings) == 0  # null-safe key: no double insert
+
+
+def test_every_variable_lands_in_its_setting_with_its_source() -> None:
+    env = {
+        "CXR_PROFILE": "aws",
+        "CXR_SPARK_UI": "true",
+        "CXR_SHUFFLE_PARTITIONS": "3",
+        "CXR_RETRY_DELAY_S": "5",
+        "CXR_INFER_RUNNER": "process",
+        "CXR_EMR_MODE": "cluster",
+        "CXR_MALLOC_TUNING": "0",
+        "CXR_WEIGHTS_SHA256_DENSENET121_RES224_ALL": "ABCDEF",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:5000",
+    }
+    s = load_settings(env)
+    assert (s.spark.ui, s.spark.shuffle_partitions, s.airflow.retry_delay_s) == (True, 3, 5)
+    assert (s.airflow.infer_runner, s.aws.emr_mode, s.inference.malloc_tuning) == ("process", "cluster", False)
+    assert s.weights_sha256_for("densenet121-res224-all") == "abcdef" and s.weights_sha256_for("other") is None
+    assert s.s3_endpoint_url == "http://127.0.0.1:5000" and s.source("s3_endpoint_url") == "env"
+    assert (s.source("profile"), s.source("spark.ui"), s.source("spark.log_level")) == ("env", "env", "default")
+    assert (
+        s.source("lakehouse_uri") == "profile" and s.with_overrides(lakehouse_uri="x").source("lakehouse_uri") == "flag"
+    )
+    for bad in ({"CXR_SPARK_UI": "maybe"}, {"CXR_EMR_MODE": "yarn"}, {"CXR_SHUFFLE_PARTITIONS": "0"}):
+        with pytest.raises(ConfigError):
+            load_settings(bad)
