@@ -67,6 +67,9 @@ PARSE_PROBE = textwrap.dedent(
                                "downstream": sorted(t.downstream_task_ids),
                                "outlets": [getattr(o, "name", str(o)) for o in t.outlets],
                                "operator": type(t).__name__,
+                               "operator_module": type(t).__module__,
+                               "callable": (lambda f: f and f"{f.__module__}.{f.__name__}")(
+                                   getattr(t, "python_callable", None)),
                                "command": getattr(t, "command", None) or getattr(t, "bash_command", None),
                                "image": getattr(t, "image", None)}
                   for t in dag.tasks},
@@ -105,6 +108,19 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
         assert t["timeout"] and t["timeout"] > 0, task_id
     assert tasks["preprocess"]["outlets"] == ["cxr_tensors"]
     assert tasks["infer"]["outlets"] == ["cxr_predictions"]
+    # the tree: operators built in cxr.operators, every Python callable is a cxr.tasks function
+    assert (tasks["preprocess"]["operator"], tasks["preprocess"]["operator_module"]) == (
+        "CxrSparkSubmitOperator",
+        "cxr.operators",
+    )
+    callables = {task_id: t["callable"] for task_id, t in tasks.items() if t["callable"]}
+    assert callables == {
+        "wait_for_images": "cxr.tasks.new_images_waiting",
+        "validate_tensors": "cxr.tasks.validate_stage",
+        "validate_predictions": "cxr.tasks.validate_stage",
+        "publish": "cxr.tasks.publish_stage",
+        "report": "cxr.tasks.report_stage",
+    }
 
 
 INJECT = textwrap.dedent(
