@@ -39,6 +39,21 @@ def test_dockerfile_is_small_and_runs_as_non_root() -> None:
     assert "constraints" in text and "TORCH_VARIANT" in text and "BAKE_WEIGHTS" in text
     entrypoint, env = _image_contract()
     assert entrypoint == ["cxr", "infer"] and env["CXR_PROFILE"] == "aws"
+    # the image ships the CLI, the ground floor and the inference job: no Spark job, no GX suites
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", text, re.M))
+    assert copied == {"cxr", "lakehouse", "inference"}, copied
+
+
+#: run as sitecustomize in the entrypoint's process: the packages the image does not ship cannot be imported
+NOT_IN_IMAGE = """
+import sys
+class _NotInImage:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"transforms", "expectations", "dags", "pyspark", "airflow", "great_expectations"}:
+            raise ImportError(f"{name} is not in the inference image")
+        return None
+sys.meta_path.insert(0, _NotInImage())
+"""
 
 
 @pytest.mark.slow
@@ -49,6 +64,9 @@ def test_entrypoint_runs_with_the_image_environment(tmp_path: Path, checkpoint: 
     env = {k: v.replace("/home/cxr", str(tmp_path / "home")) for k, v in image_env.items()}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CXR_")}, **env}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NOT_IN_IMAGE)
+    env["PYTHONPATH"] = str(tmp_path / "site")
     args = [
         "--lakehouse",
         str(tmp_path / "lake"),
