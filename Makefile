@@ -9,6 +9,7 @@ PIP := $(VENV)/bin/pip
 CXR := $(VENV)/bin/cxr
 STAMP := $(VENV)/.installed
 CLASSPATH_FILE := jvm/classpath.txt
+JAVA_MK := jvm/java.mk
 SAMPLES ?= data/samples
 LAKEHOUSE ?= data/lakehouse
 COUNT ?= 34
@@ -30,6 +31,17 @@ RUN_ENV := CXR_MAX_QUARANTINE_SHARE=0.5
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
+# Java for Spark: jvm/setup_jvm.py finds a Java 17-21 runtime (or installs one) and writes $(JAVA_MK), which
+# exports JAVA_HOME and puts its bin/ first on PATH for every command below. Every goal but help, clean and
+# lock needs it: make builds that file first and then re-reads this Makefile, so even `make run` on a bare
+# machine runs everything on that Java. Should that runtime be gone later, the file is made again.
+ifneq ($(filter-out help clean lock,$(or $(MAKECMDGOALS),help)),)
+include $(JAVA_MK)
+endif
+$(JAVA_MK): jvm/setup_jvm.py $(if $(wildcard $(JAVA_HOME)/bin/java),,FORCE)
+	@$(PYTHON) jvm/setup_jvm.py java --out $@
+FORCE:
+
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null \
 	  || { echo "need $(PYTHON) 3.11-3.13 (set PYTHON=python3.x)"; exit 1; }
@@ -40,25 +52,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) check
 	touch $(STAMP)
 
-$(CLASSPATH_FILE): jvm/pom.xml
-	@command -v java >/dev/null || { echo "need a Java 17+ runtime for Spark (Debian: apt-get install openjdk-17-jre-headless)"; exit 1; }
-	@command -v mvn >/dev/null || { echo "need Maven to resolve the Delta/S3A jars (Debian: apt-get install maven)"; exit 1; }
-	cd jvm && mvn -q -B dependency:resolve && mvn -q -B dependency:build-classpath -Dmdep.outputFile=classpath.txt
-	@echo "Spark jars resolved into the local Maven repository ($(CLASSPATH_FILE))"
+$(CLASSPATH_FILE): jvm/pom.xml | $(STAMP)
+	$(PY) jvm/setup_jvm.py classpath --out $@
 
 CDS_ARCHIVE := jvm/cxr-classes.jsa
-$(CDS_ARCHIVE): $(CLASSPATH_FILE) $(STAMP)
+$(CDS_ARCHIVE): $(CLASSPATH_FILE) $(STAMP) $(JAVA_MK)
 	@echo "recording a JVM class-data-sharing archive (Spark starts seconds faster afterwards)"
 	@CXR_PSEUDONYM_KEY=setup $(PY) -c "from lakehouse.config import load_settings; from cxr.warmup import record_cds_archive; print(record_cds_archive(load_settings()) or '(no archive made: Spark will start a little slower)')" 2>/dev/null \
 	  || echo "(no archive made: Spark will start a little slower)"
 
-setup: $(STAMP) $(CLASSPATH_FILE) $(CDS_ARCHIVE) ## create .venv, install everything (locked), resolve the Spark jars with Maven
+setup: $(STAMP) $(CLASSPATH_FILE) $(CDS_ARCHIVE) ## create .venv, install everything (locked), find (or install) Java, resolve the Spark jars
 
 sample: setup ## generate synthetic sample X-rays into $(SAMPLES)
-	$(CXR) sample --output $(SAMPLES) --count $(COUNT) --include-invalid
+	@$(CXR) sample --output $(SAMPLES) --count $(COUNT) --include-invalid
 
-run: sample ## the main job: sample X-rays -> the Airflow DAG end to end (preprocess, validate, infer, publish, report)
-	$(RUN_ENV) $(AIRFLOW_ENV) $(CXR) run --input $(SAMPLES) --lakehouse $(LAKEHOUSE) $(RUN_FLAGS)
+run: sample ## the main job: sample X-rays -> the Airflow DAG end to end (one line per task; logs in .airflow/logs)
+	@$(RUN_ENV) $(AIRFLOW_ENV) $(CXR) run --input $(SAMPLES) --lakehouse $(LAKEHOUSE) $(RUN_FLAGS)
 
 s3: setup ## a local S3 server (moto) on 127.0.0.1:5000 (S3_PORT=...), in the foreground (Ctrl-C stops it)
 	@echo "export $(S3_ENV)"

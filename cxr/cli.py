@@ -311,9 +311,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cxr.local_run import run_local
+    from cxr.local_run import run_local, summary_lines
     from cxr.tasks import DEFAULT_MODELS
-    from lakehouse.storage import data_docs_index_uri, join, report_uri
 
     settings = load_settings()
     input_uri = args.input or settings.input_uri or "data/samples"
@@ -324,16 +323,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         models=args.model or list(DEFAULT_MODELS),
         allow_untrained=args.allow_untrained,
         weights_dir=args.weights_dir,
+        capture=not args.verbose,  # `cxr -v run`: Airflow's and the tasks' output on the terminal too
     )
-    sys.stdout.write(
-        f"pipeline run {result['run_id']}: {result['state']}\n"
-        + "".join(f"  {task:<22} {state}\n" for task, state in result["tasks"].items())
-        + f"tables:    {join(lakehouse_uri, 'tensors')}, {join(lakehouse_uri, 'quarantine')},"
-        f" {join(lakehouse_uri, 'predictions')}\n"
-        f"data docs: {data_docs_index_uri(lakehouse_uri)}\n"
-        f"report:    {report_uri(lakehouse_uri)}\n"
-    )
-    return 0
+    sys.stdout.write("".join(f"{line}\n" for line in summary_lines(result, lakehouse_uri=lakehouse_uri)))
+    return 0 if result.succeeded else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--top", type=int, default=8, help="thumbnails per finding (default 8)")
     rep.set_defaults(func=_cmd_report)
 
-    run = sub.add_parser("run", help="the whole Airflow DAG once, locally (dag.test(), SQLite in .airflow/)")
+    run = sub.add_parser(
+        "run",
+        help="the whole Airflow DAG once, locally (dag.test(), SQLite in .airflow/): one line per task here, "
+        "Airflow and Spark logs in .airflow/logs (exit 1 when the run failed)",
+    )
     run.add_argument("--input", help="images: folder or s3:// (default CXR_INPUT_URI or data/samples)")
     run.add_argument("--lakehouse", help="Delta tables: folder or s3:// (default CXR_LAKEHOUSE_URI or data/lakehouse)")
     run.add_argument("--model", action="append", help="xrv weights name (repeatable)")

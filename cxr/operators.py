@@ -68,6 +68,16 @@ def _spark_submit_operator_class() -> type:
             except Exception:  # noqa: BLE001 - not defined in Airflow: use the settings' master
                 os.environ[conn_env] = json.dumps({"conn_type": "spark", "host": master})
             self.conf = {**opts["conf"], **(self.conf or {})}
+            if (self._deploy_mode or "client") == "client":
+                # Spark's JVM at WARN (the task log keeps warnings and errors, not every stage); not in
+                # cluster deploy mode, where the hook finds the driver id in spark-submit's INFO lines
+                import shlex
+
+                log4j2 = Path(__file__).resolve().parent / "log4j2.properties"  # package data
+                java = self.conf.get("spark.driver.extraJavaOptions", "")
+                if "log4j2.configurationFile" not in java:
+                    option = shlex.quote(f"-Dlog4j2.configurationFile={log4j2}")
+                    self.conf["spark.driver.extraJavaOptions"] = f"{java} {option}".strip()
             for attr in ("driver_class_path", "jars", "packages"):
                 if attr in opts:
                     setattr(self, attr, opts[attr])

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lakehouse import storage
 from lakehouse.errors import CxrError, StorageError
-from lakehouse.runs import RunSummary, read_summaries
+from lakehouse.runs import InferRun, PreprocessRun, RunRecord, read_summaries
 from lakehouse.tables import PATHOLOGY_COLUMNS, TABLE_NAMES, TENSORS, UNTRAINED_SUFFIX, decode_tensor, spec
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def build_report(
         raise CxrError(f"--top {top}: give 0 or more thumbnails per finding")
     lake = storage.normalize_uri(lakehouse_uri)
     out = storage.normalize_uri(output) if output else default_output(lake)
-    runs = read_summaries(lake, settings)
+    runs = read_summaries(lake, settings, kind=RunRecord)
     tensors = _read_table(lake, "tensors", settings, ["image_id", "source_format", "run_id"])
     quarantine = _read_table(lake, "quarantine", settings, ["source_uri", "error_class", "error_message", "run_id"])
     predictions = _read_table(
@@ -132,35 +132,26 @@ def build_report(
             f"no lakehouse at {lake}: no tables and no run summaries there; run `cxr preprocess` first "
             "or check --lakehouse"
         )
-    preprocess_runs = sorted(
-        (r for r in runs if r.kind == "preprocess"),
-        key=lambda r: (r.mtime_ms, str(r.body.get("run_id", ""))),
-    )
-    infer_runs = sorted(
-        (r for r in runs if r.body.get("kind") == "infer"),
-        key=lambda r: (str(r.body.get("run_id", "")), str(r.body.get("model_id", ""))),
-    )
+    preprocess_runs = sorted((r for r in runs if isinstance(r, PreprocessRun)), key=lambda r: (r.mtime_ms, r.run_id))
+    infer_runs = sorted((r for r in runs if isinstance(r, InferRun)), key=lambda r: (r.run_id, r.model_id))
     run = _pick_run(preprocess_runs, run_id, lake)
-    selected_id = str(run["run_id"]) if run else None
+    selected_id = run.run_id if run else None
 
     models = _model_reports(lake, predictions, settings, top=max(top, 0))
-    untrained = sorted(
-        {m.model_id for m in models if m.untrained}
-        | {str(r.body.get("model_id")) for r in infer_runs if r.body.get("untrained")}
-    )
+    untrained = sorted({m.model_id for m in models if m.untrained} | {r.model_id for r in infer_runs if r.untrained})
     context = {
         "title": f"cxr run report: {selected_id or 'lakehouse'}",
         "lakehouse": lake,
         "generated_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
-        "run": run,
+        "run": run.body if run else None,
         "run_id": selected_id,
-        "accepted": (int(run.get("new", 0)) + int(run.get("already_present", 0))) if run else None,
-        "other_runs": [str(r.body.get("run_id")) for r in reversed(preprocess_runs)],
+        "accepted": run.new + run.already_present if run else None,
+        "other_runs": [r.run_id for r in reversed(preprocess_runs)],
         "duplicate_pairs": [
             {"source": _basename(p.get("source_uri", "")), "duplicate_of": _basename(p.get("duplicate_of", ""))}
-            for p in (run or {}).get("duplicate_pairs", [])
+            for p in (run.duplicate_pairs if run else [])
         ],
-        "quarantine_reasons": sorted(((run or {}).get("quarantine_reasons") or {}).items()),
+        "quarantine_reasons": sorted((run.quarantine_reasons if run else {}).items()),
         "run_quarantine": _run_quarantine_rows(quarantine, selected_id),
         "totals": _totals(tensors, quarantine, predictions, selected_id),
         "infer_runs": [r.body for r in infer_runs],
@@ -205,14 +196,14 @@ def write_report(
 
 
 # --- reading ------------------------------------------------------------------------------------------
-def _pick_run(runs: list[RunSummary], run_id: str | None, lake: str) -> dict[str, Any] | None:
+def _pick_run(runs: list[PreprocessRun], run_id: str | None, lake: str) -> PreprocessRun | None:
     """The requested preprocessing run, or the latest; None when there is none and none was asked for."""
     if run_id is None:
-        return runs[-1].body if runs else None
+        return runs[-1] if runs else None
     for r in runs:
-        if r.body.get("run_id") == run_id:
-            return r.body
-    known = ", ".join(str(r.body.get("run_id")) for r in runs) or "none"
+        if r.run_id == run_id:
+            return r
+    known = ", ".join(r.run_id for r in runs) or "none"
     raise CxrError(f"no preprocessing run {run_id!r} under {lake}/runs (known runs: {known})")
 
 
@@ -507,7 +498,7 @@ def _histogram_svg(scores: np.ndarray, *, title: str) -> Markup:
         f'<text x="{left - 3}" y="{base}" font-size="10" text-anchor="end">0</text>'
         "</svg>"
     )
-    return Markup(svg)  # noqa: S704 - built from numbers and escaped text only
+    return Markup(svg)  # built from numbers and escaped text only
 
 
 def _render(context: dict[str, Any]) -> str:

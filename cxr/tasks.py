@@ -55,10 +55,10 @@ def new_images_waiting(input_uri: str, lakehouse_uri: str) -> bool:
 
 def _duplicate_uris(lakehouse_uri: str, settings: Settings) -> set[str]:
     """Source URIs that earlier preprocessing runs found to duplicate another file (from ``runs/*.json``)."""
-    from lakehouse.runs import read_summaries
+    from lakehouse.runs import PreprocessRun, read_summaries
 
-    runs = read_summaries(lakehouse_uri, settings, kind="preprocess")
-    return {p["source_uri"] for r in runs for p in r.body.get("duplicate_pairs", [])}
+    runs = read_summaries(lakehouse_uri, settings, kind=PreprocessRun)
+    return {p["source_uri"] for r in runs for p in r.duplicate_pairs}
 
 
 def validate_stage(

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lakehouse.config import Settings
 from lakehouse.tables import DIRECT_IDENTIFIERS, PATHOLOGY_COLUMNS, TENSORS
@@ -22,6 +22,8 @@ from lakehouse.tables import DIRECT_IDENTIFIERS, PATHOLOGY_COLUMNS, TENSORS
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+
+    from lakehouse.runs import PreprocessRun
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +169,15 @@ def quarantine_frame(table: pa.Table) -> pd.DataFrame:
     return table.select(cols).to_pandas()
 
 
-def read_run_summaries(lakehouse_uri: str, settings: Settings) -> list[dict[str, Any]]:
+def read_run_summaries(lakehouse_uri: str, settings: Settings) -> list[PreprocessRun]:
     """Every preprocessing run summary under ``<lakehouse>/runs/``."""
-    from lakehouse.runs import read_summaries
+    from lakehouse.runs import PreprocessRun, read_summaries
 
-    return [r.body for r in read_summaries(lakehouse_uri, settings, kind="preprocess")]
+    return read_summaries(lakehouse_uri, settings, kind=PreprocessRun)
 
 
 def quarantine_runs_frame(
-    quarantine: pa.Table, summaries: Sequence[dict[str, Any]], *, run_id: str | None = None
+    quarantine: pa.Table, summaries: Sequence[PreprocessRun], *, run_id: str | None = None
 ) -> pd.DataFrame:
     """One row per preprocessing run: inputs discovered, inputs quarantined, and their share.
 
@@ -199,7 +201,7 @@ def quarantine_runs_frame(
     for i, rid in enumerate(quarantine.column("run_id").to_pylist()):
         if stages is None or stages[i] in (None, "preprocess"):
             rows_per_run[rid] = rows_per_run.get(rid, 0) + 1
-    by_run = {str(s["run_id"]): s for s in summaries if s.get("run_id")}
+    by_run = {s.run_id: s for s in summaries if s.run_id}
     run_ids = sorted(set(by_run) | set(rows_per_run))
     if run_id is not None and run_id in by_run:
         run_ids = [run_id]
@@ -212,12 +214,8 @@ def quarantine_runs_frame(
         summary = by_run.get(rid)
         # the share of the files this run had to process: files already in the lakehouse (skipped before
         # reading) do not dilute a batch of bad new files
-        d = (
-            int(summary["discovered"]) - int(summary.get("already_present") or 0)
-            if summary is not None and summary.get("discovered") is not None
-            else None
-        )
-        q = max(int(summary.get("quarantined") or 0) if summary else 0, rows_per_run.get(rid, 0))
+        d = summary.discovered - summary.already_present if summary is not None else None
+        q = max(summary.quarantined if summary else 0, rows_per_run.get(rid, 0))
         discovered.append(d)
         quarantined.append(q)
         shares.append(None if not d else q / d)

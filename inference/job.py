@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,6 +27,8 @@ import numpy as np
 from inference.weights import ResolvedWeights, resolve_weights, upstream_url
 from lakehouse.config import Settings, load_settings
 from lakehouse.errors import CxrError, WeightsNotFoundError
+from lakehouse.progress import progress_bar
+from lakehouse.runs import InferRun, new_run_id, write_summary
 from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, UNTRAINED_SUFFIX, arrow_schema, decode_tensor
 
 if TYPE_CHECKING:
@@ -61,23 +63,6 @@ class Shard:
     def owns(self, image_id: str) -> bool:
         """True when this shard scores ``image_id`` (image ids are sha256 hex: uniformly spread)."""
         return self.count == 1 or int(image_id[:8], 16) % self.count == self.index
-
-
-@dataclass
-class InferSummary:
-    """What an inference run did."""
-
-    run_id: str
-    model_id: str
-    weights_sha256: str
-    tensors_version: int
-    device: str
-    candidates: int = 0
-    already_predicted: int = 0
-    predicted: int = 0
-    seconds: float = 0.0
-    untrained: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Predictor:
@@ -261,7 +246,7 @@ def run_infer(
     commit_every: int = 1024,
     run_id: str | None = None,
     progress: bool = True,
-) -> InferSummary:
+) -> InferRun:
     """Score every tensor that lacks a prediction for ``model_id`` and MERGE the results.
 
     Raises:
@@ -273,7 +258,6 @@ def run_infer(
     from deltalake.exceptions import TableNotFoundError
 
     from lakehouse import delta_rs
-    from lakehouse.runs import new_run_id
 
     started = time.perf_counter()
     malloc_tuned = tune_allocator()
@@ -300,7 +284,7 @@ def run_infer(
         )
         if m == predictor.model_id
     }
-    summary = InferSummary(
+    summary = InferRun(
         run_id=run_id or new_run_id("inf"),
         model_id=predictor.model_id,
         weights_sha256=predictor.weights_sha256,
@@ -354,14 +338,11 @@ def run_infer(
 
     dataset = tensors.to_pyarrow_dataset()
     reader = dataset.to_batches(columns=["image_id", "tensor", "tensor_dtype", "tensor_shape"], batch_size=batch_size)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress
-    )
-    task = bar.add_task(f"scoring with {predictor.model_id}", total=dataset.count_rows())
     data_wait = compute = 0.0
-    with bar, ThreadPoolExecutor(1) as pool:
+    with (
+        progress_bar(f"scoring with {predictor.model_id}", dataset.count_rows(), enabled=progress) as bar,
+        ThreadPoolExecutor(1) as pool,
+    ):
         nxt: Future[Any] | None = pool.submit(_next_work, reader, todo)
         while nxt is not None:
             t_wait = time.perf_counter()
@@ -376,7 +357,7 @@ def run_infer(
             compute += time.perf_counter() - t_compute
             pending.append(predictor.post(ids, outputs))
             pending_rows += len(ids)
-            bar.update(task, completed=summary.candidates)
+            bar.update(summary.candidates)
             if pending_rows >= commit_every:
                 flush()
     flush()
@@ -387,18 +368,14 @@ def run_infer(
     return summary
 
 
-def _write_summary(lakehouse_uri: str, summary: InferSummary, settings: Settings, *, shard: Shard) -> None:
+def _write_summary(lakehouse_uri: str, summary: InferRun, settings: Settings, *, shard: Shard) -> None:
     """Write the run summary to ``<lakehouse>/runs/<run_id>[-shard-i-of-n]-<model>.json`` (one file per
     run and model: several models in one run each get a summary)."""
-    from dataclasses import asdict
-
-    from lakehouse.runs import write_summary
-
     name = summary.run_id
     if shard.count > 1:
         name += f"-shard-{shard.index}-of-{shard.count}"
-    body = {"kind": "infer", **asdict(summary), "shard": f"{shard.index}/{shard.count}"}
-    write_summary(lakehouse_uri, f"{name}-{summary.model_id.replace('/', '_')}", body, settings)
+    name += f"-{summary.model_id.replace('/', '_')}"
+    write_summary(lakehouse_uri, summary, settings, name=name, extra_keys={"shard": f"{shard.index}/{shard.count}"})
 
 
 def _onnx_session(model: Any, *, weights_sha256: str, threads: int | None = None) -> Any:

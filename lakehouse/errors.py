@@ -58,10 +58,6 @@ class StorageError(CxrError):
     """A folder or s3:// location cannot be listed, read or written."""
 
 
-class JarsNotFoundError(CxrError):
-    """The Delta / S3A jars are neither in the local Maven repository nor downloadable."""
-
-
 class WeightsNotFoundError(CxrError):
     """No model weights could be found or downloaded."""
 

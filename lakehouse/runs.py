@@ -1,14 +1,20 @@
 """Run summaries: one JSON per stage run under ``<lakehouse>/runs/`` (folder or s3://), written by the
-preprocessing and inference jobs and read by validation, the report and the DAG's new-images sensor."""
+preprocessing and inference jobs and read by validation, the report and the DAG's new-images sensor.
+
+One record type: :class:`RunRecord`, with one subclass per job (:class:`PreprocessRun`, :class:`InferRun`).
+The jobs fill one in and :func:`write_summary` it; :func:`read_summaries` gives them back, typed. The JSON
+is ``kind`` plus every field; a summary without ``kind`` is a preprocessing run.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from lakehouse import storage
 from lakehouse.config import Settings
@@ -24,30 +30,124 @@ def new_run_id(prefix: str = "pre") -> str:
     return f"{prefix}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    """One run summary file: where it is, when it was written, what it says."""
+@dataclass(kw_only=True)
+class RunRecord:
+    """What one stage run did, as ``<lakehouse>/runs/<name>.json`` holds it.
 
-    uri: str
-    mtime_ms: int
-    body: dict[str, Any]
+    A record read back by :func:`read_summaries` also knows its file (``uri``, ``mtime_ms``) and the JSON
+    as read (``body``, keys this version does not know included); these are not fields, so they are
+    neither in the JSON nor in ``dataclasses.asdict``.
+    """
+
+    kind: ClassVar[RunKind]
+    run_id: str
+
+    def __post_init__(self) -> None:
+        self.uri = ""
+        self.mtime_ms = 0
+        self._read_body: dict[str, Any] | None = None
 
     @property
-    def kind(self) -> str:
-        """``preprocess`` or ``infer`` (summaries written before the field existed are preprocessing runs)."""
-        return str(self.body.get("kind", "preprocess"))
+    def body(self) -> dict[str, Any]:
+        """The JSON as read back, or as it would be written for a record not read."""
+        return self._read_body if self._read_body is not None else self.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written for the run: ``kind`` and every field."""
+        return {"kind": self.kind, **asdict(self)}
+
+    def to_json(self) -> str:
+        """The JSON text written for the run (``--json`` prints the same)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def write_summary(lakehouse_uri: str, name: str, body: dict[str, Any], settings: Settings) -> str:
-    """Write ``body`` as ``<lakehouse>/runs/<name>.json``; return its URI."""
-    uri = storage.run_summary_uri(lakehouse_uri, name)
+@dataclass(kw_only=True)
+class PreprocessRun(RunRecord):
+    """What a preprocessing run did; the counts reconcile with ``discovered``."""
+
+    kind: ClassVar[RunKind] = "preprocess"
+    input_uri: str = ""
+    lakehouse_uri: str = ""
+    discovered: int = 0
+    new: int = 0
+    already_present: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    decoded: int = 0
+    seconds: float = 0.0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    duplicate_pairs: list[dict[str, str]] = field(default_factory=list)
+    dev_pseudonym_key: bool = False
+
+    @property
+    def reconciles(self) -> bool:
+        """discovered = new + already present + duplicates + quarantined."""
+        return self.discovered == self.new + self.already_present + self.duplicates + self.quarantined
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written for the run, with ``reconciles``."""
+        return {**super().to_dict(), "reconciles": self.reconciles}
+
+
+@dataclass(kw_only=True)
+class InferRun(RunRecord):
+    """What an inference run did for one model."""
+
+    kind: ClassVar[RunKind] = "infer"
+    model_id: str
+    weights_sha256: str
+    tensors_version: int
+    device: str
+    candidates: int = 0
+    already_predicted: int = 0
+    predicted: int = 0
+    seconds: float = 0.0
+    untrained: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_RECORD_TYPES: dict[str, type[RunRecord]] = {"preprocess": PreprocessRun, "infer": InferRun}
+R = TypeVar("R", bound=RunRecord)
+
+
+def write_summary(
+    lakehouse_uri: str,
+    record: RunRecord,
+    settings: Settings,
+    *,
+    name: str | None = None,
+    extra_keys: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a run's record as ``<lakehouse>/runs/<name>.json``.
+
+    Args:
+        lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
+        record: the run's record.
+        settings: for the S3 endpoint.
+        name: the file name without ``.json``; the run id when None.
+        extra_keys: keys written beside the record's (read back in ``body`` only).
+
+    Returns:
+        The URI written.
+    """
+    uri = storage.run_summary_uri(lakehouse_uri, name or record.run_id)
+    body = {**record.to_dict(), **(extra_keys or {})}
     storage.write_text(uri, json.dumps(body, indent=2, sort_keys=True), settings, content_type="application/json")
     return uri
 
 
-def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: RunKind | None = None) -> list[RunSummary]:
-    """Every run summary under ``<lakehouse>/runs/`` (of one ``kind`` when given); none when the folder is
-    missing. Files that are not JSON objects with a ``run_id`` are skipped with a warning."""
+def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: type[R]) -> list[R]:
+    """Every run summary under ``<lakehouse>/runs/`` that is a ``kind``, typed; none when the folder is missing.
+
+    Args:
+        lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
+        settings: for the S3 endpoint.
+        kind: :class:`PreprocessRun` or :class:`InferRun`; :class:`RunRecord` for every run.
+
+    Returns:
+        The records, each with its ``uri``, ``mtime_ms`` and ``body``. Files that are not JSON objects
+        with a ``run_id`` and the fields of their kind are skipped with a warning.
+    """
     try:
         listed = [f for f in storage.list_files(storage.runs_uri(lakehouse_uri), settings) if f.uri.endswith(".json")]
     except StorageError:
@@ -62,7 +162,25 @@ def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: RunKind | No
         if not isinstance(body, dict) or "run_id" not in body:
             log.warning("skipping %s: not a run summary", f.uri)
             continue
-        summary = RunSummary(f.uri, f.mtime_ms, body)
-        if kind is None or summary.kind == kind:
-            out.append(summary)
+        record = _record(body, f.uri)
+        if record is None:
+            continue
+        record.uri, record.mtime_ms, record._read_body = f.uri, f.mtime_ms, body
+        if isinstance(record, kind):
+            out.append(record)
     return out
+
+
+def _record(body: dict[str, Any], uri: str) -> RunRecord | None:
+    """The typed record of a summary's JSON (keys that are not fields stay in ``body`` only); None (logged)
+    for another kind of run or when a field without a default is missing."""
+    record_type = _RECORD_TYPES.get(str(body.get("kind", "preprocess")))
+    if record_type is None:
+        log.debug("ignoring %s: a run of kind %r", uri, body.get("kind"))
+        return None
+    known = {f.name: f for f in fields(record_type)}
+    missing = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING and n not in body]
+    if missing:
+        log.warning("skipping %s: not a run summary (no %s)", uri, ", ".join(missing))
+        return None
+    return record_type(**{k: v for k, v in body.items() if k in known})

@@ -17,6 +17,7 @@ import pytest
 from cxr.cli import main
 from expectations import frames
 from lakehouse.config import Settings
+from lakehouse.runs import PreprocessRun
 from tests.conftest import MODEL, make_bucket, upload_dir
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -105,10 +106,10 @@ def test_quarantine_runs_frame_uses_the_summary_denominator() -> None:
         {"run_id": ["r1", "r1", "r2", "r3"], "stage": ["preprocess"] * 4, "error_class": ["DecodeError"] * 4}
     )
     summaries = [
-        {"run_id": "r1", "discovered": 40, "quarantined": 2},
-        {"run_id": "r2", "discovered": 4, "quarantined": 3},  # one input quarantined again: its row is older
+        PreprocessRun(run_id="r1", discovered=40, quarantined=2),
+        PreprocessRun(run_id="r2", discovered=4, quarantined=3),  # one input quarantined again: its row is older
         # 100 files, 96 already in the lakehouse: 2 of the 4 new ones were bad (not 2 %)
-        {"run_id": "r4", "discovered": 100, "already_present": 96, "quarantined": 2},
+        PreprocessRun(run_id="r4", discovered=100, already_present=96, quarantined=2),
     ]
     frame = frames.quarantine_runs_frame(quarantine, summaries)
     assert frame["run_id"].tolist() == ["r1", "r2", "r3", "r4"]

@@ -12,17 +12,18 @@ import pytest
 
 from lakehouse.config import Settings
 from lakehouse.delta_rs import open_table, read_arrow
+from lakehouse.runs import PreprocessRun
 from lakehouse.tables import QUARANTINE, TENSORS, decode_tensor
 from tests.conftest import TEST_KEY, make_bucket, upload_dir
 from transforms.decode import pseudonymize
-from transforms.preprocess import Summary, run_preprocess
+from transforms.preprocess import run_preprocess
 from transforms.sample import INVALID_KINDS, VALID_KINDS, Identity, dicom_bytes, png_bytes, synthetic_cxr, to_uint
 from transforms.tensor import PreprocessParams, preprocess_bytes
 
 pytestmark = pytest.mark.slow
 
 
-def _run(spark, settings: Settings, input_uri: str | Path, lakehouse: str | Path, **kw) -> Summary:  # type: ignore[no-untyped-def]
+def _run(spark, settings: Settings, input_uri: str | Path, lakehouse: str | Path, **kw) -> PreprocessRun:  # type: ignore[no-untyped-def]
     return run_preprocess(str(input_uri), str(lakehouse), settings=settings, spark=spark, progress=False, **kw)
 
 

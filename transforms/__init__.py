@@ -1,1 +1,2 @@
-"""The Spark preprocessing job and the pure decode/normalise functions it maps over partitions."""
+"""The Spark preprocessing job (``preprocess``) and the pure functions it maps over partitions: decoding
+(``decode``) and normalizing to TorchXRayVision's tensors (``tensor``); ``sample`` makes synthetic images."""

@@ -11,6 +11,9 @@
    ``tensors`` in one Delta commit (an insert-only MERGE on ``image_id``: no key is inserted twice,
    and files of a failed run are never committed). Failures go to ``quarantine``.
 5. A summary reconciles: discovered = new + already present + duplicates + quarantined.
+
+The driver, :func:`run_preprocess`, runs these as named steps: ``_plan`` (list, read the known keys,
+size the job), ``_decode`` (the Spark job), ``_dedupe``, ``_commit``, ``_quarantine``, ``_reconcile``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,8 @@ from lakehouse import storage
 from lakehouse.config import Settings, warn_if_dev_key
 from lakehouse.delta_rs import DataFile
 from lakehouse.errors import InputError, StorageError
-from lakehouse.runs import new_run_id
+from lakehouse.progress import ProgressBar, progress_bar, status
+from lakehouse.runs import PreprocessRun, new_run_id, write_summary
 from lakehouse.tables import QUARANTINE, TENSORS, Column, TableSpec
 from transforms.tensor import PREPROCESS_VERSION, PreprocessParams, preprocess_bytes
 
@@ -64,38 +68,6 @@ RESULT_SPEC = TableSpec(
 
 #: rows per data file a worker writes (~18 MB of float16 224x224 tensors): few files, bounded memory
 ROWS_PER_FILE = 256
-
-
-@dataclass
-class Summary:
-    """What a preprocessing run did; the counts reconcile with ``discovered``."""
-
-    run_id: str
-    input_uri: str
-    lakehouse_uri: str
-    discovered: int = 0
-    new: int = 0
-    already_present: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    decoded: int = 0
-    seconds: float = 0.0
-    quarantine_reasons: dict[str, int] = field(default_factory=dict)
-    duplicate_pairs: list[dict[str, str]] = field(default_factory=list)
-    dev_pseudonym_key: bool = False
-
-    @property
-    def reconciles(self) -> bool:
-        """discovered = new + already present + duplicates + quarantined."""
-        return self.discovered == self.new + self.already_present + self.duplicates + self.quarantined
-
-    def to_dict(self) -> dict[str, Any]:
-        """The summary as written to ``<lakehouse>/runs/<run_id>.json``."""
-        return {"kind": "preprocess", **asdict(self), "reconciles": self.reconciles}
-
-    def to_json(self) -> str:
-        """The summary as JSON (``cxr preprocess --json``)."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 # --- the per-partition function (runs in Spark's Python workers) ------------------------------------
@@ -192,7 +164,7 @@ def _process_one(
         fields = preprocess_bytes(data, name=uri, params=params, pseudonym_key=settings.pseudonym_key)
     except InputError as exc:
         return {**row, "status": QUARANTINED, "error_class": type(exc).__name__, "error_message": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - one bad file must never fail the job; it is quarantined, not hidden
+    except Exception as exc:  # one bad file must never fail the job; it is quarantined, not hidden
         log.exception("unexpected error decoding %s", uri)
         return {
             **row,
@@ -213,7 +185,7 @@ def run_preprocess(
     run_id: str | None = None,
     spark: SparkSession | None = None,
     progress: bool = True,
-) -> Summary:
+) -> PreprocessRun:
     """Preprocess every image under ``input_uri`` into the lakehouse.
 
     Args:
@@ -230,11 +202,7 @@ def run_preprocess(
     Raises:
         StorageError: when the input cannot be listed or the lakehouse cannot be written.
     """
-    from pyspark.sql.types import LongType, StringType, StructField, StructType
-
     from lakehouse import delta_rs
-    from lakehouse.spark import get_spark, spark_schema
-    from lakehouse.tables import arrow_schema
 
     started = time.perf_counter()
     run_id = run_id or new_run_id()
@@ -245,17 +213,72 @@ def run_preprocess(
         dtype=settings.tensor_dtype,
         max_pixels=settings.max_pixels,
     )
-    summary = Summary(
+    summary = PreprocessRun(
         run_id=run_id, input_uri=input_uri, lakehouse_uri=lakehouse_uri, dev_pseudonym_key=settings.uses_dev_key
     )
+    plan = _plan(input_uri, lakehouse_uri, params, settings, spark=spark, run_id=run_id)
+    summary.discovered = len(plan.listing)
+    log.debug("read %d known tensors at %.1fs", len(plan.known_ids), time.perf_counter() - started)
+    if not plan.listing:
+        summary.seconds = time.perf_counter() - started
+        write_summary(lakehouse_uri, summary, settings)
+        return summary
+
+    now = datetime.now(UTC)
+    small = _decode(plan, lakehouse_uri, params, settings, run_id=run_id, ingested_at=now, progress=progress)
+    log.debug("decode took %.1fs", time.perf_counter() - started)
+    written = [DataFile(**json.loads(r["data_file_meta"])) for r in small if r["data_file_meta"]]
+    commit_attempted = False
+    try:
+        deduped = _dedupe(small)
+        with status(f"committing {len(deduped.first_of)} new tensors", enabled=progress):
+            written = _without_rows(lakehouse_uri, small, deduped.late_dups, written, settings)
+            commit_attempted = True
+            inserted = _commit(lakehouse_uri, written, settings, run_id=run_id)
+        log.debug("tensors committed at %.1fs", time.perf_counter() - started)
+        _quarantine(lakehouse_uri, small, settings, run_id=run_id, quarantined_at=now)
+    except BaseException:
+        # files never committed are removed rather than left for VACUUM; after a commit attempt they
+        # stay (the commit may have landed even if it reported an error)
+        if not commit_attempted:
+            for f in written:
+                delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
+        raise
+
+    _reconcile(summary, small, deduped, inserted=inserted, started=started)
+    write_summary(lakehouse_uri, summary, settings)
+    return summary
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run works on: the listed input, what ``tensors`` already holds, the session and its tasks."""
+
+    listing: list[storage.ListedFile]
+    known_files: dict[tuple[str, int, int], str]  # (uri, size, mtime_ms) -> image_id: not even read
+    known_ids: frozenset[str]  # read, hashed, and not decoded
+    spark: SparkSession
+    n_tasks: int
+
+
+def _plan(
+    input_uri: str,
+    lakehouse_uri: str,
+    params: PreprocessParams,
+    settings: Settings,
+    *,
+    spark: SparkSession | None,
+    run_id: str,
+) -> _Plan:
+    """List the input, read the keys ``tensors`` holds, and size the decode job (both tables exist after)."""
+    from lakehouse import delta_rs
+    from lakehouse.spark import get_spark
 
     listing = list(storage.list_files(input_uri, settings))
-    summary.discovered = len(listing)
     log.info("discovered %d files under %s", len(listing), input_uri)
     if not listing:
         log.warning("no files under %s: check the input URI", input_uri)
     spark = spark or get_spark(settings, app_name=f"cxr-preprocess-{run_id}")
-    sc = spark.sparkContext
 
     # the keys already in `tensors`, read with delta-rs (milliseconds, no Spark job)
     known = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings).to_pyarrow_table(
@@ -265,24 +288,36 @@ def run_preprocess(
     # both output tables exist after every run, even one that quarantined nothing (readers and the
     # validation step find an empty table rather than no table)
     delta_rs.ensure_table(lakehouse_uri, QUARANTINE, settings)
-    known_ids = frozenset(known.column("image_id").to_pylist())
     known_files = {
         (uri, size, int(ts.timestamp() * 1000)): iid
         for iid, uri, size, ts in zip(*(known.column(c).to_pylist() for c in known.column_names), strict=True)
         if ts is not None
     }
-    log.debug("read %d known tensors at %.1fs", len(known_ids), time.perf_counter() - started)
-    bc_files, bc_ids = sc.broadcast(known_files), sc.broadcast(known_ids)
-    if not listing:
-        summary.seconds = time.perf_counter() - started
-        _write_summary(summary, settings)
-        return summary
-
     # Few, large tasks: each Spark 4 Python task costs ~0.1-0.3 s of fixed overhead on a small machine;
     # worker memory does not grow with task size (results are streamed in batches of 16 rows). A
     # multiple of the parallelism so that no core idles in the last wave.
-    par = sc.defaultParallelism
+    par = spark.sparkContext.defaultParallelism
     n_tasks = min(len(listing), par * max(1, -(-len(listing) // (settings.files_per_task * par))))
+    return _Plan(listing, known_files, frozenset(known.column("image_id").to_pylist()), spark, n_tasks)
+
+
+def _decode(
+    plan: _Plan,
+    lakehouse_uri: str,
+    params: PreprocessParams,
+    settings: Settings,
+    *,
+    run_id: str,
+    ingested_at: datetime,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Run :func:`process_files` over the listing with Spark (``mapInArrow``); one small row per file."""
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+    from lakehouse.spark import spark_schema
+
+    spark, sc = plan.spark, plan.spark.sparkContext
+    bc_files, bc_ids = sc.broadcast(plan.known_files), sc.broadcast(plan.known_ids)
     listing_schema = StructType(
         [
             StructField("source_uri", StringType(), False),
@@ -291,15 +326,13 @@ def run_preprocess(
         ]
     )
     files_df = spark.createDataFrame(
-        sc.parallelize([(f.uri, f.size, f.mtime_ms) for f in listing], n_tasks), listing_schema
+        sc.parallelize([(f.uri, f.size, f.mtime_ms) for f in plan.listing], plan.n_tasks), listing_schema
     )
-
-    now = datetime.now(UTC)
     lineage = {
         "preprocess_version": PREPROCESS_VERSION,
         "preprocess_params": params.to_json(),
         "run_id": run_id,
-        "ingested_at": now,
+        "ingested_at": ingested_at,
     }
 
     def _map(batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
@@ -313,88 +346,104 @@ def run_preprocess(
             lineage=lineage,
         )
 
-    written: list[DataFile] = []
-    commit_attempted = False
+    label = f"preprocessing {len(plan.listing)} files"
     try:
-        with _SparkProgress(spark, f"preprocessing {len(listing)} files", total_tasks=n_tasks, enabled=progress):
-            small = files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).toArrow().to_pylist()
-        log.debug("decode took %.1fs", time.perf_counter() - started)
-        written = [DataFile(**json.loads(r["data_file_meta"])) for r in small if r["data_file_meta"]]
-        summary.decoded = sum(1 for r in small if r["decoded"])
-        # cross-partition duplicates: among rows decoded as new, the first path in sort order wins
-        first_of: dict[str, str] = {}
-        for r in sorted((r for r in small if r["status"] == NEW), key=lambda r: r["source_uri"]):
-            first_of.setdefault(r["image_id"], r["source_uri"])
-        late_dups = {
-            r["source_uri"]: first_of[r["image_id"]]
-            for r in small
-            if r["status"] == NEW and first_of[r["image_id"]] != r["source_uri"]
-        }
-        summary.duplicate_pairs = sorted(
-            [{"source_uri": u, "duplicate_of": d} for u, d in late_dups.items()]
-            + [
-                {"source_uri": r["source_uri"], "duplicate_of": first_of.get(r["image_id"], r["duplicate_of"])}
-                for r in small
-                if r["status"] == DUPLICATE
-            ],
-            key=lambda p: p["source_uri"],
-        )
-        quarantined = [r for r in small if r["status"] == QUARANTINED]
-        for r in quarantined:
-            summary.quarantine_reasons[r["error_class"]] = summary.quarantine_reasons.get(r["error_class"], 0) + 1
-
-        expected_new = len(first_of)
-        with _status(f"committing {expected_new} new tensors", progress):
-            written = _without_rows(lakehouse_uri, small, late_dups, written, settings)
-            commit_attempted = True
-            try:
-                inserted = delta_rs.commit_data_files(lakehouse_uri, TENSORS, written, settings, run_id=run_id)
-            except Exception as exc:
-                raise StorageError(
-                    f"cannot commit {len(written)} data files to {lakehouse_uri}/tensors: {exc}"
-                ) from exc
-        log.debug("tensors committed at %.1fs", time.perf_counter() - started)
-        if quarantined:  # small rows: merged with delta-rs
-            import pyarrow as pa
-
-            quarantine_rows = pa.Table.from_pylist(
-                [
-                    {
-                        "source_uri": r["source_uri"],
-                        "content_sha256": r["image_id"],
-                        "source_bytes": r["source_bytes"],
-                        "stage": "preprocess",
-                        "error_class": r["error_class"],
-                        "error_message": r["error_message"],
-                        "run_id": run_id,
-                        "quarantined_at": now,
-                    }
-                    for r in quarantined
-                ],
-                schema=arrow_schema(QUARANTINE),
-            )
-            delta_rs.merge_insert_new(lakehouse_uri, QUARANTINE, quarantine_rows, settings)
-    except BaseException:
-        # files never committed are removed rather than left for VACUUM; after a commit attempt they
-        # stay (the commit may have landed even if it reported an error)
-        if not commit_attempted:
-            for f in written:
-                delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
-        raise
+        with _spark_progress(spark, label, total_tasks=plan.n_tasks, enabled=progress):
+            return files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).toArrow().to_pylist()
     finally:
         bc_files.unpersist()
         bc_ids.unpersist()
 
+
+@dataclass(frozen=True)
+class _Deduped:
+    """Which path keeps each new key: across partitions, the first path in sort order."""
+
+    first_of: dict[str, str]  # image_id -> the source_uri whose row is inserted
+    late_dups: dict[str, str]  # source_uri decoded as new in another partition -> the path that keeps it
+    pairs: list[dict[str, str]]  # every duplicate input and the path it duplicates, by source_uri
+
+
+def _dedupe(small: list[dict[str, Any]]) -> _Deduped:
+    """Resolve duplicates across partitions among the rows decoded as new, and list every duplicate."""
+    first_of: dict[str, str] = {}
+    for r in sorted((r for r in small if r["status"] == NEW), key=lambda r: r["source_uri"]):
+        first_of.setdefault(r["image_id"], r["source_uri"])
+    late_dups = {
+        r["source_uri"]: first_of[r["image_id"]]
+        for r in small
+        if r["status"] == NEW and first_of[r["image_id"]] != r["source_uri"]
+    }
+    pairs = sorted(
+        [{"source_uri": u, "duplicate_of": d} for u, d in late_dups.items()]
+        + [
+            {"source_uri": r["source_uri"], "duplicate_of": first_of.get(r["image_id"], r["duplicate_of"])}
+            for r in small
+            if r["status"] == DUPLICATE
+        ],
+        key=lambda p: p["source_uri"],
+    )
+    return _Deduped(first_of, late_dups, pairs)
+
+
+def _commit(lakehouse_uri: str, files: list[DataFile], settings: Settings, *, run_id: str) -> int:
+    """Add the workers' data files to ``tensors`` in one Delta commit; the number of rows inserted."""
+    from lakehouse import delta_rs
+
+    try:
+        return delta_rs.commit_data_files(lakehouse_uri, TENSORS, files, settings, run_id=run_id)
+    except Exception as exc:
+        raise StorageError(f"cannot commit {len(files)} data files to {lakehouse_uri}/tensors: {exc}") from exc
+
+
+def _quarantine(
+    lakehouse_uri: str, small: list[dict[str, Any]], settings: Settings, *, run_id: str, quarantined_at: datetime
+) -> None:
+    """Record a ``quarantine`` row per input that could not become a tensor (small rows: merged with delta-rs)."""
+    import pyarrow as pa
+
+    from lakehouse import delta_rs
+    from lakehouse.tables import arrow_schema
+
+    quarantined = [r for r in small if r["status"] == QUARANTINED]
+    if not quarantined:
+        return
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "source_uri": r["source_uri"],
+                "content_sha256": r["image_id"],
+                "source_bytes": r["source_bytes"],
+                "stage": "preprocess",
+                "error_class": r["error_class"],
+                "error_message": r["error_message"],
+                "run_id": run_id,
+                "quarantined_at": quarantined_at,
+            }
+            for r in quarantined
+        ],
+        schema=arrow_schema(QUARANTINE),
+    )
+    delta_rs.merge_insert_new(lakehouse_uri, QUARANTINE, rows, settings)
+
+
+def _reconcile(
+    summary: PreprocessRun, small: list[dict[str, Any]], deduped: _Deduped, *, inserted: int, started: float
+) -> None:
+    """Fill in the run's counts; StorageError unless each input is new, present, a duplicate or quarantined."""
+    quarantined = [r for r in small if r["status"] == QUARANTINED]
+    summary.decoded = sum(1 for r in small if r["decoded"])
     summary.new = inserted
     # keys another writer committed between our read of the table and our commit are already present
-    summary.already_present = sum(1 for r in small if r["status"] == PRESENT) + (expected_new - inserted)
+    summary.already_present = sum(1 for r in small if r["status"] == PRESENT) + (len(deduped.first_of) - inserted)
     summary.quarantined = len(quarantined)
-    summary.duplicates = len(summary.duplicate_pairs)
+    for r in quarantined:
+        summary.quarantine_reasons[r["error_class"]] = summary.quarantine_reasons.get(r["error_class"], 0) + 1
+    summary.duplicate_pairs = deduped.pairs
+    summary.duplicates = len(deduped.pairs)
     summary.seconds = round(time.perf_counter() - started, 3)
     if not summary.reconciles:  # a bug, never an input problem: fail loudly rather than report wrong counts
         raise StorageError(f"counts do not reconcile: {summary.to_json()}")
-    _write_summary(summary, settings)
-    return summary
 
 
 def _without_rows(
@@ -467,67 +516,34 @@ def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: S
         )
 
 
-def _write_summary(summary: Summary, settings: Settings) -> None:
-    from lakehouse.runs import write_summary
-
-    write_summary(summary.lakehouse_uri, summary.run_id, summary.to_dict(), settings)
-
-
 # --- progress ----------------------------------------------------------------------------------------
-class _SparkProgress:
-    """A rich progress bar fed by Spark's status tracker (tasks of the running job)."""
-
-    def __init__(self, spark: SparkSession, label: str, *, total_tasks: int, enabled: bool) -> None:
-        self.spark, self.label, self.total, self.enabled = spark, label, total_tasks, enabled
-        self._stop = threading.Event()
-
-    def __enter__(self) -> _SparkProgress:
-        if not self.enabled:
-            return self
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("tasks"),
-            TimeElapsedColumn(),
-        )
-        self._task = self._progress.add_task(self.label, total=self.total)
-        self._progress.start()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        tracker = self.spark.sparkContext.statusTracker()
-        done_before = 0
-        while not self._stop.wait(0.5):
-            done = done_before
-            for sid in tracker.getActiveStageIds():
-                info = tracker.getStageInfo(sid)
-                if info is not None and info.numTasks == self.total:
-                    done = info.numCompletedTasks
-            done_before = done
-            self._progress.update(self._task, completed=done)
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.enabled:
-            return
-        self._stop.set()
-        self._thread.join(timeout=2)
-        if exc[0] is None:
-            self._progress.update(self._task, completed=self.total)
-        self._progress.stop()
-
-
 @contextmanager
-def _status(label: str, enabled: bool) -> Iterator[None]:
-    """A spinner with a label while a Spark action runs (nothing when disabled)."""
-    if not enabled:
-        yield
-        return
-    from rich.console import Console
+def _spark_progress(spark: SparkSession, label: str, *, total_tasks: int, enabled: bool) -> Iterator[None]:
+    """A progress bar of the running Spark job's tasks, fed by Spark's status tracker (full on success)."""
+    with progress_bar(label, total_tasks, enabled=enabled, unit="tasks") as bar:
+        if not enabled:
+            yield
+            return
+        stop = threading.Event()
+        thread = threading.Thread(target=_poll_tasks, args=(spark, total_tasks, bar, stop), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=2)
+        bar.update(total_tasks)
 
-    with Console(stderr=True).status(label):
-        yield
+
+def _poll_tasks(spark: SparkSession, total_tasks: int, bar: ProgressBar, stop: threading.Event) -> None:
+    """Every 0.5 s until ``stop``: the completed tasks of the active stage of ``total_tasks`` tasks."""
+    tracker = spark.sparkContext.statusTracker()
+    done_before = 0
+    while not stop.wait(0.5):
+        done = done_before
+        for sid in tracker.getActiveStageIds():
+            info = tracker.getStageInfo(sid)
+            if info is not None and info.numTasks == total_tasks:
+                done = info.numCompletedTasks
+        done_before = done
+        bar.update(done)

@@ -1,14 +1,19 @@
 """Shared: build the rescaled random-init checkpoint (as tests/conftest.py does), load it with xrv, make inputs."""
-import os, sys, hashlib
+
+import hashlib
+import os
+import sys
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchxrayvision as xrv
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 MODEL = "densenet121-res224-all"
-D = Path(__import__("os").environ.get("CXR_ORT_STUDY_DIR", "/tmp/ortstudy"))  
+D = Path(os.environ.get("ORT_STUDY_DIR", "/tmp/ortstudy"))  # work folder: models, inputs, results
 WDIR = D / "weights"
 
 
@@ -17,6 +22,7 @@ def make_checkpoint() -> Path:
     from transforms.decode import DecodedImage
     from transforms.sample import synthetic_cxr, to_uint
     from transforms.tensor import to_tensor
+
     path = WDIR / upstream_filename(MODEL)
     if path.exists():
         return path
@@ -51,6 +57,7 @@ def make_inputs(n: int = 64) -> torch.Tensor:
     from transforms.decode import DecodedImage
     from transforms.sample import synthetic_cxr, to_uint
     from transforms.tensor import to_tensor
+
     arrs = []
     for s in range(n):
         h, w = (256, 256) if s % 2 == 0 else (320, 288)
