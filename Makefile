@@ -43,8 +43,9 @@ $(JAVA_MK): jvm/setup_jvm.py $(if $(wildcard $(JAVA_HOME)/bin/java),,FORCE)
 FORCE:
 
 $(STAMP): pyproject.toml constraints.txt
-	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null \
-	  || { echo "need $(PYTHON) 3.11-3.13 (set PYTHON=python3.x)"; exit 1; }
+	@# 3.11.5+: the lock pins packages (soupsieve 4.1.3) that refuse older 3.11 patch releases (Debian 12 ships 3.11.2)
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11, 5) <= sys.version_info[:3] and sys.version_info[:2] <= (3, 13))' 2>/dev/null \
+	  || { echo "need $(PYTHON) 3.11.5-3.13 (set PYTHON=python3.x; the lock refuses older 3.11 patch releases)"; exit 1; }
 	test -x $(PIP) || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); } \
 	  || { echo "cannot create a venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(PIP) install -q --upgrade pip wheel setuptools

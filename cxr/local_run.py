@@ -316,7 +316,7 @@ class _TaskReporter:
         """The stage's own counts (success) or the error's first line; '' when they cannot be read."""
         try:
             counts = _stage_detail(str(ti.task_id), state, ti, task, self.conf)
-        except Exception as exc:  # noqa: BLE001 - the counts are a display nicety: never fail the run over them
+        except Exception as exc:  # the counts are a display nicety: never fail the run over them
             counts = f"(counts not readable: {type(exc).__name__})"
         if state not in ("failed", "up_for_retry"):
             return counts

@@ -61,11 +61,12 @@ def _spark_submit_operator_class() -> type:
             opts = spark_submit_options(load_settings())
             master = opts.pop("master")
             conn_env = f"AIRFLOW_CONN_{self._conn_id.upper()}"
-            try:
-                from airflow.sdk import BaseHook
+            from airflow.sdk import BaseHook
+            from airflow.sdk.exceptions import AirflowNotFoundException
 
+            try:
                 BaseHook.get_connection(self._conn_id)
-            except Exception:  # noqa: BLE001 - not defined in Airflow: use the settings' master
+            except AirflowNotFoundException:  # not defined in Airflow: use the settings' master
                 os.environ[conn_env] = json.dumps({"conn_type": "spark", "host": master})
             self.conf = {**opts["conf"], **(self.conf or {})}
             if (self._deploy_mode or "client") == "client":

@@ -243,18 +243,6 @@ def spark_submit_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
-def spark_submit_args(settings: Settings) -> list[str]:
-    """:func:`spark_submit_options` as ``spark-submit`` command-line options."""
-    opts = spark_submit_options(settings)
-    args = ["--master", opts["master"]]
-    for key in ("packages", "driver_class_path", "jars"):
-        if key in opts:
-            args += [f"--{key.replace('_', '-')}", opts[key]]
-    for k, v in opts["conf"].items():
-        args += ["--conf", f"{k}={v}"]
-    return args
-
-
 def spark_submit_env() -> dict[str, str]:
     """Environment for running the pip-installed ``spark-submit`` (SPARK_HOME = the pyspark package)."""
     import pyspark

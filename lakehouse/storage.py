@@ -122,15 +122,6 @@ def published_uri(lakehouse_uri: str) -> str:
     return join(reports_uri(lakehouse_uri), "published.json")
 
 
-def hadoop_uri(uri: str) -> str:
-    """The URI Spark/Hadoop understands: ``file:`` for local paths, s3:// kept as is.
-
-    ``s3://`` is served by EMRFS on EMR and mapped to S3A elsewhere by the session factory.
-    """
-    u = normalize_uri(uri)
-    return u if is_s3(u) else f"file:{u}"
-
-
 # --- object store clients --------------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def _s3_client(endpoint_url: str, region: str) -> Any:

@@ -55,11 +55,22 @@ def test_preprocess_process_prints_reconciled_json(tmp_path: Path) -> None:
     assert (lake / "tensors" / "_delta_log").is_dir() and (lake / "runs" / f"{summary['run_id']}.json").is_file()
 
 
+def _as_arguments(opts: dict) -> list[str]:  # type: ignore[type-arg]
+    """``spark_submit_options`` as spark-submit command-line options (what SparkSubmitOperator renders)."""
+    args = ["--master", opts["master"]]
+    for key in ("packages", "driver_class_path", "jars"):
+        if key in opts:
+            args += [f"--{key.replace('_', '-')}", opts[key]]
+    for k, v in opts["conf"].items():
+        args += ["--conf", f"{k}={v}"]
+    return args
+
+
 @pytest.mark.slow
 def test_job_runs_unchanged_under_spark_submit(tmp_path: Path) -> None:
     """The same entry point under spark-submit (as on EMR / Airflow's SparkSubmitOperator)."""
     from lakehouse.config import load_settings
-    from lakehouse.spark import spark_submit_args, spark_submit_env
+    from lakehouse.spark import spark_submit_env, spark_submit_options
 
     samples, lake = tmp_path / "s", tmp_path / "lake"
     assert _cxr("sample", "--output", str(samples), "--count", "3").returncode == 0
@@ -67,8 +78,8 @@ def test_job_runs_unchanged_under_spark_submit(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     cmd = [
         str(Path(sys.executable).parent / "spark-submit"),
-        *spark_submit_args(settings),
-        str(root / "lakehouse" / "cli.py"),
+        *_as_arguments(spark_submit_options(settings)),
+        str(root / "cxr" / "cli.py"),
         "preprocess",
         "--input",
         str(samples),

@@ -35,8 +35,6 @@ def test_bad_settings_are_refused(env: dict[str, str]) -> None:
 def test_uris(tmp_path: Path) -> None:
     assert storage.table_uri("s3://bucket/lake/", "tensors") == "s3://bucket/lake/tensors"
     assert storage.table_uri(str(tmp_path), "quarantine") == f"{tmp_path}/quarantine"
-    assert storage.hadoop_uri(str(tmp_path)) == f"file:{tmp_path}"
-    assert storage.hadoop_uri("s3://b/p") == "s3://b/p"
     assert storage.split_s3("s3://b/k/x.png") == ("b", "k/x.png")
     with pytest.raises(StorageError):
         storage.table_uri(str(tmp_path), "nope")
@@ -87,11 +85,9 @@ def test_jar_resolution_prefers_local_maven_and_falls_back_to_delta_pip(
     )  # Spark's own win
     missing = load_settings({"CXR_SPARK_CLASSPATH_FILE": str(tmp_path / "missing.txt")})
     assert sp.local_jars(missing) is None
-    args = sp.spark_submit_args(missing)
-    assert (
-        args[args.index("--packages") + 1]
-        == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
-    )
+    opts = sp.spark_submit_options(missing)
+    assert opts["packages"] == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
+    assert "driver_class_path" not in opts and "jars" not in opts
 
     # the standard path for machines with internet: configure_spark_with_delta_pip asks Ivy for the same jar
     from delta import configure_spark_with_delta_pip
