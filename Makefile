@@ -95,8 +95,8 @@ test-fast: setup ## run the tests that need no Spark / S3 server
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup ## ruff + mypy
-	$(VENV)/bin/ruff check cxr lakehouse transforms inference expectations dags tests bench
-	$(VENV)/bin/ruff format --check cxr lakehouse transforms inference expectations dags tests bench
+	$(VENV)/bin/ruff check cxr lakehouse transforms inference expectations dags tests bench jvm
+	$(VENV)/bin/ruff format --check cxr lakehouse transforms inference expectations dags tests bench jvm
 	$(VENV)/bin/mypy
 
 bench: setup ## preprocessing and inference benchmarks (results -> docs/benchmarks.md by hand)

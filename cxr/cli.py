@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from cxr.tasks import DEFAULT_MODELS
 from lakehouse import __version__
 from lakehouse.config import Settings, describe, load_settings
 from lakehouse.errors import CxrError, QueryError
+from lakehouse.tables import RESIZE_ENGINES, TABLE_NAMES, TENSOR_DTYPES
 
 if TYPE_CHECKING:
     from expectations.runner import ValidationReport
@@ -132,7 +134,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
 
-    models = [m.strip() for arg in (args.model or ["densenet121-res224-all"]) for m in arg.split(",") if m.strip()]
+    models = [m.strip() for arg in (args.model or list(DEFAULT_MODELS)) for m in arg.split(",") if m.strip()]
     for model_id in models:
         with contextlib.redirect_stdout(sys.stderr):  # libraries print(); stdout stays for --json
             s = _run_one(model_id)
@@ -312,7 +314,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cxr.local_run import run_local, summary_lines
-    from cxr.tasks import DEFAULT_MODELS
 
     settings = load_settings()
     input_uri = args.input or settings.input_uri or "data/samples"
@@ -342,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--size", type=int, help="output size in pixels (default 224)")
     pre.add_argument(
         "--resize-engine",
-        choices=["cv2", "skimage"],
+        choices=RESIZE_ENGINES,
         help="cv2 INTER_AREA (default) or skimage (xrv's training default)",
     )
-    pre.add_argument("--dtype", choices=["float16", "float32"], help="tensor storage dtype (default float16)")
+    pre.add_argument("--dtype", choices=TENSOR_DTYPES, help="tensor storage dtype (default float16)")
     pre.add_argument(
         "--max-pixels", type=int, help="refuse images whose header declares more pixels (default 64000000)"
     )
@@ -359,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument(
         "--model",
         action="append",
-        help="xrv weights name (repeatable or comma-separated; default densenet121-res224-all)",
+        help=f"xrv weights name (repeatable or comma-separated; default {DEFAULT_MODELS[0]})",
     )
     inf.add_argument("--weights-dir", help="folder in xrv's cache layout holding the weights files (air-gapped use)")
     inf.add_argument("--weights", help="one weights file, local path or s3:// object")
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--table",
         action="append",
-        choices=["tensors", "quarantine", "predictions"],
+        choices=TABLE_NAMES,
         help="table to validate (repeatable; default: every table present)",
     )
     val.add_argument("--run-id", help="the run whose quarantine share / prediction completeness is checked")

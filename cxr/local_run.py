@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cxr.operators import REPO_ROOT
-from cxr.tasks import DAG_ID, DEFAULT_MODELS, safe_id
+from cxr.tasks import DAG_ID, DEFAULT_MODELS, INFER_RUN_PREFIX, PREPROCESS_RUN_PREFIX, stage_run_id
 from lakehouse.config import load_settings
 from lakehouse.errors import CxrError
 from lakehouse.storage import is_s3
+from lakehouse.tables import TABLE_NAMES
 
 #: log lines of a failed task shown on the terminal
 TAIL_LINES = 20
@@ -189,7 +190,7 @@ def summary_lines(result: RunResult, *, lakehouse_uri: str) -> list[str]:
 
     lines = [f"pipeline run {result.run_id}: {result.state} ({result.seconds:.0f}s)"]
     lines += [_task_line(t) for t in result.tasks]
-    tables = ", ".join(storage.table_uri(lakehouse_uri, t) for t in ("tensors", "quarantine", "predictions"))
+    tables = ", ".join(storage.table_uri(lakehouse_uri, t) for t in TABLE_NAMES)
     lines += [
         f"tables:    {tables}",
         f"data docs: {storage.data_docs_index_uri(lakehouse_uri)}",
@@ -329,7 +330,8 @@ class _TaskReporter:
 
 def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[str, Any]) -> str:
     """What the stage did, from its run summary, validation results or return value (XCom)."""
-    lake, run = str(conf["lakehouse_uri"]), safe_id(str(ti.run_id))
+    lake = str(conf["lakehouse_uri"])
+    pre_id, inf_id = (stage_run_id(p, str(ti.run_id)) for p in (PREPROCESS_RUN_PREFIX, INFER_RUN_PREFIX))
     if task_id == "wait_for_images":
         return {
             "success": "new images found",
@@ -346,14 +348,14 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
         parts = []
         for table in getattr(task, "op_kwargs", {}).get("tables", []):
             body = json.loads(storage.read_text(storage.validation_uri(lake, table), settings))
-            if body.get("run_id") not in (f"pre-{run}", f"inf-{run}"):
+            if body.get("run_id") not in (pre_id, inf_id):
                 continue  # an earlier run's result: this attempt wrote none
             parts.append(f"{table} {body['passed']}/{body['evaluated']}")
         return f"{', '.join(parts)} expectations passed" if parts else ""
     if state != "success":
         return ""
     if task_id == "preprocess":
-        pre = [r for r in read_summaries(lake, settings, kind=PreprocessRun) if r.run_id == f"pre-{run}"]
+        pre = [r for r in read_summaries(lake, settings, kind=PreprocessRun) if r.run_id == pre_id]
         if not pre:
             return ""
         r = pre[-1]
@@ -362,7 +364,7 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
         text += f", {r.already_present} already present" if r.already_present else ""
         return text + ("; CXR_PSEUDONYM_KEY unset: development key" if r.dev_pseudonym_key else "")
     if task_id == "infer":
-        inf = [r for r in read_summaries(lake, settings, kind=InferRun) if r.run_id == f"inf-{run}"]
+        inf = [r for r in read_summaries(lake, settings, kind=InferRun) if r.run_id == inf_id]
         return "; ".join(
             f"{r.predicted} predicted ({r.already_predicted} before), {r.model_id}, {r.device}" for r in inf
         )

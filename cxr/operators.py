@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.tasks import athena_ddl_stage
-from lakehouse.config import load_settings
+from lakehouse.config import container_env, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Airflow connection id of the Spark master for the local profile (defaults to the CXR_SPARK_MASTER
@@ -139,8 +139,7 @@ def docker_infer_task(lakehouse: str, run_id: str, flags: str, *, outlets: list[
 
     settings = load_settings()
     mount = settings.airflow.docker_mount
-    # S3 endpoint, region and credentials when set (else the daemon host's instance role applies)
-    env = {k: v for k, v in os.environ.items() if k.startswith(("CXR_S3_", "CXR_WEIGHTS_", "AWS_"))}
+    env = container_env()  # S3 endpoint, weights mirror, region and credentials when set
     return DockerOperator(
         task_id="infer",
         image=settings.airflow.infer_image,
@@ -321,8 +320,9 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
 
     settings = load_settings()
     lakehouse = "{{ params.lakehouse_uri }}"
-    pre_run_id = "pre-{{ run_id | safe_id }}"
-    inf_run_id = "inf-{{ run_id | safe_id }}"
+    # the template twin of tasks.stage_run_id, rendered at run time
+    pre_run_id = f"{tasks.PREPROCESS_RUN_PREFIX}-{{{{ run_id | safe_id }}}}"
+    inf_run_id = f"{tasks.INFER_RUN_PREFIX}-{{{{ run_id | safe_id }}}}"
     aws = profile == "aws"
 
     wait: Any

@@ -88,11 +88,6 @@ class ModelReport:
 
 
 # --- public API ---------------------------------------------------------------------------------------
-def default_output(lakehouse_uri: str) -> str:
-    """Where the report goes unless told otherwise: ``<lakehouse>/reports/report.html``."""
-    return storage.report_uri(lakehouse_uri)
-
-
 def build_report(
     lakehouse_uri: str,
     *,
@@ -120,7 +115,7 @@ def build_report(
     if top < 0:
         raise CxrError(f"--top {top}: give 0 or more thumbnails per finding")
     lake = storage.normalize_uri(lakehouse_uri)
-    out = storage.normalize_uri(output) if output else default_output(lake)
+    out = storage.normalize_uri(output) if output else storage.report_uri(lake)
     runs = read_summaries(lake, settings, kind=RunRecord)
     tensors = _read_table(lake, "tensors", settings, ["image_id", "source_format", "run_id"])
     quarantine = _read_table(lake, "quarantine", settings, ["source_uri", "error_class", "error_message", "run_id"])
@@ -188,7 +183,7 @@ def write_report(
     Raises:
         CxrError: as :func:`build_report`; StorageError when the output cannot be written.
     """
-    out = storage.normalize_uri(output) if output else default_output(lakehouse_uri)
+    out = storage.normalize_uri(output) if output else storage.report_uri(lakehouse_uri)
     html = build_report(lakehouse_uri, settings=settings, run_id=run_id, top=top, output=out)
     storage.write_text(out, html, settings, content_type="text/html; charset=utf-8")
     log.info("wrote the run report to %s (%d kB)", out, len(html) // 1024)
@@ -204,7 +199,7 @@ def _pick_run(runs: list[PreprocessRun], run_id: str | None, lake: str) -> Prepr
         if r.run_id == run_id:
             return r
     known = ", ".join(r.run_id for r in runs) or "none"
-    raise CxrError(f"no preprocessing run {run_id!r} under {lake}/runs (known runs: {known})")
+    raise CxrError(f"no preprocessing run {run_id!r} under {storage.runs_uri(lake)} (known runs: {known})")
 
 
 def _read_table(

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 DAG_ID = "xray_inference_pipeline"
 DEFAULT_MODELS = ("densenet121-res224-all",)
+#: the lakehouse run ids of a DAG run's preprocessing and inference: ``<prefix>-<safe_id(dag run id)>``
+PREPROCESS_RUN_PREFIX = "pre"
+INFER_RUN_PREFIX = "inf"
 
 
 # --- stage callables (run inside Airflow tasks) ------------------------------------------------------
@@ -163,3 +166,8 @@ def safe_id(run_id: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9]+", "-", str(run_id)).strip("-")[:80]
+
+
+def stage_run_id(prefix: str, dag_run_id: str) -> str:
+    """The lakehouse run id a DAG run gives a stage (``pre-manual-2026-...``)."""
+    return f"{prefix}-{safe_id(dag_run_id)}"

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from lakehouse.config import Settings
-from lakehouse.tables import DIRECT_IDENTIFIERS, PATHOLOGY_COLUMNS, TENSORS
+from lakehouse.tables import DIRECT_IDENTIFIERS, NUMPY_DTYPES, PATHOLOGY_COLUMNS, TENSORS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: bytes per value of each dtype a tensor may be stored in
-DTYPE_SIZES: dict[str, int] = {"float16": 2, "float32": 4}
+DTYPE_SIZES: dict[str, int] = {d: int(t[-1]) for d, t in NUMPY_DTYPES.items()}  # "<f2" -> 2 bytes
 
 #: a keyed HMAC-SHA256 rendered as lowercase hex
 HEX64 = re.compile(r"^[0-9a-f]{64}$")

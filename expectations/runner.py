@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError, CxrError, StorageError
-from lakehouse.tables import DIRECT_IDENTIFIERS, PREDICTIONS, QUARANTINE, TENSORS, spec
+from lakehouse.tables import DIRECT_IDENTIFIERS, PREDICTIONS, QUARANTINE, TABLE_NAMES, TENSORS, spec
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TABLES = ("tensors", "quarantine", "predictions")
+TABLES = TABLE_NAMES
 #: columns whose values are never shown in a summary or a result file
 SENSITIVE_COLUMNS = frozenset({*DIRECT_IDENTIFIERS, "patient_pseudonym", "source_uri"})
 #: unexpected values kept per failed expectation

@@ -16,23 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from lakehouse.tables import PATHOLOGY_COLUMNS
+from lakehouse.tables import PATHOLOGY_COLUMNS, TENSOR_DTYPES
 
 if TYPE_CHECKING:
     import great_expectations as gx
 
 #: tensor storage dtypes preprocessing may write
-ALLOWED_DTYPES = ("float16", "float32")
+ALLOWED_DTYPES = TENSOR_DTYPES
 #: source formats preprocessing decodes
 KNOWN_FORMATS = ("png", "jpeg", "dicom")
 #: TorchXRayVision's value scale
 VALUE_MIN, VALUE_MAX = -1024.0, 1024.0
-#: suite names, per table
-SUITES: dict[str, tuple[str, str]] = {
-    "tensors": ("tensors", "tensors_columns"),
-    "quarantine": ("quarantine", "quarantine_runs"),
-    "predictions": ("predictions", "predictions_coverage"),
-}
 
 
 def allowed_shapes(sizes: Sequence[int]) -> list[str]:

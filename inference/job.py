@@ -29,7 +29,15 @@ from lakehouse.config import Settings, load_settings
 from lakehouse.errors import CxrError, WeightsNotFoundError
 from lakehouse.progress import progress_bar
 from lakehouse.runs import InferRun, new_run_id, write_summary
-from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, UNTRAINED_SUFFIX, arrow_schema, decode_tensor
+from lakehouse.tables import (
+    NUMPY_DTYPES,
+    PATHOLOGY_COLUMNS,
+    PREDICTIONS,
+    TENSORS,
+    UNTRAINED_SUFFIX,
+    arrow_schema,
+    decode_tensor,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -77,6 +85,7 @@ class Predictor:
         amp: bool = False,
         graph: GraphMode = "auto",
         channels_last: bool = False,
+        onnx_cache: str = "",
     ) -> None:
         import torch
         import torchxrayvision as xrv
@@ -122,7 +131,7 @@ class Predictor:
         if self.graph == "onnx":
             if self.device.type != "cpu":
                 raise CxrError("--graph onnx runs on the CPU: use --device cpu (or --graph eager on CUDA)")
-            self.session = _onnx_session(self.model, weights_sha256=self.weights_sha256)
+            self.session = _onnx_session(self.model, weights_sha256=self.weights_sha256, cache_dir=onnx_cache)
         if self.graph == "frozen":
             # TorchScript trace -> freeze without numerics-changing passes: the same arithmetic as eager
             # (bit-identical outputs here) with less dispatch overhead, ~1.2x eager on a 2-core CPU.
@@ -201,7 +210,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _ALLOCATOR_LIMIT = 1 << 30
 
 
-def tune_allocator() -> bool:
+def tune_allocator(settings: Settings | None = None) -> bool:
     """Keep the forward pass's large tensors on glibc's heap instead of fresh mmaps.
 
     With glibc's defaults every activation above the (adaptive, at most 32 MB) mmap threshold is a
@@ -218,7 +227,7 @@ def tune_allocator() -> bool:
     import ctypes
     import sys
 
-    if not load_settings().inference.malloc_tuning or not sys.platform.startswith("linux"):
+    if not (settings or load_settings()).inference.malloc_tuning or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -260,7 +269,7 @@ def run_infer(
     from lakehouse import delta_rs
 
     started = time.perf_counter()
-    malloc_tuned = tune_allocator()
+    malloc_tuned = tune_allocator(settings)
     upstream_url(model_id)  # an unknown name is an error, never a stand-in
     try:
         tensors = delta_rs.open_table(lakehouse_uri, TENSORS, settings)
@@ -274,7 +283,15 @@ def run_infer(
         if not allow_untrained:
             raise
         weights = None
-    predictor = Predictor(model_id, weights, device=device, amp=amp, graph=graph, channels_last=channels_last)
+    predictor = Predictor(
+        model_id,
+        weights,
+        device=device,
+        amp=amp,
+        graph=graph,
+        channels_last=channels_last,
+        onnx_cache=settings.inference.onnx_cache,
+    )
     predictions = delta_rs.ensure_table(lakehouse_uri, PREDICTIONS, settings)
     done_table = predictions.to_pyarrow_table(columns=["image_id", "model_id"])
     done = {
@@ -378,7 +395,7 @@ def _write_summary(lakehouse_uri: str, summary: InferRun, settings: Settings, *,
     write_summary(lakehouse_uri, summary, settings, name=name, extra_keys={"shard": f"{shard.index}/{shard.count}"})
 
 
-def _onnx_session(model: Any, *, weights_sha256: str, threads: int | None = None) -> Any:
+def _onnx_session(model: Any, *, weights_sha256: str, cache_dir: str = "", threads: int | None = None) -> Any:
     """The model exported to ONNX once per (weights, torch, onnxruntime, opset), cached under
     ``CXR_ONNX_CACHE`` (default ``~/.cache/cxr/onnx``), and an ONNX Runtime CPU session over it.
 
@@ -395,7 +412,7 @@ def _onnx_session(model: Any, *, weights_sha256: str, threads: int | None = None
     except ImportError as exc:
         raise CxrError("--graph onnx needs onnxruntime: pip install 'cxr-lakehouse[onnx]'") from exc
     opset = 18
-    cache = Path(load_settings().inference.onnx_cache or Path.home() / ".cache" / "cxr" / "onnx")
+    cache = Path(cache_dir or Path.home() / ".cache" / "cxr" / "onnx")
     cache.mkdir(parents=True, exist_ok=True)
     key = (
         f"{weights_sha256.replace(':', '_')}-torch{torch.__version__.replace('+', '_')}-ort{ort.__version__}-op{opset}"
@@ -448,7 +465,7 @@ def _stacked_view(tensors: pa.Array | list[bytes], dtypes: list[str], shapes: li
         return None
     if len(set(dtypes)) != 1 or any(list(s) != list(shapes[0]) for s in shapes):
         return None
-    np_dtype = np.dtype({"float16": "<f2", "float32": "<f4"}[dtypes[0]])
+    np_dtype = np.dtype(NUMPY_DTYPES[dtypes[0]])
     per_image = int(np.prod(shapes[0])) * np_dtype.itemsize
     if not (pa.types.is_binary(tensors.type) or pa.types.is_large_binary(tensors.type)):
         return None

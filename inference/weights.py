@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lakehouse.config import Settings, load_settings
+from lakehouse.config import Settings
 from lakehouse.errors import CxrError, WeightsNotFoundError
 from lakehouse.storage import is_s3, read_bytes
 
@@ -81,10 +81,10 @@ def sha256_file(path: Path) -> str:
 
 
 def pinned_sha256(model_id: str, pinned: dict[str, str] | None = None) -> str | None:
-    """The pinned hash of a weights name: ``pinned`` first, then ``CXR_WEIGHTS_SHA256_<NAME>``."""
+    """The pinned hash of a weights name in ``pinned``, or None."""
     if pinned and model_id in pinned:
         return pinned[model_id].lower()
-    return load_settings().weights_sha256_for(model_id)
+    return None
 
 
 def verify(path: Path, model_id: str, *, pinned: dict[str, str] | None = None) -> str:
@@ -157,6 +157,8 @@ def resolve_weights(
 
     filename = upstream_filename(model_id)
     cache = Path(cache_dir or xrv.utils.get_cache_dir()).expanduser()
+    from_env = settings.weights_sha256_for(model_id)  # CXR_WEIGHTS_SHA256_<MODEL>; an explicit pin wins
+    pinned = {**({model_id: from_env} if from_env else {}), **(pinned or {})}
     tried: list[str] = []
 
     if weights_dir:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from lakehouse.errors import ConfigError
-from lakehouse.tables import ResizeEngine, TensorDtype
+from lakehouse.tables import RESIZE_ENGINES, TENSOR_DTYPES, ResizeEngine, TensorDtype
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("AWS_REGION", "s3_region", fallbacks=("AWS_DEFAULT_REGION",)),
     Variable("CXR_PSEUDONYM_KEY", "pseudonym_key", secret=True),
     Variable("CXR_RESIZE_SIZE", "resize_size", _int),
-    Variable("CXR_RESIZE_ENGINE", "resize_engine", _choice("cv2", "skimage")),
-    Variable("CXR_TENSOR_DTYPE", "tensor_dtype", _choice("float16", "float32")),
+    Variable("CXR_RESIZE_ENGINE", "resize_engine", _choice(*RESIZE_ENGINES)),
+    Variable("CXR_TENSOR_DTYPE", "tensor_dtype", _choice(*TENSOR_DTYPES)),
     Variable("CXR_MAX_PIXELS", "max_pixels", _int),
     Variable("CXR_MAX_FILE_BYTES", "max_file_bytes", _int),
     Variable("CXR_FILES_PER_TASK", "files_per_task", _int),
@@ -338,8 +338,10 @@ def describe(settings: Settings) -> list[SettingRow]:
             dotted = f"{prefix}{f.name}"
             var = by_setting.get(dotted)
             value = getattr(obj, f.name)
-            if dotted == "pseudonym_key":
-                shown = "(built-in development key: NOT secret)" if settings.uses_dev_key else "****** (set)"
+            if dotted == "pseudonym_key" and settings.uses_dev_key:
+                shown = "(built-in development key: NOT secret)"
+            elif var is not None and var.secret:
+                shown = "****** (set)" if value else "(empty)"
             elif dotted == "inference.weights_sha256":
                 shown = ", ".join(f"{m}={h[:12]}…" for m, h in value) or "(none)"
             else:
@@ -351,6 +353,21 @@ def describe(settings: Settings) -> list[SettingRow]:
     for group in _SUB:
         add(f"{group}.", getattr(settings, group))
     return rows
+
+
+#: variables handed on to the inference container (S3 endpoint and region, weights mirror and pins, AWS)
+_CONTAINER_PREFIXES = ("CXR_S3_", "CXR_WEIGHTS_", "AWS_")
+
+
+def container_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables the inference container needs from this environment: the S3 endpoint, the weights
+    mirror and pins, and AWS's own (region, credentials; without them the host's instance role applies).
+
+    Args:
+        env: the environment to read; ``os.environ`` when None.
+    """
+    e = os.environ if env is None else env
+    return {k: v for k, v in e.items() if k.startswith(_CONTAINER_PREFIXES)}
 
 
 def warn_if_dev_key(settings: Settings) -> None:

@@ -322,8 +322,10 @@ def exists(uri: str, settings: Settings) -> bool:
     bucket, key = split_s3(uri)
     try:
         s3_client(settings).head_object(Bucket=bucket, Key=key)
-    except ClientError:
-        return False
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise StorageError(f"cannot check {uri}: {exc}") from exc  # e.g. 403: not "missing"
     except BotoCoreError as exc:
         raise StorageError(f"cannot check {uri}: {exc}") from exc
     return True

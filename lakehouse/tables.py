@@ -9,7 +9,7 @@ deletion vectors, no column mapping, no VARIANT, no TIMESTAMP_NTZ (a test checks
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import numpy as np
@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 TensorDtype = Literal["float16", "float32"]
 #: the resize implementation (``xrv.datasets.XRayResizer(engine=...)``)
 ResizeEngine = Literal["cv2", "skimage"]
-_NUMPY_DTYPE = {"float16": "<f2", "float32": "<f4"}
+TENSOR_DTYPES: tuple[str, ...] = get_args(TensorDtype)
+RESIZE_ENGINES: tuple[str, ...] = get_args(ResizeEngine)
+#: the numpy dtype (little-endian) of each storage dtype; its itemsize is the bytes per value
+NUMPY_DTYPES: dict[str, str] = {"float16": "<f2", "float32": "<f4"}
 
 #: appended to a model id whose predictions come from a random-init stand-in (no weights): marked in every row
 UNTRAINED_SUFFIX = "+untrained-random-init"
@@ -218,11 +221,11 @@ def encode_tensor(tensor: np.ndarray, dtype: TensorDtype) -> bytes:
     """C-order little-endian bytes of the tensor in the storage dtype (``tensors.tensor``)."""
     import numpy as np
 
-    return np.ascontiguousarray(tensor, dtype=_NUMPY_DTYPE[dtype]).tobytes()
+    return np.ascontiguousarray(tensor, dtype=NUMPY_DTYPES[dtype]).tobytes()
 
 
 def decode_tensor(blob: bytes, dtype: str, shape: list[int] | tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`encode_tensor`, as float32."""
     import numpy as np
 
-    return np.frombuffer(blob, dtype=_NUMPY_DTYPE[dtype]).reshape(tuple(shape)).astype(np.float32)
+    return np.frombuffer(blob, dtype=NUMPY_DTYPES[dtype]).reshape(tuple(shape)).astype(np.float32)

@@ -141,7 +141,9 @@ def test_the_checks_catch_what_they_are_for() -> None:
 
 def test_no_stray_environment_reads() -> None:
     """``CXR_*`` variables are read in lakehouse/config.py only (other modules may name them in messages)."""
-    pattern = re.compile(r"""(?:environ(?:\.get)?\s*[\[(]|getenv\()\s*f?["']CXR_""")
+    # a read by name, or a scan of the environment by prefix
+    pattern = re.compile(r"""(?:environ(?:\.get)?\s*[\[(]|getenv\(|startswith\(\(?)\s*f?["']CXR_""")
     assert pattern.search('x = os.environ.get("CXR_FOO", "1")') and pattern.search("os.environ['CXR_FOO']")
+    assert pattern.search('{k: v for k, v in os.environ.items() if k.startswith(("CXR_S3_", "AWS_"))}')
     readers = [name for name, source in project_modules().items() if pattern.search(source)]
     assert readers == [], f"{readers} read CXR_* variables themselves: add them to lakehouse/config.py"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from inference.job import Shard, run_infer
-from lakehouse.config import Settings
+from lakehouse.config import Settings, load_settings
 from lakehouse.delta_rs import read_arrow
 from lakehouse.errors import WeightsNotFoundError
 from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, UNTRAINED_SUFFIX, decode_tensor
@@ -57,6 +57,7 @@ def test_predictions_equal_xrv_called_directly(
     import torchxrayvision as xrv
 
     monkeypatch.setenv("CXR_ONNX_CACHE", str(tmp_path / "onnx-cache"))
+    settings = load_settings()  # the export cache is a setting, read from the environment
     root = _copy(lake[0], tmp_path)
     s = run_infer(
         str(root),
@@ -223,7 +224,7 @@ def test_integrity_failures_never_fall_back_to_a_stand_in(
     with pytest.raises(WeightsIntegrityError):
         run_infer(
             str(root),
-            settings=settings,
+            settings=load_settings(),
             weights_dir=str(checkpoint.parent),
             allow_untrained=True,
             device="cpu",

@@ -64,7 +64,7 @@ def test_pinned_hash(checkpoint: Path, settings: Settings, monkeypatch: pytest.M
     assert w.sha256 == good
     monkeypatch.setenv("CXR_WEIGHTS_SHA256_DENSENET121_RES224_ALL", "0" * 64)
     with pytest.raises(WeightsIntegrityError, match="pinned"):
-        resolve_weights(MODEL, settings=settings, weights_dir=str(checkpoint.parent))
+        resolve_weights(MODEL, settings=load_settings(), weights_dir=str(checkpoint.parent))
 
 
 def test_download_path_against_a_local_http_server(

@@ -175,7 +175,6 @@ def dicom_bytes(
 
 
 # --- the catalogue of sample kinds -----------------------------------------------------------------
-Maker = Callable[[int], tuple[str, bytes]]
 
 
 def _shape(seed: int) -> tuple[int, int]:
