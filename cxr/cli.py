@@ -107,9 +107,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from inference.job import Shard, run_infer
 
     settings = load_settings()
-    lakehouse_uri = args.lakehouse or settings.lakehouse_uri
-    if not lakehouse_uri:
-        raise CxrError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
+    lakehouse_uri = _lakehouse(args, settings)
     shard = Shard.parse(args.shard) if args.shard else Shard()
     if args.weights and (len(args.model or []) > 1 or "," in (args.model or [""])[0]):
         raise CxrError("--weights names one file: give one --model with it (or use --weights-dir for several)")

@@ -355,7 +355,7 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
     if state != "success":
         return ""
     if task_id == "preprocess":
-        pre = [r for r in read_summaries(lake, settings, kind=PreprocessRun) if r.run_id == pre_id]
+        pre = read_summaries(lake, settings, kind=PreprocessRun, run_id=pre_id)
         if not pre:
             return ""
         r = pre[-1]
@@ -364,7 +364,7 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
         text += f", {r.already_present} already present" if r.already_present else ""
         return text + ("; CXR_PSEUDONYM_KEY unset: development key" if r.dev_pseudonym_key else "")
     if task_id == "infer":
-        inf = [r for r in read_summaries(lake, settings, kind=InferRun) if r.run_id == inf_id]
+        inf = read_summaries(lake, settings, kind=InferRun, run_id=inf_id)
         return "; ".join(
             f"{r.predicted} predicted ({r.already_predicted} before), {r.model_id}, {r.device}" for r in inf
         )

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lakehouse.errors import ConfigError
 from lakehouse.tables import RESIZE_ENGINES, TENSOR_DTYPES, ResizeEngine, TensorDtype
@@ -21,6 +21,10 @@ from lakehouse.tables import RESIZE_ENGINES, TENSOR_DTYPES, ResizeEngine, Tensor
 log = logging.getLogger(__name__)
 
 Profile = Literal["local", "aws"]
+InferRunner = Literal["auto", "docker", "process"]
+EmrMode = Literal["serverless", "cluster"]
+SparkLogLevel = Literal["ALL", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "OFF"]
+EcsLaunchType = Literal["FARGATE", "EC2", "EXTERNAL"]
 Source = Literal["flag", "env", "profile", "default"]
 
 #: Built-in pseudonym key for demos and tests only. Pseudonyms made with it are not secret.
@@ -52,7 +56,7 @@ class SparkSettings:
     #: Delta rebuilds table state after each commit with this many partitions (default 50 costs seconds).
     delta_snapshot_partitions: int = 2
     #: log4j2 level of the Spark JVM (WARN keeps the terminal readable; logs of `cxr run` go to files).
-    log_level: str = "WARN"
+    log_level: SparkLogLevel = "WARN"
     #: driver JVM options replacing the defaults (C1 JIT, the class-data-sharing archive); empty = defaults.
     java_opts: str = ""
     #: the file listing the resolved Delta/S3A jars; empty = jvm/classpath.txt (written by `make setup`).
@@ -69,7 +73,7 @@ class AirflowSettings:
     wait_timeout_s: int = 6 * 3600
     #: how the local profile runs inference: in its container (docker), as a process, or docker when a
     #: Docker daemon socket is present (auto).
-    infer_runner: Literal["auto", "docker", "process"] = "auto"
+    infer_runner: InferRunner = "auto"
     infer_image: str = "cxr-infer:latest"
     #: host folder bind-mounted at the same path into the inference container (a folder lakehouse).
     docker_mount: str = ""
@@ -81,8 +85,8 @@ class AirflowSettings:
 class AwsSettings:
     """The aws profile's services."""
 
-    emr_mode: Literal["serverless", "cluster"] = "serverless"
-    ecs_launch_type: str = "FARGATE"
+    emr_mode: EmrMode = "serverless"
+    ecs_launch_type: EcsLaunchType = "FARGATE"
 
 
 @dataclass(frozen=True)
@@ -141,9 +145,7 @@ class Settings:
 
     def weights_sha256_for(self, model_id: str) -> str | None:
         """The sha256 pinned for ``model_id`` through the environment, or None."""
-        return dict(self.inference.weights_sha256).get(
-            weights_sha_variable(model_id)[len(WEIGHTS_SHA_PREFIX) :].lower()
-        )
+        return dict(self.inference.weights_sha256).get(_pin_key(model_id))
 
     def with_overrides(self, **overrides: object) -> Settings:
         """Return a validated copy with the non-None overrides applied (CLI flags; top-level settings)."""
@@ -240,20 +242,18 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CXR_SPARK_UI", "spark.ui", _bool),
     Variable("CXR_SHUFFLE_PARTITIONS", "spark.shuffle_partitions", _int),
     Variable("CXR_DELTA_SNAPSHOT_PARTITIONS", "spark.delta_snapshot_partitions", _int),
-    Variable(
-        "CXR_SPARK_LOG_LEVEL", "spark.log_level", _choice("ALL", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "OFF")
-    ),
+    Variable("CXR_SPARK_LOG_LEVEL", "spark.log_level", _choice(*get_args(SparkLogLevel))),
     Variable("CXR_SPARK_JAVA_OPTS", "spark.java_opts"),
     Variable("CXR_SPARK_CLASSPATH_FILE", "spark.classpath_file"),
     Variable("CXR_RETRY_DELAY_S", "airflow.retry_delay_s", _int),
     Variable("CXR_POKE_INTERVAL_S", "airflow.poke_interval_s", _int),
     Variable("CXR_WAIT_TIMEOUT_S", "airflow.wait_timeout_s", _int),
-    Variable("CXR_INFER_RUNNER", "airflow.infer_runner", _choice("auto", "docker", "process")),
+    Variable("CXR_INFER_RUNNER", "airflow.infer_runner", _choice(*get_args(InferRunner))),
     Variable("CXR_INFER_IMAGE", "airflow.infer_image"),
     Variable("CXR_DOCKER_MOUNT", "airflow.docker_mount"),
     Variable("CXR_CLI", "airflow.cli"),
-    Variable("CXR_EMR_MODE", "aws.emr_mode", _choice("serverless", "cluster")),
-    Variable("CXR_ECS_LAUNCH_TYPE", "aws.ecs_launch_type", _choice("FARGATE", "EC2", "EXTERNAL")),
+    Variable("CXR_EMR_MODE", "aws.emr_mode", _choice(*get_args(EmrMode))),
+    Variable("CXR_ECS_LAUNCH_TYPE", "aws.ecs_launch_type", _choice(*get_args(EcsLaunchType))),
     Variable("CXR_MALLOC_TUNING", "inference.malloc_tuning", _bool),
     Variable("CXR_ONNX_CACHE", "inference.onnx_cache"),
     Variable("CXR_WEIGHTS_BASE_URL", "inference.weights_base_url"),
@@ -263,9 +263,14 @@ WEIGHTS_SHA_PREFIX = "CXR_WEIGHTS_SHA256_"
 _SUB = {"spark": SparkSettings, "airflow": AirflowSettings, "aws": AwsSettings, "inference": InferenceSettings}
 
 
+def _pin_key(model_id: str) -> str:
+    """A model id as its weights pin is keyed: non-alphanumerics as ``_``, lower case."""
+    return "".join(ch if ch.isalnum() else "_" for ch in model_id).lower()
+
+
 def weights_sha_variable(model_id: str) -> str:
     """The environment variable that pins ``model_id``'s weights sha256."""
-    return WEIGHTS_SHA_PREFIX + "".join(ch if ch.isalnum() else "_" for ch in model_id).upper()
+    return WEIGHTS_SHA_PREFIX + _pin_key(model_id).upper()
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

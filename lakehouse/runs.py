@@ -136,20 +136,26 @@ def write_summary(
     return uri
 
 
-def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: type[R]) -> list[R]:
+def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: type[R], run_id: str | None = None) -> list[R]:
     """Every run summary under ``<lakehouse>/runs/`` that is a ``kind``, typed; none when the folder is missing.
 
     Args:
         lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
         settings: for the S3 endpoint.
         kind: :class:`PreprocessRun` or :class:`InferRun`; :class:`RunRecord` for every run.
+        run_id: only this run's summaries (their files are named after the run id: the others are not read).
 
     Returns:
         The records, each with its ``uri``, ``mtime_ms`` and ``body``. Files that are not JSON objects
         with a ``run_id`` and the fields of their kind are skipped with a warning.
     """
     try:
-        listed = [f for f in storage.list_files(storage.runs_uri(lakehouse_uri), settings) if f.uri.endswith(".json")]
+        folder = storage.runs_uri(lakehouse_uri)
+        listed = [
+            f
+            for f in storage.list_files(folder, settings)
+            if f.uri.endswith(".json") and (run_id is None or f.uri[len(folder) + 1 :].startswith(run_id))
+        ]
     except StorageError:
         return []  # no run has written a summary yet
     out = []
@@ -166,7 +172,7 @@ def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: type[R]) -> 
         if record is None:
             continue
         record.uri, record.mtime_ms, record._read_body = f.uri, f.mtime_ms, body
-        if isinstance(record, kind):
+        if isinstance(record, kind) and (run_id is None or record.run_id == run_id):
             out.append(record)
     return out
 

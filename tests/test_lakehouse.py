@@ -181,3 +181,25 @@ def test_every_variable_lands_in_its_setting_with_its_source() -> None:
     for bad in ({"CXR_SPARK_UI": "maybe"}, {"CXR_EMR_MODE": "yarn"}, {"CXR_SHUFFLE_PARTITIONS": "0"}):
         with pytest.raises(ConfigError):
             load_settings(bad)
+
+
+def test_run_records_round_trip_and_one_run_is_read_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from lakehouse.runs import InferRun, PreprocessRun, RunRecord, read_summaries, write_summary
+
+    settings = load_settings({})
+    pre = PreprocessRun(run_id="pre-a", discovered=3, new=2, quarantined=1, quarantine_reasons={"DecodeError": 1})
+    write_summary(str(tmp_path), pre, settings)
+    write_summary(str(tmp_path), PreprocessRun(run_id="pre-ab", discovered=1, new=1), settings)
+    inf = InferRun(run_id="inf-a", model_id="m", weights_sha256="s", tensors_version=1, device="cpu", predicted=2)
+    write_summary(str(tmp_path), inf, settings, name="inf-a-m", extra_keys={"shard": "0/1"})
+    (tmp_path / "runs" / "pre-z.json").write_text("{not json")  # another run's file, broken
+
+    every = read_summaries(str(tmp_path), settings, kind=RunRecord)
+    assert sorted(r.run_id for r in every) == ["inf-a", "pre-a", "pre-ab"] and "pre-z.json" in caplog.text
+    caplog.clear()
+    (only,) = read_summaries(str(tmp_path), settings, kind=PreprocessRun, run_id="pre-a")
+    assert only == pre and only.reconciles and only.body["reconciles"] is True
+    assert "pre-z.json" not in caplog.text  # files of other runs are not even read
+    (scored,) = read_summaries(str(tmp_path), settings, kind=InferRun, run_id="inf-a")
+    assert (scored.predicted, scored.body["shard"]) == (2, "0/1")
+    assert read_summaries(str(tmp_path), settings, kind=InferRun, run_id="pre-a") == []

@@ -393,7 +393,9 @@ def _commit(lakehouse_uri: str, files: list[DataFile], settings: Settings, *, ru
     try:
         return delta_rs.commit_data_files(lakehouse_uri, TENSORS, files, settings, run_id=run_id)
     except Exception as exc:
-        raise StorageError(f"cannot commit {len(files)} data files to {lakehouse_uri}/tensors: {exc}") from exc
+        raise StorageError(
+            f"cannot commit {len(files)} data files to {storage.table_uri(lakehouse_uri, TENSORS)}: {exc}"
+        ) from exc
 
 
 def _quarantine(
