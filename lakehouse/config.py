@@ -127,6 +127,14 @@ class Settings:
     files_per_task: int = 256
     #: validation fails when a preprocessing run quarantined more than this share of its inputs.
     max_quarantine_share: float = 0.05
+    #: DICOM modalities that are decoded; any other modality is ``skipped`` (from the header, pixels unread).
+    modalities: tuple[str, ...] = ("CR", "DX", "RG")
+    #: tensors are committed every this many new images (a kill loses at most one batch) ...
+    commit_every_images: int = 2000
+    #: ... or every this many seconds of decoding, whichever comes first.
+    commit_every_s: float = 300.0
+    #: one file's decode is stopped (and the file quarantined as DecodeTimeout) after this long.
+    decode_timeout_s: float = 60.0
     spark: SparkSettings = field(default_factory=SparkSettings)
     airflow: AirflowSettings = field(default_factory=AirflowSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
@@ -165,6 +173,12 @@ class Settings:
             raise ConfigError("max pixels and max file bytes must be positive")
         if self.files_per_task < 1:
             raise ConfigError(f"files per task must be at least 1 (got {self.files_per_task})")
+        if self.commit_every_images < 1 or self.commit_every_s <= 0:
+            raise ConfigError("commit every images/seconds must be positive")
+        if self.decode_timeout_s <= 0:
+            raise ConfigError(f"decode timeout must be positive (got {self.decode_timeout_s})")
+        if not self.modalities:
+            raise ConfigError("the modality allowlist is empty: name at least one (e.g. CR,DX,RG)")
         if not 0.0 <= self.max_quarantine_share <= 1.0:
             raise ConfigError(f"max quarantine share must be within [0, 1] (got {self.max_quarantine_share})")
         for name in ("retry_delay_s", "poke_interval_s", "wait_timeout_s"):
@@ -212,6 +226,13 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _upper_list(name: str, raw: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(p.strip().upper() for p in raw.split(",") if p.strip()))
+    if not items:
+        raise ConfigError(f"{name}={raw!r}: expected a comma-separated list (e.g. CR,DX,RG)")
+    return items
+
+
 @dataclass(frozen=True)
 class Variable:
     """One environment variable: the setting it fills (dotted for sub-settings) and how it is parsed."""
@@ -238,6 +259,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CXR_MAX_FILE_BYTES", "max_file_bytes", _int),
     Variable("CXR_FILES_PER_TASK", "files_per_task", _int),
     Variable("CXR_MAX_QUARANTINE_SHARE", "max_quarantine_share", _float),
+    Variable("CXR_MODALITIES", "modalities", _upper_list),
+    Variable("CXR_COMMIT_EVERY_IMAGES", "commit_every_images", _int),
+    Variable("CXR_COMMIT_EVERY_S", "commit_every_s", _float),
+    Variable("CXR_DECODE_TIMEOUT_S", "decode_timeout_s", _float),
     Variable("CXR_SPARK_DRIVER_MEMORY", "spark.driver_memory"),
     Variable("CXR_SPARK_UI", "spark.ui", _bool),
     Variable("CXR_SHUFFLE_PARTITIONS", "spark.shuffle_partitions", _int),
@@ -347,6 +372,8 @@ def describe(settings: Settings) -> list[SettingRow]:
                 shown = "(built-in development key: NOT secret)"
             elif var is not None and var.secret:
                 shown = "****** (set)" if value else "(empty)"
+            elif dotted == "modalities":
+                shown = ",".join(value)
             elif dotted == "inference.weights_sha256":
                 shown = ", ".join(f"{m}={h[:12]}…" for m, h in value) or "(none)"
             else:
