@@ -70,7 +70,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         sys.stdout.write(summary.to_json() + "\n")
         return 0
     from lakehouse.storage import run_summary_uri, table_uri
-    from lakehouse.tables import QUARANTINE, TENSORS
+    from lakehouse.tables import FILES, QUARANTINE, TENSORS
 
     console = Console(soft_wrap=True)
     table = Table(show_header=False, box=None, padding=(0, 2))
@@ -79,8 +79,11 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         ("new tensors", summary.new),
         ("already present", summary.already_present),
         ("duplicates", summary.duplicates),
+        ("skipped", summary.skipped),
         ("quarantined", summary.quarantined),
+        ("retryable", summary.retryable),
         ("decoded", summary.decoded),
+        ("batches", summary.batches),
         ("seconds", f"{summary.seconds:.1f}"),
     ]:
         table.add_row(label, str(value))
@@ -89,6 +92,14 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     if summary.quarantine_reasons:
         reasons = ", ".join(f"{cls} {n}" for cls, n in sorted(summary.quarantine_reasons.items()))
         console.print(f"quarantined: {reasons} (each file's reason is in the quarantine table)")
+    if summary.skip_reasons:
+        reasons = ", ".join(f"{cls} {n}" for cls, n in sorted(summary.skip_reasons.items()))
+        console.print(f"skipped: {reasons} (not radiographs to score; each file's reason is in the files table)")
+    if summary.previously:
+        earlier = ", ".join(f"{o} {n}" for o, n in sorted(summary.previously.items()))
+        console.print(f"judged by earlier runs, unchanged, not read again: {earlier}")
+    if summary.retryable:
+        console.print(f"retryable: {summary.retryable} files could not be read for now; the next run reads them")
     for pair in summary.duplicate_pairs[:10]:
         console.print(f"duplicate: {pair['source_uri']} = {pair['duplicate_of']}")
     if len(summary.duplicate_pairs) > 10:
@@ -96,9 +107,11 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     check = "=" if summary.reconciles else "!="
     console.print(
         f"discovered {summary.discovered} {check} new {summary.new} + already present {summary.already_present}"
-        f" + duplicates {summary.duplicates} + quarantined {summary.quarantined}"
+        f" + duplicates {summary.duplicates} + skipped {summary.skipped} + quarantined {summary.quarantined}"
+        f" + retryable {summary.retryable}"
     )
-    console.print(f"tables: {table_uri(lakehouse_uri, TENSORS)}, {table_uri(lakehouse_uri, QUARANTINE)}")
+    tables = (TENSORS, QUARANTINE, FILES)
+    console.print("tables: " + ", ".join(table_uri(lakehouse_uri, t) for t in tables))
     console.print(f"run summary: {run_summary_uri(lakehouse_uri, summary.run_id)}")
     return 0
 
@@ -310,6 +323,54 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_maintain(args: argparse.Namespace) -> int:
+    from lakehouse.maintain import maintain
+
+    settings = load_settings()
+    result = maintain(
+        _lakehouse(args, settings), settings, older_than_hours=args.older_than, compact=not args.no_compact
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(asdict(result), indent=2) + "\n")
+        return 0
+    lines = [f"maintenance of {result.lakehouse_uri} (orphans older than {args.older_than:g} h)"]
+    for t in result.tables:
+        text = f"  {t.table}: {t.orphans_deleted} orphan files deleted ({_bytes(t.bytes_freed)})"
+        text += f", {t.orphans_kept_young} younger kept" if t.orphans_kept_young else ""
+        text += f", {t.files_compacted} small files compacted into {t.files_added}" if t.files_compacted else ""
+        lines.append(text)
+    lines.append(f"freed {_bytes(result.bytes_freed)} in {result.orphans_deleted} files")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def _cmd_requeue(args: argparse.Namespace) -> int:
+    from lakehouse.ledger import requeue
+
+    settings = load_settings()
+    n = requeue(_lakehouse(args, settings), settings, error_class=args.error_class, run_id=args.run_id)
+    which = " ".join(
+        x
+        for x in (
+            f"of class {args.error_class}" if args.error_class else "",
+            f"from run {args.run_id}" if args.run_id else "",
+        )
+        if x
+    )
+    sys.stdout.write(
+        f"requeued {n} quarantined files{' ' + which if which else ''}: the next preprocessing run reads them again\n"
+    )
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from cxr.local_run import run_local, summary_lines
 
@@ -437,6 +498,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-untrained", action="store_true", help="without weights, a random-init stand-in (marked in every row)"
     )
     run.set_defaults(func=_cmd_run)
+
+    mnt = sub.add_parser(
+        "maintain", help="delete orphan data files (no table version references them) and compact small files"
+    )
+    mnt.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    mnt.add_argument(
+        "--older-than",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="delete only orphans older than this (default 24: never the files of a run still writing; 0 when none is)",
+    )
+    mnt.add_argument("--no-compact", action="store_true", help="do not compact predictions, quarantine and files")
+    mnt.add_argument("--json", action="store_true", help="print what was done as JSON")
+    mnt.set_defaults(func=_cmd_maintain)
+
+    rq = sub.add_parser("requeue", help="mark quarantined files to be read again by the next run (after a fix)")
+    rq.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    rq.add_argument("--error-class", help="only files quarantined with this error class (e.g. DecoderCrash)")
+    rq.add_argument("--run-id", help="only files quarantined by this preprocessing run")
+    rq.set_defaults(func=_cmd_requeue)
 
     cfg = sub.add_parser("config", help="the effective settings and where each came from (secrets masked)")
     cfg.add_argument("--input", help="as for `cxr run`: shown as coming from a flag")

@@ -300,6 +300,7 @@ class StageTasks:
     publish: Any
     athena: Any | None
     report: Any
+    maintain: Any
 
 
 def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
@@ -400,6 +401,12 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         python_callable=tasks.report_stage,
         op_kwargs={"lakehouse_uri": lakehouse, "run_id": pre_run_id},
     )
+    maintain = PythonOperator(
+        task_id="maintain",
+        python_callable=tasks.maintain_stage,
+        # orphans of killed or failed runs are a day old before they go: a run writing now is never touched
+        op_kwargs={"lakehouse_uri": lakehouse, "older_than_hours": 24.0},
+    )
     return StageTasks(
         wait=wait,
         preprocess=preprocess,
@@ -409,4 +416,5 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         publish=publish,
         athena=aws_athena_tasks(lakehouse) if aws else None,
         report=report,
+        maintain=maintain,
     )

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lakehouse.config import Settings, load_settings
-from lakehouse.tables import PREDICTIONS, QUARANTINE, TENSORS
+from lakehouse.config import load_settings
+from lakehouse.tables import PREDICTIONS, TENSORS
 
 log = logging.getLogger(__name__)
 
@@ -28,40 +28,23 @@ INFER_RUN_PREFIX = "inf"
 
 
 def new_images_waiting(input_uri: str, lakehouse_uri: str) -> bool:
-    """Sensor poke: True when ``input_uri`` holds files the lakehouse has not seen (by URI and size).
+    """Sensor poke: True when ``input_uri`` holds files the ``files`` ledger has no judgement for.
 
-    A file seen before (in ``tensors`` or ``quarantine``) does not count: a rerun over an unchanged
-    folder waits, then skips (soft fail), instead of reprocessing.
+    A file judged before and unchanged (same path, size and mtime), whatever the outcome (new, a
+    byte-identical copy, skipped, quarantined), does not count: a rerun over an unchanged folder waits,
+    then skips (soft fail), instead of reprocessing. Retryable and requeued files count.
     """
-    from lakehouse import delta_rs, storage
+    from lakehouse import ledger, storage
 
     settings = load_settings()
-    listing = {(f.uri, f.size) for f in storage.list_files(input_uri, settings)}
+    listing = list(storage.list_files(input_uri, settings))
     if not listing:
         log.info("no files under %s yet", input_uri)
         return False
-    from deltalake.exceptions import TableNotFoundError
-
-    seen: set[tuple[str, int]] = set()
-    for table in (TENSORS, QUARANTINE):
-        try:
-            t = delta_rs.read_arrow(lakehouse_uri, table, settings, columns=["source_uri", "source_bytes"])
-        except TableNotFoundError:  # nothing written there yet
-            continue
-        seen.update(zip(t.column("source_uri").to_pylist(), t.column("source_bytes").to_pylist(), strict=True))
-    # files stored under another name (byte-identical duplicates) are in the run summaries only
-    seen_uris = {uri for uri, _ in seen} | _duplicate_uris(lakehouse_uri, settings)
-    new = sum(1 for uri, size in listing if (uri, size) not in seen and uri not in seen_uris)
+    known = ledger.read_known(lakehouse_uri, settings)
+    new = sum(1 for f in listing if ledger.is_known(known, f.uri, f.size, f.mtime_ms) is None)
     log.info("%d of %d files under %s are new", new, len(listing), input_uri)
     return new > 0
-
-
-def _duplicate_uris(lakehouse_uri: str, settings: Settings) -> set[str]:
-    """Source URIs that earlier preprocessing runs found to duplicate another file (from ``runs/*.json``)."""
-    from lakehouse.runs import PreprocessRun, read_summaries
-
-    runs = read_summaries(lakehouse_uri, settings, kind=PreprocessRun)
-    return {p["source_uri"] for r in runs for p in r.duplicate_pairs}
 
 
 def validate_stage(
@@ -140,6 +123,17 @@ def report_stage(lakehouse_uri: str, *, run_id: str | None = None) -> str:
     from cxr.report import write_report
 
     return write_report(lakehouse_uri, settings=load_settings(), run_id=run_id or None)
+
+
+def maintain_stage(lakehouse_uri: str, *, older_than_hours: float = 24.0) -> dict[str, Any]:
+    """Delete orphan data files older than the limit and compact the small-file tables (``cxr maintain``)."""
+    from dataclasses import asdict
+
+    from lakehouse.maintain import maintain
+
+    result = maintain(lakehouse_uri, load_settings(), older_than_hours=older_than_hours)
+    log.info("maintenance freed %d bytes in %d orphan files", result.bytes_freed, result.orphans_deleted)
+    return {**asdict(result), "bytes_freed": result.bytes_freed, "orphans_deleted": result.orphans_deleted}
 
 
 def on_failure(context: Mapping[str, Any]) -> None:

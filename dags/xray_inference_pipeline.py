@@ -1,7 +1,7 @@
 """Airflow DAG ``xray_inference_pipeline``: wiring only.
 
 wait for new images -> preprocess (Spark) -> validate tensors -> infer -> validate predictions ->
-publish (Athena DDL on AWS) -> report. ``CXR_PROFILE=local|aws`` (``SETTINGS.profile``) picks the
+publish (Athena DDL on AWS) -> report -> maintain. ``CXR_PROFILE=local|aws`` (``SETTINGS.profile``) picks the
 operators (``cxr.operators.stage_tasks``); what each task runs lives in ``cxr.tasks``, imported at run time.
 """
 
@@ -23,7 +23,8 @@ DOC = """
 Images (folder or `s3://`) -> **preprocess** (Spark: decode, normalise, crop, resize; Delta `tensors`,
 failures to `quarantine`) -> **validate tensors** (Great Expectations; quarantine share gate) ->
 **infer** (TorchXRayVision; Delta `predictions`) -> **validate predictions** -> **publish** (audited
-versions recorded; Athena tables on AWS) -> **report** (HTML). A failed validation stops the run (no
+versions recorded; Athena tables on AWS) -> **report** (HTML) -> **maintain** (orphan data files
+older than a day deleted, small files compacted). A failed validation stops the run (no
 inference on failing tensors, nothing published, no report). Every stage is idempotent: a retry or
 rerun adds no duplicates.
 
@@ -78,3 +79,4 @@ with DAG(
         t.publish >> t.athena >> t.report
     else:
         t.publish >> t.report
+    t.report >> t.maintain

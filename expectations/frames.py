@@ -181,7 +181,8 @@ def quarantine_runs_frame(
 ) -> pd.DataFrame:
     """One row per preprocessing run: inputs discovered, inputs quarantined, and their share.
 
-    ``discovered`` comes from the run summary; ``quarantined`` is the larger of the summary's count and
+    ``discovered`` is the run summary's ``first_seen`` (files the run judged first, skipped ones aside; an
+    Airflow retry counts what its earlier attempts judged); ``quarantined`` is the larger of the summary's count and
     the quarantine rows carrying the run id (a file quarantined again in a later run keeps its first row,
     so the table alone can undercount). A run with quarantine rows but no summary gets ``discovered``
     null, which the suite reports.
@@ -212,9 +213,9 @@ def quarantine_runs_frame(
     shares: list[float | None] = []
     for rid in run_ids:
         summary = by_run.get(rid)
-        # the share of the files this run had to process: files already in the lakehouse (skipped before
-        # reading) do not dilute a batch of bad new files
-        d = summary.discovered - summary.already_present if summary is not None else None
+        # the share of the files this run saw first and did not skip: files judged by earlier runs (not
+        # read again) and files skipped by design (not radiographs) neither dilute nor count
+        d = summary.first_seen if summary is not None else None
         q = max(summary.quarantined if summary else 0, rows_per_run.get(rid, 0))
         discovered.append(d)
         quarantined.append(q)

@@ -49,6 +49,27 @@ class SourceReadError(InputError):
     """The file was listed but its bytes could not be read (permissions, vanished, network)."""
 
 
+class DecoderCrash(InputError):
+    """The decoder process died (a native crash: a signal such as SIGSEGV/SIGABRT, or an exit) on this file.
+
+    Quarantined and never retried automatically: requeue it (``cxr requeue --error-class DecoderCrash``)
+    after a decoder upgrade.
+    """
+
+
+class DecodeTimeout(InputError):
+    """Decoding this file took longer than the per-file limit (``CXR_DECODE_TIMEOUT_S``); the decoder was killed.
+
+    Quarantined and never retried automatically: requeue it (``cxr requeue --error-class DecodeTimeout``)
+    after raising the limit or upgrading the decoder.
+    """
+
+
+class TransientReadError(SourceReadError):
+    """Reading failed for a reason that passes (throttling, a timeout) even after retries with backoff:
+    the file is recorded as ``retryable`` and read again by the next run, not quarantined."""
+
+
 # --- the stage itself cannot run ----------------------------------------------------------------------
 class ConfigError(CxrError):
     """A setting is missing or invalid."""

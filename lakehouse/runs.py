@@ -63,7 +63,12 @@ class RunRecord:
 
 @dataclass(kw_only=True)
 class PreprocessRun(RunRecord):
-    """What a preprocessing run did; the counts reconcile with ``discovered``."""
+    """What a preprocessing run did; the counts reconcile with ``discovered``.
+
+    ``already_present`` counts files an earlier run judged (unchanged since, whatever that judgement
+    was: ``previously`` breaks them down by it) and new paths whose bytes are already in ``tensors``.
+    An Airflow retry of a run counts what its earlier attempts judged as its own.
+    """
 
     kind: ClassVar[RunKind] = "preprocess"
     input_uri: str = ""
@@ -72,17 +77,34 @@ class PreprocessRun(RunRecord):
     new: int = 0
     already_present: int = 0
     duplicates: int = 0
+    skipped: int = 0
     quarantined: int = 0
+    retryable: int = 0
     decoded: int = 0
+    batches: int = 0
     seconds: float = 0.0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    previously: dict[str, int] = field(default_factory=dict)
     duplicate_pairs: list[dict[str, str]] = field(default_factory=list)
     dev_pseudonym_key: bool = False
 
     @property
     def reconciles(self) -> bool:
-        """discovered = new + already present + duplicates + quarantined."""
-        return self.discovered == self.new + self.already_present + self.duplicates + self.quarantined
+        """discovered = new + already present + duplicates + skipped + quarantined + retryable."""
+        return self.discovered == (
+            self.new + self.already_present + self.duplicates + self.skipped + self.quarantined + self.retryable
+        )
+
+    @property
+    def first_seen(self) -> int:
+        """Files this run judged that were not skipped: the quarantine share's denominator."""
+        return self.new + self.duplicates + self.quarantined + self.retryable + self.content_present
+
+    @property
+    def content_present(self) -> int:
+        """New paths whose bytes were already in ``tensors`` (part of ``already_present``)."""
+        return self.already_present - sum(self.previously.values())
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written for the run, with ``reconciles``."""

@@ -7,18 +7,23 @@ is honoured everywhere through ``Settings.s3_endpoint_url``.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lakehouse.errors import SourceReadError, StorageError
+from lakehouse.errors import SourceReadError, StorageError, TransientReadError
 from lakehouse.tables import TABLE_NAMES, TableSpec
 
 if TYPE_CHECKING:
     from lakehouse.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -231,24 +236,76 @@ def _list_s3(uri: str, settings: Settings) -> Iterator[ListedFile]:
         raise StorageError(f"cannot list {uri}: {exc}") from exc
 
 
-def read_bytes(uri: str, settings: Settings) -> bytes:
-    """Read one input file.
+#: S3 error codes that pass: throttling, timeouts, server-side hiccups
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+#: local errno values that pass (network file systems)
+_TRANSIENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ESTALE})
+#: seconds slept before each retry of a transient read error (after botocore's own retries)
+READ_BACKOFF_S: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+def read_bytes(uri: str, settings: Settings, *, backoff: tuple[float, ...] = READ_BACKOFF_S) -> bytes:
+    """Read one input file; a transient error (throttling, timeout) is retried with backoff.
 
     Raises:
+        TransientReadError: the error still passes for transient after the retries (read again next run).
         SourceReadError: when the bytes cannot be read (an input error: the file is quarantined).
     """
+    for delay in (*backoff, None):
+        try:
+            return _read_once(uri, settings)
+        except TransientReadError as exc:
+            if delay is None:
+                raise
+            log.info("transient error reading %s (%s): retrying in %.1f s", uri, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _read_once(uri: str, settings: Settings) -> bytes:
     if is_s3(uri):
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            ReadTimeoutError,
+        )
 
         bucket, key = split_s3(uri)
         try:
             body: bytes = s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _TRANSIENT_S3_CODES or status in _TRANSIENT_S3_CODES:
+                raise TransientReadError(f"cannot read {uri} for now: {exc}") from exc
+            raise SourceReadError(f"cannot read {uri}: {exc}") from exc
+        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError) as exc:
+            raise TransientReadError(f"cannot read {uri} for now: {exc}") from exc
+        except BotoCoreError as exc:
             raise SourceReadError(f"cannot read {uri}: {exc}") from exc
         return body
     try:
         return Path(uri).read_bytes()
     except OSError as exc:
+        if exc.errno in _TRANSIENT_ERRNOS:
+            raise TransientReadError(f"cannot read {uri} for now: {exc.strerror or exc}") from exc
         raise SourceReadError(f"cannot read {uri}: {exc.strerror or exc}") from exc
 
 

@@ -1,5 +1,5 @@
-"""Table contracts: columns, keys and Delta table properties of ``tensors``, ``quarantine`` and
-``predictions``, defined once and rendered as Arrow (delta-rs, DuckDB), Spark, Athena DDL and GX column
+"""Table contracts: columns, keys and Delta table properties of ``tensors``, ``quarantine``,
+``predictions`` and ``files`` (the ledger of every file a run judged), defined once and rendered as Arrow (delta-rs, DuckDB), Spark, Athena DDL and GX column
 checks; and the tensor byte format every stage reads and writes (:func:`encode_tensor` / :func:`decode_tensor`).
 
 Tables stay readable by Athena engine v3 and by delta-rs: reader version 1, writer version 2, no
@@ -122,6 +122,30 @@ QUARANTINE = TableSpec(
     properties=READABLE_PROTOCOL,
 )
 
+#: what a preprocessing run decided about one file (``files.outcome``)
+FileOutcome = Literal["new", "already_present", "duplicate", "skipped", "quarantined", "retryable", "requeued"]
+FILE_OUTCOMES: tuple[str, ...] = get_args(FileOutcome)
+#: outcomes after which a file is judged again by the next run (until then it is not read again)
+REJUDGED_OUTCOMES: tuple[str, ...] = ("retryable", "requeued")
+
+FILES = TableSpec(
+    name="files",
+    key=("source_uri",),
+    columns=(
+        Column("source_uri", "string", False, "the file's path (one row per path: its latest judgement)"),
+        Column("source_bytes", "bigint", False, "size when judged (-1: a dangling link)"),
+        Column("source_mtime_ms", "bigint", False, "modification time when judged, ms since the epoch"),
+        Column("outcome", "string", False, ", ".join(FILE_OUTCOMES)),
+        Column("image_id", "string", True, "sha256 of the bytes; null when they were not read or not readable"),
+        Column("duplicate_of", "string", True, "for a duplicate: the path whose row is in tensors"),
+        Column("reason_class", "string", True, "why skipped / quarantined / retryable, e.g. ModalityNotAllowed"),
+        Column("reason", "string", True, "the reason in words"),
+        Column("run_id", "string", False, "the preprocessing run that judged the file"),
+        Column("judged_at", "timestamp", False),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+
 #: TorchXRayVision's default pathologies -> prediction column names (snake_case)
 PATHOLOGY_COLUMNS: dict[str, str] = {
     "Atelectasis": "atelectasis",
@@ -167,7 +191,7 @@ PREDICTIONS = TableSpec(
 )
 
 #: every table of the lakehouse by name: the one list of table names (``TABLE_NAMES``) derives from it
-SPECS: dict[str, TableSpec] = {s.name: s for s in (TENSORS, QUARANTINE, PREDICTIONS)}
+SPECS: dict[str, TableSpec] = {s.name: s for s in (TENSORS, QUARANTINE, PREDICTIONS, FILES)}
 TABLE_NAMES: tuple[str, ...] = tuple(SPECS)
 
 

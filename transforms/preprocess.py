@@ -1,19 +1,21 @@
-"""The Spark preprocessing job: discover -> read -> hash -> skip known -> decode -> write -> commit.
+"""The Spark preprocessing job: discover -> skip judged files -> read -> hash -> judge -> decode -> commit.
 
-1. List every file under the input (folder or s3://) on the driver: nothing is filtered out.
-2. Map the pure decode functions over partitions of that listing (``mapInArrow``). A file whose
-   (uri, size, mtime) or whose sha256 is already in ``tensors`` is counted, not decoded; a file whose
-   bytes were seen earlier in the same partition is a duplicate, not decoded.
+1. List every file under the input (folder or s3://) on the driver: nothing is filtered out. A file the
+   ``files`` ledger judged before, unchanged since (same path, size and mtime), is counted and not read,
+   whatever its outcome: an old failure is never decoded again (``cxr requeue`` asks for that).
+2. The other files are judged in batches (``commit_every_images`` / ``commit_every_s``): Spark maps the
+   pure decode functions over partitions of a batch (``mapInArrow``). Each file is read (transient read
+   errors retried, then ``retryable``), hashed, judged from its header (a DICOM that is not a radiograph
+   of an allowed modality, has no pixels or several frames is ``skipped``; a bomb is quarantined), and
+   decoded in a supervised child process (a crash or a hang costs that file only).
 3. Each worker writes its new tensors as zstd Parquet data files straight into the ``tensors`` folder
-   and returns only small rows (status, key, file name): the JVM never carries the 100 KB tensors.
-4. On the driver, duplicates across partitions and keys another writer committed meanwhile are taken
-   out of the files (the first path in sort order keeps the row); then all files are added to
-   ``tensors`` in one Delta commit (an insert-only MERGE on ``image_id``: no key is inserted twice,
-   and files of a failed run are never committed). Failures go to ``quarantine``.
-5. A summary reconciles: discovered = new + already present + duplicates + quarantined.
-
-The driver, :func:`run_preprocess`, runs these as named steps: ``_plan`` (list, read the known keys,
-size the job), ``_decode`` (the Spark job), ``_dedupe``, ``_commit``, ``_quarantine``, ``_reconcile``.
+   and returns only small rows (status, key, reason): the JVM never carries the 100 KB tensors.
+4. On the driver, after each batch: duplicates across partitions and batches and keys another writer
+   committed meanwhile are taken out of the files (the earliest path keeps the row); the files are added
+   to ``tensors`` in one Delta commit; failures go to ``quarantine``; every file's judgement goes to the
+   ``files`` ledger. A kill loses at most the batch in flight; its data files are orphans that
+   ``cxr maintain`` removes.
+5. A summary reconciles: discovered = new + already present + duplicates + skipped + quarantined + retryable.
 """
 
 from __future__ import annotations
@@ -25,18 +27,20 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from lakehouse import storage
+from lakehouse import ledger, storage
 from lakehouse.config import Settings, warn_if_dev_key
 from lakehouse.delta_rs import DataFile
-from lakehouse.errors import InputError, StorageError
+from lakehouse.errors import InputError, StorageError, TransientReadError
 from lakehouse.progress import ProgressBar, progress_bar, status
 from lakehouse.runs import PreprocessRun, new_run_id, write_summary
 from lakehouse.tables import QUARANTINE, TENSORS, Column, TableSpec
-from transforms.tensor import PREPROCESS_VERSION, PreprocessParams, preprocess_bytes
+from transforms.decode import skip_reason
+from transforms.supervised import SupervisedDecoder
+from transforms.tensor import PREPROCESS_VERSION, PreprocessParams
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -44,8 +48,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: status of each discovered file in the job's result
-NEW, PRESENT, DUPLICATE, QUARANTINED = "new", "already_present", "duplicate", "quarantined"
+#: status of each judged file in the job's result (the ``files.outcome`` values)
+NEW, PRESENT, DUPLICATE, SKIPPED, QUARANTINED, RETRYABLE = (
+    "new",
+    "already_present",
+    "duplicate",
+    "skipped",
+    "quarantined",
+    "retryable",
+)
+#: what the supervised child decodes with (``module:function``)
+DEFAULT_DECODER = "transforms.tensor:preprocess_bytes"
 
 #: per-file result of the decode stage: small rows only (the tensors are in the data files)
 RESULT_SPEC = TableSpec(
@@ -54,6 +67,7 @@ RESULT_SPEC = TableSpec(
     columns=(
         Column("source_uri", "string", False),
         Column("source_bytes", "bigint", False),
+        Column("source_mtime_ms", "bigint", False),
         Column("image_id", "string", True, "sha256 hex; null when the bytes could not be read"),
         Column("status", "string", False),
         Column("duplicate_of", "string", True),
@@ -74,16 +88,18 @@ ROWS_PER_FILE = 256
 def process_files(
     batches: Iterable[pa.RecordBatch],
     *,
-    known_files: dict[tuple[str, int, int], str],
     known_ids: frozenset[str],
     params: PreprocessParams,
     settings: Settings,
     lakehouse_uri: str,
     lineage: dict[str, Any],
     rows_per_file: int = ROWS_PER_FILE,
+    decoder: str = DEFAULT_DECODER,
 ) -> Iterator[pa.RecordBatch]:
-    """Decode every listed file of a partition; write the new tensors as data files of ``tensors``.
+    """Judge every listed file of a partition; write the new tensors as data files of ``tensors``.
 
+    Each file is decoded in a supervised child process (:class:`SupervisedDecoder`): a decoder that
+    crashes or hangs costs that one file (``DecoderCrash`` / ``DecodeTimeout``), not the task.
     Yields one small result row per input (always); new rows name the data file that holds them.
     ``lineage`` holds the run-level columns (preprocess_version, preprocess_params, run_id, ingested_at).
     """
@@ -108,16 +124,17 @@ def process_files(
         pending[0][1]["data_file_meta"] = json.dumps(asdict(written))
         pending.clear()
 
-    for batch in batches:
-        cols = batch.to_pydict()
-        for uri, size, mtime_ms in zip(cols["source_uri"], cols["source_bytes"], cols["mtime_ms"], strict=True):
-            row = _process_one(uri, size, mtime_ms, known_files, known_ids, seen, params, settings)
-            res = {k: row.get(k) for k in schema.names}
-            results.append(res)
-            if row["status"] == NEW:
-                pending.append(({**{k: row.get(k) for k in tensor_schema.names}, **lineage}, res))
-                if len(pending) >= rows_per_file:
-                    flush()
+    with SupervisedDecoder(timeout_s=settings.decode_timeout_s, decoder=decoder) as dec:
+        for batch in batches:
+            cols = batch.to_pydict()
+            for uri, size, mtime_ms in zip(cols["source_uri"], cols["source_bytes"], cols["mtime_ms"], strict=True):
+                row = _process_one(uri, size, mtime_ms, known_ids, seen, params, settings, dec)
+                res = {k: row.get(k) for k in schema.names}
+                results.append(res)
+                if row["status"] == NEW:
+                    pending.append(({**{k: row.get(k) for k in tensor_schema.names}, **lineage}, res))
+                    if len(pending) >= rows_per_file:
+                        flush()
     flush()
     for i in range(0, len(results), 1024):
         yield pa.RecordBatch.from_pylist(results[i : i + 1024], schema=schema)
@@ -127,20 +144,23 @@ def _process_one(
     uri: str,
     size: int,
     mtime_ms: int,
-    known_files: dict[tuple[str, int, int], str],
     known_ids: frozenset[str],
     seen: dict[str, str],
     params: PreprocessParams,
     settings: Settings,
+    dec: SupervisedDecoder,
 ) -> dict[str, Any]:
     try:
         modified = datetime.fromtimestamp(mtime_ms / 1000, tz=UTC) if mtime_ms else None
     except (ValueError, OverflowError, OSError):  # an absurd mtime is not a reason to fail the run
         modified = None
-    row: dict[str, Any] = {"source_uri": uri, "source_bytes": size, "source_modified_at": modified, "decoded": False}
-    known = known_files.get((uri, size, mtime_ms))
-    if known is not None:  # same path, size and mtime as an ingested file: not even read
-        return {**row, "image_id": known, "status": PRESENT}
+    row: dict[str, Any] = {
+        "source_uri": uri,
+        "source_bytes": size,
+        "source_mtime_ms": mtime_ms,
+        "source_modified_at": modified,
+        "decoded": False,
+    }
     if size > settings.max_file_bytes:  # refused before reading: one huge stray file must not kill a worker
         return {
             **row,
@@ -151,17 +171,25 @@ def _process_one(
         }
     try:
         data = storage.read_bytes(uri, settings)
+    except TransientReadError as exc:  # throttled or timed out even after retries: read again next run
+        return {**row, "status": RETRYABLE, "error_class": type(exc).__name__, "error_message": str(exc)}
     except InputError as exc:
         return {**row, "status": QUARANTINED, "error_class": type(exc).__name__, "error_message": str(exc)}
     sha = hashlib.sha256(data).hexdigest()
     row.update(image_id=sha, source_bytes=len(data))
+    try:
+        skip = skip_reason(data, name=uri, modalities=settings.modalities)  # the header only: pixels unread
+    except InputError as exc:  # a header that declares a bomb
+        return {**row, "status": QUARANTINED, "error_class": type(exc).__name__, "error_message": str(exc)}
+    if skip is not None:
+        return {**row, "status": SKIPPED, "error_class": skip.reason_class, "error_message": skip.message}
     if sha in known_ids:
         return {**row, "status": PRESENT}
     if sha in seen:
         return {**row, "status": DUPLICATE, "duplicate_of": seen[sha]}
     row["decoded"] = True
     try:
-        fields = preprocess_bytes(data, name=uri, params=params, pseudonym_key=settings.pseudonym_key)
+        fields = dec.decode(data, name=uri, params=params, pseudonym_key=settings.pseudonym_key)
     except InputError as exc:
         return {**row, "status": QUARANTINED, "error_class": type(exc).__name__, "error_message": str(exc)}
     except Exception as exc:  # one bad file must never fail the job; it is quarantined, not hidden
@@ -185,25 +213,27 @@ def run_preprocess(
     run_id: str | None = None,
     spark: SparkSession | None = None,
     progress: bool = True,
+    decoder: str = DEFAULT_DECODER,
 ) -> PreprocessRun:
-    """Preprocess every image under ``input_uri`` into the lakehouse.
+    """Preprocess every file under ``input_uri`` not judged before into the lakehouse, in batches.
 
     Args:
         input_uri: a folder or ``s3://bucket/prefix`` of PNG, JPEG and DICOM files (recursive).
         lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
-        settings: resize size/engine, dtype, pixel limit, pseudonym key, S3 endpoint.
-        run_id: recorded in every row written; generated when None.
+        settings: resize size/engine, dtype, limits, modalities, batch size, pseudonym key, S3 endpoint.
+        run_id: recorded in every row written; generated when None. An existing run id (an Airflow
+            retry) counts what that run's earlier attempts judged as its own.
         spark: an existing session (tests); created from ``settings`` when None.
         progress: show a progress display on stderr.
+        decoder: ``module:function`` the supervised child decodes with (tests inject faulty decoders).
 
     Returns:
         The reconciled summary of the run.
 
     Raises:
         StorageError: when the input cannot be listed or the lakehouse cannot be written.
+        ConfigError: when the settings do not match the lakehouse (tensor params, pseudonym key).
     """
-    from lakehouse import delta_rs
-
     started = time.perf_counter()
     run_id = run_id or new_run_id()
     warn_if_dev_key(settings)
@@ -218,47 +248,47 @@ def run_preprocess(
     )
     plan = _plan(input_uri, lakehouse_uri, params, settings, spark=spark, run_id=run_id)
     summary.discovered = len(plan.listing)
-    log.debug("read %d known tensors at %.1fs", len(plan.known_ids), time.perf_counter() - started)
-    if not plan.listing:
-        summary.seconds = time.perf_counter() - started
-        write_summary(lakehouse_uri, summary, settings)
-        return summary
-
-    now = datetime.now(UTC)
-    small = _decode(plan, lakehouse_uri, params, settings, run_id=run_id, ingested_at=now, progress=progress)
-    log.debug("decode took %.1fs", time.perf_counter() - started)
-    written = [DataFile(**json.loads(r["data_file_meta"])) for r in small if r["data_file_meta"]]
-    commit_attempted = False
-    try:
-        deduped = _dedupe(small)
-        with status(f"committing {len(deduped.first_of)} new tensors", enabled=progress):
-            written = _without_rows(lakehouse_uri, small, deduped.late_dups, written, settings)
-            commit_attempted = True
-            inserted = _commit(lakehouse_uri, written, settings, run_id=run_id)
-        log.debug("tensors committed at %.1fs", time.perf_counter() - started)
-        _quarantine(lakehouse_uri, small, settings, run_id=run_id, quarantined_at=now)
-    except BaseException:
-        # files never committed are removed rather than left for VACUUM; after a commit attempt they
-        # stay (the commit may have landed even if it reported an error)
-        if not commit_attempted:
-            for f in written:
-                delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
-        raise
-
-    _reconcile(summary, small, deduped, inserted=inserted, started=started)
+    state = _RunState(first_of={}, tensors_version=plan.tensors_version)
+    _count_known(state, plan, run_id)
+    if plan.todo:
+        now = datetime.now(UTC)
+        with progress_bar(
+            f"preprocessing {len(plan.todo)} files", len(plan.todo), enabled=progress, unit="files"
+        ) as bar:
+            for chunk in _chunks(plan.todo, plan.spark, settings, state):
+                batch_started = time.perf_counter()
+                small = _decode(
+                    plan,
+                    chunk,
+                    lakehouse_uri,
+                    params,
+                    settings,
+                    run_id=run_id,
+                    ingested_at=now,
+                    bar=bar,
+                    done_before=state.judged,
+                    decoder=decoder,
+                )
+                _commit_batch(lakehouse_uri, small, state, settings, run_id=run_id, now=now, progress=progress)
+                state.seconds_per_file = (time.perf_counter() - batch_started) / len(chunk)
+                bar.update(state.judged)
+    _reconcile(summary, state, started=started)
     write_summary(lakehouse_uri, summary, settings)
     return summary
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """What a run works on: the listed input, what ``tensors`` already holds, the session and its tasks."""
+    """What a run works on: the listed input, the files to judge, what ``tensors`` holds, the session."""
 
     listing: list[storage.ListedFile]
-    known_files: dict[tuple[str, int, int], str]  # (uri, size, mtime_ms) -> image_id: not even read
+    #: files judged before and unchanged since (not read again), with that judgement
+    known: list[tuple[storage.ListedFile, ledger.KnownFile]]
+    #: files to judge in this run
+    todo: list[storage.ListedFile]
     known_ids: frozenset[str]  # read, hashed, and not decoded
+    tensors_version: int
     spark: SparkSession
-    n_tasks: int
 
 
 def _plan(
@@ -270,7 +300,7 @@ def _plan(
     spark: SparkSession | None,
     run_id: str,
 ) -> _Plan:
-    """List the input, read the keys ``tensors`` holds, and size the decode job (both tables exist after)."""
+    """List the input, split it into known files and files to judge, read the keys ``tensors`` holds."""
     from lakehouse import delta_rs
     from lakehouse.spark import get_spark
 
@@ -280,44 +310,101 @@ def _plan(
         log.warning("no files under %s: check the input URI", input_uri)
     spark = spark or get_spark(settings, app_name=f"cxr-preprocess-{run_id}")
 
-    # the keys already in `tensors`, read with delta-rs (milliseconds, no Spark job)
-    known = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings).to_pyarrow_table(
-        columns=["image_id", "source_uri", "source_bytes", "source_modified_at"]
-    )
-    _check_same_params(lakehouse_uri, params, settings)
-    # both output tables exist after every run, even one that quarantined nothing (readers and the
+    # every output table exists after every run, even one that quarantined nothing (readers and the
     # validation step find an empty table rather than no table)
+    tensors = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings)
     delta_rs.ensure_table(lakehouse_uri, QUARANTINE, settings)
-    known_files = {
-        (uri, size, int(ts.timestamp() * 1000)): iid
-        for iid, uri, size, ts in zip(*(known.column(c).to_pylist() for c in known.column_names), strict=True)
-        if ts is not None
-    }
-    # Few, large tasks: each Spark 4 Python task costs ~0.1-0.3 s of fixed overhead on a small machine;
-    # worker memory does not grow with task size (results are streamed in batches of 16 rows). A
-    # multiple of the parallelism so that no core idles in the last wave.
+    _check_same_params(lakehouse_uri, params, settings)
+    earlier = ledger.read_known(lakehouse_uri, settings)
+    known, todo = [], []
+    for f in listing:
+        k = ledger.is_known(earlier, f.uri, f.size, f.mtime_ms)
+        if k is None:
+            todo.append(f)
+        else:
+            known.append((f, k))
+    ids = tensors.to_pyarrow_table(columns=["image_id"]).column("image_id").to_pylist()
+    log.info("%d files judged before and unchanged; %d to judge", len(known), len(todo))
+    return _Plan(listing, known, todo, frozenset(ids), tensors.version(), spark)
+
+
+@dataclass
+class _RunState:
+    """What the run has judged so far, batch after batch (plus what earlier attempts of it judged)."""
+
+    #: image_id -> the path whose row this run inserted (later copies are duplicates of it)
+    first_of: dict[str, str]
+    #: the tensors version after this run's last commit (another writer moves it on)
+    tensors_version: int
+    judged: int = 0
+    batches: int = 0
+    decoded: int = 0
+    inserted: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, dict[str, int]] = field(default_factory=lambda: {QUARANTINED: {}, SKIPPED: {}})
+    previously: dict[str, int] = field(default_factory=dict)
+    pairs: list[dict[str, str]] = field(default_factory=list)
+    seconds_per_file: float | None = None
+
+    def count(self, outcome: str, reason_class: str | None = None) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if outcome in self.reasons and reason_class:
+            self.reasons[outcome][reason_class] = self.reasons[outcome].get(reason_class, 0) + 1
+
+
+def _count_known(state: _RunState, plan: _Plan, run_id: str) -> None:
+    """Count the files judged before: this run's earlier attempts under their outcomes, others as present."""
+    for f, k in plan.known:
+        if k.run_id == run_id:  # an Airflow retry: what the earlier attempt judged is this run's
+            state.count(k.outcome, k.reason_class)
+            if k.outcome == NEW and k.image_id:
+                state.first_of.setdefault(k.image_id, f.uri)
+            if k.outcome == DUPLICATE:
+                state.pairs.append({"source_uri": f.uri, "duplicate_of": k.duplicate_of or ""})
+        else:
+            state.count(PRESENT)
+            state.previously[k.outcome] = state.previously.get(k.outcome, 0) + 1
+
+
+def _chunks(
+    todo: list[storage.ListedFile], spark: SparkSession, settings: Settings, state: _RunState
+) -> Iterator[list[storage.ListedFile]]:
+    """The files to judge in batches, each committed before the next starts.
+
+    A batch holds at most ``commit_every_images`` files and, once a batch has measured the speed, no
+    more than ``commit_every_s`` of work; the first batch is one wave of tasks (``files_per_task`` per core).
+    """
     par = spark.sparkContext.defaultParallelism
-    n_tasks = min(len(listing), par * max(1, -(-len(listing) // (settings.files_per_task * par))))
-    return _Plan(listing, known_files, frozenset(known.column("image_id").to_pylist()), spark, n_tasks)
+    i = 0
+    while i < len(todo):
+        size = min(settings.commit_every_images, settings.files_per_task * par)
+        if state.seconds_per_file:
+            size = min(settings.commit_every_images, int(settings.commit_every_s / state.seconds_per_file))
+        size = max(size, 1)
+        yield todo[i : i + size]
+        i += size
 
 
 def _decode(
     plan: _Plan,
+    chunk: list[storage.ListedFile],
     lakehouse_uri: str,
     params: PreprocessParams,
     settings: Settings,
     *,
     run_id: str,
     ingested_at: datetime,
-    progress: bool,
+    bar: ProgressBar,
+    done_before: int,
+    decoder: str,
 ) -> list[dict[str, Any]]:
-    """Run :func:`process_files` over the listing with Spark (``mapInArrow``); one small row per file."""
+    """Run :func:`process_files` over one batch with Spark (``mapInArrow``); one small row per file."""
     from pyspark.sql.types import LongType, StringType, StructField, StructType
 
     from lakehouse.spark import spark_schema
 
     spark, sc = plan.spark, plan.spark.sparkContext
-    bc_files, bc_ids = sc.broadcast(plan.known_files), sc.broadcast(plan.known_ids)
+    bc_ids = sc.broadcast(plan.known_ids)
     listing_schema = StructType(
         [
             StructField("source_uri", StringType(), False),
@@ -325,8 +412,13 @@ def _decode(
             StructField("mtime_ms", LongType(), False),
         ]
     )
+    # Few, large tasks: each Spark 4 Python task costs ~0.1-0.3 s of fixed overhead on a small machine;
+    # worker memory does not grow with task size (results are streamed). A multiple of the parallelism
+    # so that no core idles in the last wave.
+    par = sc.defaultParallelism
+    n_tasks = min(len(chunk), par * max(1, -(-len(chunk) // (settings.files_per_task * par))))
     files_df = spark.createDataFrame(
-        sc.parallelize([(f.uri, f.size, f.mtime_ms) for f in plan.listing], plan.n_tasks), listing_schema
+        sc.parallelize([(f.uri, f.size, f.mtime_ms) for f in chunk], n_tasks), listing_schema
     )
     lineage = {
         "preprocess_version": PREPROCESS_VERSION,
@@ -338,52 +430,127 @@ def _decode(
     def _map(batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
         return process_files(
             batches,
-            known_files=bc_files.value,
             known_ids=bc_ids.value,
             params=params,
             settings=settings,
             lakehouse_uri=lakehouse_uri,
             lineage=lineage,
+            decoder=decoder,
         )
 
-    label = f"preprocessing {len(plan.listing)} files"
     try:
-        with _spark_progress(spark, label, total_tasks=plan.n_tasks, enabled=progress):
+        with _spark_progress(spark, bar, n_tasks=n_tasks, n_files=len(chunk), done_before=done_before):
             return files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).toArrow().to_pylist()
     finally:
-        bc_files.unpersist()
         bc_ids.unpersist()
 
 
 @dataclass(frozen=True)
 class _Deduped:
-    """Which path keeps each new key: across partitions, the first path in sort order."""
+    """Which path keeps each new key: an earlier batch's path, else the first path in sort order."""
 
-    first_of: dict[str, str]  # image_id -> the source_uri whose row is inserted
-    late_dups: dict[str, str]  # source_uri decoded as new in another partition -> the path that keeps it
-    pairs: list[dict[str, str]]  # every duplicate input and the path it duplicates, by source_uri
+    late_dups: dict[str, str]  # source_uri decoded as new, not inserted -> the path that keeps its key
 
 
-def _dedupe(small: list[dict[str, Any]]) -> _Deduped:
-    """Resolve duplicates across partitions among the rows decoded as new, and list every duplicate."""
-    first_of: dict[str, str] = {}
+def _dedupe(small: list[dict[str, Any]], first_of: dict[str, str]) -> _Deduped:
+    """Resolve duplicates among the rows decoded as new (across partitions and batches of the run)."""
+    batch_first: dict[str, str] = {}
     for r in sorted((r for r in small if r["status"] == NEW), key=lambda r: r["source_uri"]):
-        first_of.setdefault(r["image_id"], r["source_uri"])
+        batch_first.setdefault(r["image_id"], first_of.get(r["image_id"], r["source_uri"]))
     late_dups = {
-        r["source_uri"]: first_of[r["image_id"]]
+        r["source_uri"]: batch_first[r["image_id"]]
         for r in small
-        if r["status"] == NEW and first_of[r["image_id"]] != r["source_uri"]
+        if r["status"] == NEW and batch_first[r["image_id"]] != r["source_uri"]
     }
-    pairs = sorted(
-        [{"source_uri": u, "duplicate_of": d} for u, d in late_dups.items()]
-        + [
-            {"source_uri": r["source_uri"], "duplicate_of": first_of.get(r["image_id"], r["duplicate_of"])}
-            for r in small
-            if r["status"] == DUPLICATE
-        ],
-        key=lambda p: p["source_uri"],
+    return _Deduped(late_dups)
+
+
+def _commit_batch(
+    lakehouse_uri: str,
+    small: list[dict[str, Any]],
+    state: _RunState,
+    settings: Settings,
+    *,
+    run_id: str,
+    now: datetime,
+    progress: bool,
+) -> None:
+    """Commit one batch: its tensors, then its quarantine rows, then every file's judgement in ``files``.
+
+    A kill between these steps loses nothing: committed tensors are known by path on the next run, and
+    files without a judgement are judged again (their quarantine rows are merged, never doubled).
+    """
+    from lakehouse import delta_rs
+
+    started = time.perf_counter()
+    written = [DataFile(**json.loads(r["data_file_meta"])) for r in small if r["data_file_meta"]]
+    deduped = _dedupe(small, state.first_of)
+    commit_attempted = False
+    try:
+        with status(f"committing batch {state.batches + 1}", enabled=progress):
+            written, present = _without_rows(lakehouse_uri, small, deduped.late_dups, written, state, settings)
+            commit_attempted = True
+            inserted = _commit(lakehouse_uri, written, settings, run_id=run_id)
+            state.tensors_version = delta_rs.open_table(lakehouse_uri, TENSORS, settings).version()
+            rows = _judgements(small, deduped, present, run_id=run_id, judged_at=now)
+            kept = sum(1 for r in rows if r["outcome"] == NEW)
+            if kept != inserted:  # a bug, never an input problem: stop before the ledger records it
+                raise StorageError(f"batch {state.batches + 1}: {inserted} rows committed for {kept} new files")
+            _quarantine(lakehouse_uri, small, settings, run_id=run_id, quarantined_at=now)
+            ledger.record(lakehouse_uri, rows, settings)
+    except BaseException:
+        # files never committed are removed rather than left for `cxr maintain`; after a commit attempt
+        # they stay (the commit may have landed even if it reported an error)
+        if not commit_attempted:
+            for f in written:
+                delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
+        raise
+    for r in rows:
+        state.count(r["outcome"], r["reason_class"])
+        if r["outcome"] == NEW:
+            state.first_of[r["image_id"]] = r["source_uri"]
+        elif r["outcome"] == DUPLICATE:
+            state.pairs.append({"source_uri": r["source_uri"], "duplicate_of": r["duplicate_of"]})
+    state.inserted += inserted
+    state.batches += 1
+    state.judged += len(small)
+    state.decoded += sum(1 for r in small if r["decoded"])
+    log.info(
+        "batch %d committed: %d files judged, %d new (%.1fs)",
+        state.batches,
+        len(small),
+        inserted,
+        time.perf_counter() - started,
     )
-    return _Deduped(first_of, late_dups, pairs)
+
+
+def _judgements(
+    small: list[dict[str, Any]], deduped: _Deduped, present: set[str], *, run_id: str, judged_at: datetime
+) -> list[dict[str, Any]]:
+    """One ``files`` row per judged file of the batch, with its final outcome."""
+    rows = []
+    for r in small:
+        outcome, duplicate_of = r["status"], r["duplicate_of"]
+        if outcome == NEW and r["source_uri"] in deduped.late_dups:
+            outcome, duplicate_of = DUPLICATE, deduped.late_dups[r["source_uri"]]
+        elif outcome == NEW and r["source_uri"] in present:  # another writer committed its key meanwhile
+            outcome = PRESENT
+        failed = outcome in (SKIPPED, QUARANTINED, RETRYABLE)
+        rows.append(
+            {
+                "source_uri": r["source_uri"],
+                "source_bytes": r["source_bytes"],
+                "source_mtime_ms": r["source_mtime_ms"],
+                "outcome": outcome,
+                "image_id": r["image_id"],
+                "duplicate_of": duplicate_of if outcome == DUPLICATE else None,
+                "reason_class": r["error_class"] if failed else None,
+                "reason": r["error_message"] if failed else None,
+                "run_id": run_id,
+                "judged_at": judged_at,
+            }
+        )
+    return rows
 
 
 def _commit(lakehouse_uri: str, files: list[DataFile], settings: Settings, *, run_id: str) -> int:
@@ -429,20 +596,21 @@ def _quarantine(
     delta_rs.merge_insert_new(lakehouse_uri, QUARANTINE, rows, settings)
 
 
-def _reconcile(
-    summary: PreprocessRun, small: list[dict[str, Any]], deduped: _Deduped, *, inserted: int, started: float
-) -> None:
-    """Fill in the run's counts; StorageError unless each input is new, present, a duplicate or quarantined."""
-    quarantined = [r for r in small if r["status"] == QUARANTINED]
-    summary.decoded = sum(1 for r in small if r["decoded"])
-    summary.new = inserted
-    # keys another writer committed between our read of the table and our commit are already present
-    summary.already_present = sum(1 for r in small if r["status"] == PRESENT) + (len(deduped.first_of) - inserted)
-    summary.quarantined = len(quarantined)
-    for r in quarantined:
-        summary.quarantine_reasons[r["error_class"]] = summary.quarantine_reasons.get(r["error_class"], 0) + 1
-    summary.duplicate_pairs = deduped.pairs
-    summary.duplicates = len(deduped.pairs)
+def _reconcile(summary: PreprocessRun, state: _RunState, *, started: float) -> None:
+    """Fill in the run's counts; StorageError unless each input has exactly one outcome."""
+    o = state.outcomes
+    summary.new = o.get(NEW, 0)
+    summary.already_present = o.get(PRESENT, 0)
+    summary.duplicates = o.get(DUPLICATE, 0)
+    summary.skipped = o.get(SKIPPED, 0)
+    summary.quarantined = o.get(QUARANTINED, 0)
+    summary.retryable = o.get(RETRYABLE, 0)
+    summary.decoded = state.decoded
+    summary.batches = state.batches
+    summary.quarantine_reasons = dict(sorted(state.reasons[QUARANTINED].items()))
+    summary.skip_reasons = dict(sorted(state.reasons[SKIPPED].items()))
+    summary.previously = dict(sorted(state.previously.items()))
+    summary.duplicate_pairs = sorted(state.pairs, key=lambda p: p["source_uri"])
     summary.seconds = round(time.perf_counter() - started, 3)
     if not summary.reconciles:  # a bug, never an input problem: fail loudly rather than report wrong counts
         raise StorageError(f"counts do not reconcile: {summary.to_json()}")
@@ -453,31 +621,29 @@ def _without_rows(
     small: list[dict[str, Any]],
     late_dups: dict[str, str],
     written: list[DataFile],
+    state: _RunState,
     settings: Settings,
-) -> list[DataFile]:
-    """The workers' data files with no key twice, ready to commit to ``tensors``.
+) -> tuple[list[DataFile], set[str]]:
+    """The workers' data files with no key twice, ready to commit to ``tensors``; and the paths whose key
+    another writer committed meanwhile.
 
-    Rows to leave out: duplicates across partitions (``late_dups``) and keys another writer committed
-    after this run read the table. A file holding such rows is rewritten without them (rare: only
-    duplicate inputs or concurrent runs cause it). A key committed by another writer in the instant
-    between this re-read and the commit is the one window left (appends do not conflict in Delta).
+    Rows to leave out: duplicates across partitions and batches (``late_dups``) and keys another writer
+    committed after this run read the table (looked for only when the table moved on without us). A file
+    holding such rows is rewritten without them (rare: only duplicate inputs or concurrent runs cause it).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from lakehouse import delta_rs
 
-    current = frozenset(
-        delta_rs.open_table(lakehouse_uri, TENSORS, settings)
-        .to_pyarrow_table(columns=["image_id"])
-        .column("image_id")
-        .to_pylist()
-    )
-    drop = {
-        r["source_uri"]
-        for r in small
-        if r["status"] == NEW and (r["source_uri"] in late_dups or r["image_id"] in current)
-    }
+    dt = delta_rs.open_table(lakehouse_uri, TENSORS, settings)
+    present: set[str] = set()
+    if dt.version() != state.tensors_version:  # another writer committed: which of our keys did it add?
+        ours = {r["image_id"] for r in small if r["status"] == NEW}
+        current = dt.to_pyarrow_table(columns=["image_id"]).column("image_id").to_pylist()
+        theirs = ours.intersection(current)
+        present = {r["source_uri"] for r in small if r["status"] == NEW and r["image_id"] in theirs}
+    drop = set(late_dups) | present
     dirty = {r["data_file"] for r in small if r["status"] == NEW and r["source_uri"] in drop}
     files = [f for f in written if f.path not in dirty]
     for f in written:
@@ -489,7 +655,7 @@ def _without_rows(
             if keep.num_rows:
                 files.append(delta_rs.write_data_file(lakehouse_uri, TENSORS, keep, settings))
             delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
-    return files
+    return files, present - set(late_dups)
 
 
 def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: Settings) -> None:
@@ -520,32 +686,27 @@ def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: S
 
 # --- progress ----------------------------------------------------------------------------------------
 @contextmanager
-def _spark_progress(spark: SparkSession, label: str, *, total_tasks: int, enabled: bool) -> Iterator[None]:
-    """A progress bar of the running Spark job's tasks, fed by Spark's status tracker (full on success)."""
-    with progress_bar(label, total_tasks, enabled=enabled, unit="tasks") as bar:
-        if not enabled:
-            yield
-            return
-        stop = threading.Event()
-        thread = threading.Thread(target=_poll_tasks, args=(spark, total_tasks, bar, stop), daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=2)
-        bar.update(total_tasks)
+def _spark_progress(
+    spark: SparkSession, bar: ProgressBar, *, n_tasks: int, n_files: int, done_before: int
+) -> Iterator[None]:
+    """Move the run's files bar while a batch's Spark job runs, from Spark's status tracker."""
+    stop = threading.Event()
+    thread = threading.Thread(target=_poll_tasks, args=(spark, n_tasks, n_files, done_before, bar, stop), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2)
 
 
-def _poll_tasks(spark: SparkSession, total_tasks: int, bar: ProgressBar, stop: threading.Event) -> None:
-    """Every 0.5 s until ``stop``: the completed tasks of the active stage of ``total_tasks`` tasks."""
+def _poll_tasks(
+    spark: SparkSession, n_tasks: int, n_files: int, done_before: int, bar: ProgressBar, stop: threading.Event
+) -> None:
+    """Every 0.5 s until ``stop``: the files of the completed tasks of the batch's stage."""
     tracker = spark.sparkContext.statusTracker()
-    done_before = 0
     while not stop.wait(0.5):
-        done = done_before
         for sid in tracker.getActiveStageIds():
             info = tracker.getStageInfo(sid)
-            if info is not None and info.numTasks == total_tasks:
-                done = info.numCompletedTasks
-        done_before = done
-        bar.update(done)
+            if info is not None and info.numTasks == n_tasks:
+                bar.update(done_before + n_files * info.numCompletedTasks // n_tasks)

@@ -1,0 +1,188 @@
+"""The ``files`` ledger: every file a preprocessing run judged, by (uri, size, mtime), with its outcome.
+
+A file is read once. The next run skips every path whose size and modification time are unchanged,
+whatever its outcome (new, already present, duplicate, skipped or quarantined): an old failure is not
+decoded again and does not count against a new run's quarantine share. A changed file is judged again;
+``retryable`` (a transient read error) and ``requeued`` (``cxr requeue``) files are judged by the next run.
+
+One row per path holds its latest judgement (MERGE on ``source_uri``). The ledger is written after each
+batch's tensors are committed, so a kill between the two leaves tensors rows without ledger rows:
+:func:`read_known` also counts those (same path, size and mtime in ``tensors``) as known.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lakehouse.config import Settings
+from lakehouse.tables import FILES, REJUDGED_OUTCOMES, TENSORS, TableSpec, arrow_schema
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    """What an earlier run (or an earlier attempt of this run) decided about one path."""
+
+    size: int
+    mtime_ms: int
+    outcome: str
+    image_id: str | None
+    run_id: str
+    reason_class: str | None = None
+    duplicate_of: str | None = None
+
+
+def read_known(lakehouse_uri: str, settings: Settings) -> dict[str, KnownFile]:
+    """Every path judged before whose judgement still holds (not retryable, not requeued), by URI.
+
+    Paths in ``tensors`` missing from the ledger (lakehouses older than the ledger, or a kill between a
+    batch's tensors commit and its ledger commit) are known as ``new`` of the run that committed them.
+    """
+    known: dict[str, KnownFile] = {}
+    tensors = _read(
+        lakehouse_uri, TENSORS, settings, ["image_id", "source_uri", "source_bytes", "source_modified_at", "run_id"]
+    )
+    for iid, uri, size, ts, run_id in zip(*(tensors.column(c).to_pylist() for c in tensors.column_names), strict=True):
+        if ts is not None:
+            known[uri] = KnownFile(size, int(ts.timestamp() * 1000), "new", iid, run_id)
+    ledger = _read(
+        lakehouse_uri,
+        FILES,
+        settings,
+        [
+            "source_uri",
+            "source_bytes",
+            "source_mtime_ms",
+            "outcome",
+            "image_id",
+            "run_id",
+            "reason_class",
+            "duplicate_of",
+        ],
+    )
+    for uri, size, mtime, outcome, iid, run_id, reason, dup in zip(
+        *(ledger.column(c).to_pylist() for c in ledger.column_names), strict=True
+    ):
+        if outcome in REJUDGED_OUTCOMES:
+            known.pop(uri, None)
+        else:
+            known[uri] = KnownFile(size, mtime, outcome, iid, run_id, reason, dup)
+    return known
+
+
+def _read(lakehouse_uri: str, spec: TableSpec, settings: Settings, columns: list[str]) -> pa.Table:
+    """Columns of a table; an empty table when it does not exist yet (nothing is created)."""
+    from deltalake.exceptions import TableNotFoundError
+
+    from lakehouse import delta_rs
+
+    try:
+        return delta_rs.open_table(lakehouse_uri, spec, settings).to_pyarrow_table(columns=columns)
+    except TableNotFoundError:
+        return arrow_schema(spec).empty_table().select(columns)
+
+
+def is_known(known: Mapping[str, KnownFile], uri: str, size: int, mtime_ms: int) -> KnownFile | None:
+    """The earlier judgement of ``uri`` when the file is unchanged since (same size and mtime), else None."""
+    k = known.get(uri)
+    if k is not None and k.size == size and k.mtime_ms == mtime_ms:
+        return k
+    return None
+
+
+def record(lakehouse_uri: str, rows: Iterable[Mapping[str, Any]], settings: Settings) -> int:
+    """Upsert judgements (one per path: the new one replaces the old). Returns the number of rows written."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{c: r.get(c) for c in FILES.column_names} for r in rows], schema=arrow_schema(FILES))
+    if table.num_rows == 0:
+        return 0
+    _merge(lakehouse_uri, table, settings)
+    return table.num_rows
+
+
+def _merge(lakehouse_uri: str, rows: pa.Table, settings: Settings) -> None:
+    from deltalake.exceptions import CommitFailedError
+
+    from lakehouse import delta_rs
+
+    for attempt in range(8):
+        dt = delta_rs.ensure_table(lakehouse_uri, FILES, settings)
+        try:
+            (
+                dt.merge(rows, predicate="t.source_uri = s.source_uri", source_alias="s", target_alias="t")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            return
+        except CommitFailedError:  # another writer committed first: merge again on the new version
+            time.sleep(0.2 * (attempt + 1))
+    raise CommitFailedError("files: gave up after 8 concurrent-commit conflicts")
+
+
+def requeue(
+    lakehouse_uri: str, settings: Settings, *, error_class: str | None = None, run_id: str | None = None
+) -> int:
+    """Mark quarantined files (optionally of one error class and/or run) to be judged again next run.
+
+    Returns:
+        How many files were marked.
+    """
+    from lakehouse import delta_rs
+
+    dt = delta_rs.ensure_table(lakehouse_uri, FILES, settings)
+    predicate = "outcome = 'quarantined'"
+    if error_class:
+        predicate += f" AND reason_class = {_sql_str(error_class)}"
+    if run_id:
+        predicate += f" AND run_id = {_sql_str(run_id)}"
+    metrics = dt.update(updates={"outcome": "'requeued'"}, predicate=predicate)
+    return int(metrics.get("num_updated_rows", 0))
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class RunOutcomes:
+    """The ledger's counts of one run: files first judged by it, by outcome."""
+
+    run_id: str
+    counts: Mapping[str, int]
+
+    @property
+    def first_seen(self) -> int:
+        """Files the run judged that were not skipped: the quarantine share's denominator."""
+        return sum(n for o, n in self.counts.items() if o not in ("skipped", "requeued"))
+
+    @property
+    def quarantined(self) -> int:
+        """Files the run quarantined."""
+        return self.counts.get("quarantined", 0)
+
+
+def run_outcomes(lakehouse_uri: str, settings: Settings, run_ids: Iterable[str] | None = None) -> list[RunOutcomes]:
+    """Per run (all, or those named), the number of ledger rows by outcome; an empty list without a ledger."""
+    from deltalake.exceptions import TableNotFoundError
+
+    from lakehouse import delta_rs
+
+    try:
+        dt = delta_rs.open_table(lakehouse_uri, FILES, settings)
+    except TableNotFoundError:
+        return []
+    t = dt.to_pyarrow_table(columns=["run_id", "outcome"])
+    wanted = set(run_ids) if run_ids is not None else None
+    per_run: dict[str, Counter[str]] = {}
+    for rid, outcome in zip(t.column("run_id").to_pylist(), t.column("outcome").to_pylist(), strict=True):
+        if wanted is None or rid in wanted:
+            per_run.setdefault(rid, Counter())[outcome] += 1
+    return [RunOutcomes(rid, dict(c)) for rid, c in sorted(per_run.items())]
