@@ -254,15 +254,50 @@ INVALID_KINDS: dict[str, tuple[str, Callable[[int], bytes], str]] = {
     "random_png": ("random.png", lambda s: np.random.default_rng(s).bytes(4096), "UnsupportedFormatError"),
     "random_jpg": ("random.jpg", lambda s: np.random.default_rng(s + 1).bytes(4096), "UnsupportedFormatError"),
     "random_dcm": ("random.dcm", lambda s: np.random.default_rng(s + 2).bytes(4096), "UnsupportedFormatError"),
-    "dicom_no_pixels": (
-        "report.dcm",
-        lambda s: dicom_bytes(
-            np.zeros((1, 1), np.uint8), bits_stored=8, with_pixels=False, identity=_identity(s), seed=s
-        ),
-        "NoPixelDataError",
-    ),
     "dicom_palette": ("palette.dcm", _palette_dicom, "UnsupportedImageError"),
     "too_large_header": ("bomb.png", lambda s: png_header_only(20000, 20000), "ImageTooLargeError"),
+}
+
+
+def _dicom_variant(seed: int, **changes: object) -> bytes:
+    """A valid DX sample with header elements changed (and, for ``NumberOfFrames``, that many frames)."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(_dcm(seed, 12, "1.2.840.10008.1.2.1")))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    frames = int(changes.get("NumberOfFrames", 1))  # type: ignore[call-overload]
+    if frames > 1:
+        ds.PixelData = bytes(ds.PixelData) * frames
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _no_pixels(seed: int, sop_class: str, modality: str) -> bytes:
+    """A DICOM object without pixel data (a structured report, a key object selection...)."""
+    import pydicom
+
+    raw = dicom_bytes(np.zeros((1, 1), np.uint8), bits_stored=8, with_pixels=False, identity=_identity(seed), seed=seed)
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality = modality
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+#: name -> (file name, maker, expected reason class). Every kind is ``skipped`` (not a failure): objects a
+#: PACS export holds that are not single radiographs of an allowed modality.
+SKIPPED_KINDS: dict[str, tuple[str, Callable[[int], bytes], str]] = {
+    "structured_report": ("sr.dcm", lambda s: _no_pixels(s, "1.2.840.10008.5.1.4.1.1.88.22", "SR"), "NoPixelData"),
+    "key_object": ("ko.dcm", lambda s: _no_pixels(s, "1.2.840.10008.5.1.4.1.1.88.59", "KO"), "NoPixelData"),
+    "ct_slice": (
+        "ct.dcm",
+        lambda s: _dicom_variant(s, Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2"),
+        "ModalityNotAllowed",
+    ),
+    "multi_frame": ("cine.dcm", lambda s: _dicom_variant(s, NumberOfFrames=3), "MultiFrame"),
 }
 
 
@@ -272,7 +307,8 @@ def write_samples(output: Path, *, count: int = 34, include_invalid: bool = Fals
     Args:
         output: the folder to write into (created; files are named by kind and index).
         count: how many valid images.
-        include_invalid: also write one file of every invalid kind under ``output/invalid/``.
+        include_invalid: also write one file of every invalid kind under ``output/invalid/`` and one of
+            every kind skipped by design (reports, CT, multi-frame) under ``output/not_radiographs/``.
         seed: varies the anatomy; the same seed gives the same bytes.
 
     Returns:
@@ -294,6 +330,12 @@ def write_samples(output: Path, *, count: int = 34, include_invalid: bool = Fals
         bad.mkdir(exist_ok=True)
         for kind, (fname, make, _) in INVALID_KINDS.items():
             p = bad / f"{kind}_{fname}"
+            p.write_bytes(make(seed))
+            written.append(p)
+        other = output / "not_radiographs"
+        other.mkdir(exist_ok=True)
+        for kind, (fname, make, _) in SKIPPED_KINDS.items():
+            p = other / f"{kind}_{fname}"
             p.write_bytes(make(seed))
             written.append(p)
     return written

@@ -1,0 +1,272 @@
+"""Run after run over a growing archive: each file judged once, skipped kinds, retries, batch commits,
+kill -9, native decoder faults, requeue and maintenance. Real Spark, real Delta, real processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cxr.cli import main
+from expectations.runner import validate_lakehouse
+from lakehouse.config import Settings
+from lakehouse.delta_rs import open_table, read_arrow
+from lakehouse.maintain import referenced_paths
+from lakehouse.runs import PreprocessRun
+from lakehouse.tables import FILES, QUARANTINE, TENSORS
+from transforms.preprocess import run_preprocess
+from transforms.sample import INVALID_KINDS, SKIPPED_KINDS, VALID_KINDS, png_bytes, synthetic_cxr, to_uint
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(spark, settings: Settings, inp: Path, lake: Path, **kw) -> PreprocessRun:  # type: ignore[no-untyped-def]
+    return run_preprocess(str(inp), str(lake), settings=settings, spark=spark, progress=False, **kw)
+
+
+def _valid(inp: Path, n: int, *, start: int = 0) -> list[Path]:
+    inp.mkdir(parents=True, exist_ok=True)
+    kinds = list(VALID_KINDS)
+    out = []
+    for i in range(start, start + n):
+        ext, make = VALID_KINDS[kinds[i % len(kinds)]]
+        p = inp / f"img_{i:04d}{ext}"
+        p.write_bytes(make(1000 + i))
+        out.append(p)
+    return out
+
+
+def _invalid(inp: Path, n: int) -> list[Path]:
+    (inp / "bad").mkdir(parents=True, exist_ok=True)
+    kinds = list(INVALID_KINDS.values())
+    out = []
+    for i in range(n):
+        fname, make, _ = kinds[i % len(kinds)]
+        p = inp / "bad" / f"{i:02d}_{fname}"
+        p.write_bytes(make(i))
+        out.append(p)
+    return out
+
+
+def _scramble_keeping_size_and_mtime(paths: list[Path]) -> None:
+    """Overwrite each file with other bytes of the same size and put its mtime back: a run that read it
+    would see new content (a new row or a new failure); one that trusts (path, size, mtime) sees nothing."""
+    for p in paths:
+        st = p.stat()
+        p.write_bytes(b"\x00" * st.st_size)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _files(lake: Path, settings: Settings) -> dict[str, dict[str, object]]:
+    t = read_arrow(str(lake), FILES, settings)
+    return {r["source_uri"]: r for r in t.to_pylist()}
+
+
+def test_the_second_day_passes_the_gate_and_old_failures_are_not_read(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The scenario of issue #11: 20 images + 10 invalid files pass a 0.5 gate; 3 new images the next day
+    must pass too (they used to score 10/13 = 0.77), without reading the old files again."""
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    first = _valid(inp, 20)
+    bad = _invalid(inp, 10)
+    s1 = _run(spark, settings, inp, lake, run_id="day1")
+    assert (s1.discovered, s1.new, s1.quarantined, s1.reconciles) == (30, 20, 10, True)
+    assert validate_lakehouse(str(lake), settings=settings, run_id="day1", max_quarantine_share=0.5).success
+
+    _scramble_keeping_size_and_mtime(first + bad)
+    _valid(inp, 3, start=20)
+    s2 = _run(spark, settings, inp, lake, run_id="day2")
+    assert (s2.discovered, s2.new, s2.already_present, s2.quarantined, s2.decoded) == (33, 3, 30, 0, 3)
+    assert s2.previously == {"new": 20, "quarantined": 10}
+    report = validate_lakehouse(str(lake), settings=settings, run_id="day2", max_quarantine_share=0.5)
+    assert report.success, report
+    # not read: the scrambled bytes would have made new failures or new rows
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == 23
+    assert read_arrow(str(lake), QUARANTINE, settings).num_rows == 10
+    ledger = _files(lake, settings)
+    assert len(ledger) == 33 and {r["run_id"] for r in ledger.values()} == {"day1", "day2"}
+
+    # the sensor has nothing new to wait for
+    from cxr.tasks import new_images_waiting
+
+    assert not new_images_waiting(str(inp), str(lake))
+    _valid(inp, 1, start=40)
+    assert new_images_waiting(str(inp), str(lake))
+
+
+def test_a_changed_file_is_judged_again_and_a_copy_is_recorded_under_its_path(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    imgs = _valid(inp, 4)
+    bad = _invalid(inp, 1)[0]
+    _run(spark, settings, inp, lake, run_id="r1")
+    # a fixed export replaces the broken file; a byte-identical copy of an image appears under a new name
+    bad.write_bytes(png_bytes(to_uint(synthetic_cxr(64, 80, seed=77), 8)))
+    shutil.copy(imgs[0], inp / "copy.png")
+    s2 = _run(spark, settings, inp, lake, run_id="r2")
+    assert (s2.new, s2.already_present, s2.content_present, s2.quarantined) == (1, 5, 1, 0)
+    ledger = _files(lake, settings)
+    assert ledger[str(bad)]["outcome"] == "new" and ledger[str(bad)]["run_id"] == "r2"
+    assert ledger[str(inp / "copy.png")]["outcome"] == "already_present"
+    # the copy is recorded: the third run reads nothing
+    s3 = _run(spark, settings, inp, lake, run_id="r3")
+    assert (s3.decoded, s3.already_present, s3.previously) == (0, 6, {"already_present": 1, "new": 5})
+    from cxr.tasks import new_images_waiting
+
+    assert not new_images_waiting(str(inp), str(lake))
+
+
+def test_objects_that_are_not_radiographs_are_skipped_not_quarantined(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    _valid(inp, 2)
+    (inp / "pacs").mkdir()
+    for kind, (fname, make, _) in SKIPPED_KINDS.items():
+        (inp / "pacs" / f"{kind}_{fname}").write_bytes(make(5))
+    s = _run(spark, settings, inp, lake, run_id="pacs1")
+    assert (s.discovered, s.new, s.skipped, s.quarantined, s.decoded, s.reconciles) == (6, 2, 4, 0, 2, True)
+    assert s.skip_reasons == {"ModalityNotAllowed": 1, "MultiFrame": 1, "NoPixelData": 2}
+    assert s.first_seen == 2
+    assert read_arrow(str(lake), QUARANTINE, settings).num_rows == 0
+    ledger = _files(lake, settings)
+    for kind, (fname, _, reason) in SKIPPED_KINDS.items():
+        row = ledger[str(inp / "pacs" / f"{kind}_{fname}")]
+        assert (row["outcome"], row["reason_class"]) == ("skipped", reason) and row["reason"]
+    # skipped files do not move the gate, even a strict one
+    assert validate_lakehouse(str(lake), settings=settings, run_id="pacs1", max_quarantine_share=0.0).success
+    # naming CT in the allowlist takes it in: a new lakehouse decodes the CT slice
+    ct = settings.with_overrides(modalities=("CR", "DX", "RG", "CT"))
+    s_ct = _run(spark, ct, inp, tmp_path / "lake_ct", run_id="pacs-ct")
+    assert (s_ct.new, s_ct.skipped) == (3, 3)
+
+
+def test_an_airflow_retry_of_a_committed_run_is_the_same_run(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    _valid(inp, 6)
+    _invalid(inp, 2)
+    s1 = _run(spark, settings, inp, lake, run_id="pre-retry")
+    again = _run(spark, settings, inp, lake, run_id="pre-retry")  # the retry finds everything committed
+    assert (again.new, again.quarantined, again.already_present, again.decoded) == (6, 2, 0, 0)
+    assert again.first_seen == s1.first_seen == 8
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == 6
+    # another run is another run
+    later = _run(spark, settings, inp, lake, run_id="pre-later")
+    assert (later.new, later.quarantined, later.already_present, later.first_seen) == (0, 0, 8, 0)
+
+
+def test_a_decoder_that_crashes_or_hangs_costs_one_file(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """os.abort() and an endless sleep inside the decoder (a real child process dies / is killed)."""
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    _valid(inp, 4)
+    (inp / "crash.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"CXR-FAULT-ABORT" + b"\x00" * 64)
+    (inp / "hang.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"CXR-FAULT-HANG" + b"\x00" * 64)
+    fast = settings.with_overrides(decode_timeout_s=3.0)
+    s = _run(spark, fast, inp, lake, run_id="faults", decoder="tests.faulty_decoder:decode")
+    assert (s.new, s.quarantined, s.reconciles) == (4, 2, True)
+    assert s.quarantine_reasons == {"DecodeTimeout": 1, "DecoderCrash": 1}
+    q = {r["source_uri"]: r for r in read_arrow(str(lake), QUARANTINE, settings).to_pylist()}
+    assert q[str(inp / "crash.png")]["error_class"] == "DecoderCrash"
+    assert "SIGABRT" in q[str(inp / "crash.png")]["error_message"]
+    assert q[str(inp / "hang.png")]["error_class"] == "DecodeTimeout"
+    # never retried automatically: the next run does not decode them (it would take 3 s again)
+    again = _run(spark, fast, inp, lake, run_id="faults-2", decoder="tests.faulty_decoder:decode")
+    assert (again.decoded, again.previously) == (0, {"new": 4, "quarantined": 2})
+
+    # until requeued by class, with a count
+    rc = main(["requeue", "--lakehouse", str(lake), "--error-class", "DecoderCrash"])
+    assert rc == 0
+    assert _files(lake, settings)[str(inp / "crash.png")]["outcome"] == "requeued"
+    third = _run(spark, fast, inp, lake, run_id="faults-3", decoder="tests.faulty_decoder:decode")
+    assert (third.decoded, third.quarantined, third.quarantine_reasons) == (1, 1, {"DecoderCrash": 1})
+    assert _files(lake, settings)[str(inp / "crash.png")]["run_id"] == "faults-3"
+
+
+def test_requeue_counts_and_filters(spark, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    _valid(inp, 1)
+    bad = _invalid(inp, 3)
+    _run(spark, settings, inp, lake, run_id="q1")
+    capsys.readouterr()
+    assert main(["requeue", "--lakehouse", str(lake), "--run-id", "nope"]) == 0
+    assert "requeued 0 quarantined files from run nope" in capsys.readouterr().out
+    assert main(["requeue", "--lakehouse", str(lake), "--run-id", "q1"]) == 0
+    assert "requeued 3 quarantined files from run q1" in capsys.readouterr().out
+    s = _run(spark, settings, inp, lake, run_id="q2")
+    assert (s.quarantined, s.already_present, s.decoded, s.previously) == (3, 1, len(bad), {"new": 1})
+
+
+def _committed_rows(lake: Path, settings: Settings) -> int:
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return read_arrow(str(lake), TENSORS, settings, columns=["image_id"]).num_rows
+    except TableNotFoundError:
+        return 0
+
+
+def test_kill_9_mid_run_keeps_committed_batches_and_the_rerun_is_exact(settings: Settings, tmp_path: Path) -> None:
+    """A real `cxr preprocess` process group killed with SIGKILL at ~60% of its batches."""
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    total = 240
+    for i in range(total):
+        (inp / f"{i // 60}").mkdir(parents=True, exist_ok=True)
+        (inp / f"{i // 60}" / f"x{i:04d}.png").write_bytes(png_bytes(to_uint(synthetic_cxr(96, 96, seed=i), 8)))
+    env = {
+        **os.environ,
+        "CXR_COMMIT_EVERY_IMAGES": "20",
+        "CXR_SPARK_MASTER": "local[2]",
+        "CXR_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [sys.executable, "-m", "cxr.cli", "preprocess", "--input", str(inp), "--lakehouse", str(lake)]
+    proc = subprocess.Popen(
+        [*cmd, "--run-id", "killed", "--no-progress"],
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while _committed_rows(lake, settings) < total * 0.6:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    kept = _committed_rows(lake, settings)
+    assert total * 0.6 <= kept < total and kept % 20 == 0, kept  # whole batches only
+
+    rerun = subprocess.run([*cmd, "--run-id", "rerun", "--json", "--no-progress"], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    import json
+
+    s = json.loads(rerun.stdout)
+    assert (s["new"], s["decoded"], s["reconciles"]) == (total - kept, total - kept, True)
+    ids = read_arrow(str(lake), TENSORS, settings, columns=["image_id", "source_uri"])
+    assert ids.num_rows == total == len(set(ids.column("image_id").to_pylist()))
+
+    # the killed batch's data files are orphans; maintenance removes exactly those
+    root = lake / "tensors"
+    data = {str(p.relative_to(root)) for p in root.rglob("*.parquet") if "_delta_log" not in p.parts}
+    referenced = referenced_paths(str(lake), TENSORS, settings)
+    orphans = data - referenced
+    young = main(["maintain", "--lakehouse", str(lake)])  # default 24 h: nothing this young is touched
+    assert young == 0 and {str(p.relative_to(root)) for p in root.rglob("*.parquet")} >= data
+    assert main(["maintain", "--lakehouse", str(lake), "--older-than", "0"]) == 0
+    after = {str(p.relative_to(root)) for p in root.rglob("*.parquet") if "_delta_log" not in p.parts}
+    assert after == referenced & data and not (after & orphans)
+    for spec in (TENSORS, QUARANTINE, FILES):
+        t = open_table(str(lake), spec, settings)
+        left = {str(p.relative_to(lake / spec.name)) for p in (lake / spec.name).rglob("*.parquet")
+                if "_delta_log" not in p.parts}
+        assert left <= referenced_paths(str(lake), spec, settings), spec.name
+        assert t.protocol().min_reader_version == 1 and t.protocol().min_writer_version == 2
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == total
