@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from transforms.sample import INVALID_KINDS
+from transforms.sample import INVALID_KINDS, SKIPPED_KINDS
 
 CXR = str(Path(sys.executable).parent / "cxr")
 
@@ -25,7 +25,7 @@ def test_sample_writes_every_kind(tmp_path: Path) -> None:
     r = _cxr("sample", "--output", str(out), "--count", "5", "--include-invalid")
     assert r.returncode == 0, r.stderr
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    assert len(files) == 5 + len(INVALID_KINDS)
+    assert len(files) == 5 + len(INVALID_KINDS) + len(SKIPPED_KINDS)
     assert {p.suffix for p in files[:5]} >= {".png"}
 
 
@@ -50,8 +50,13 @@ def test_preprocess_process_prints_reconciled_json(tmp_path: Path) -> None:
     r = _cxr("preprocess", "--input", str(samples), "--lakehouse", str(lake), "--json", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout)
-    assert summary["discovered"] == 4 + len(INVALID_KINDS)
-    assert (summary["new"], summary["quarantined"], summary["reconciles"]) == (4, len(INVALID_KINDS), True)
+    assert summary["discovered"] == 4 + len(INVALID_KINDS) + len(SKIPPED_KINDS)
+    assert (summary["new"], summary["quarantined"], summary["skipped"], summary["reconciles"]) == (
+        4,
+        len(INVALID_KINDS),
+        len(SKIPPED_KINDS),
+        True,
+    )
     assert (lake / "tensors" / "_delta_log").is_dir() and (lake / "runs" / f"{summary['run_id']}.json").is_file()
 
 

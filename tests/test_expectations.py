@@ -19,6 +19,7 @@ from expectations import frames
 from lakehouse.config import Settings
 from lakehouse.runs import PreprocessRun
 from tests.conftest import MODEL, make_bucket, upload_dir
+from transforms.sample import INVALID_KINDS
 
 # --- helpers ----------------------------------------------------------------------------------------
 
@@ -106,10 +107,10 @@ def test_quarantine_runs_frame_uses_the_summary_denominator() -> None:
         {"run_id": ["r1", "r1", "r2", "r3"], "stage": ["preprocess"] * 4, "error_class": ["DecodeError"] * 4}
     )
     summaries = [
-        PreprocessRun(run_id="r1", discovered=40, quarantined=2),
-        PreprocessRun(run_id="r2", discovered=4, quarantined=3),  # one input quarantined again: its row is older
-        # 100 files, 96 already in the lakehouse: 2 of the 4 new ones were bad (not 2 %)
-        PreprocessRun(run_id="r4", discovered=100, already_present=96, quarantined=2),
+        PreprocessRun(run_id="r1", discovered=40, new=38, quarantined=2),
+        PreprocessRun(run_id="r2", discovered=4, new=1, quarantined=3),  # one input quarantined again: its row is older
+        # 100 files, 96 judged by earlier runs: 2 of the 4 new ones were bad (not 2 %)
+        PreprocessRun(run_id="r4", discovered=100, new=2, already_present=96, quarantined=2, previously={"new": 96}),
     ]
     frame = frames.quarantine_runs_frame(quarantine, summaries)
     assert frame["run_id"].tolist() == ["r1", "r2", "r3", "r4"]
@@ -159,12 +160,12 @@ def test_clean_lakehouse_passes_every_suite(
     built_lakehouse: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lake = _copy(built_lakehouse, tmp_path)
-    # the sample set holds 10 invalid files among 27 inputs: a share of 0.37 is expected here
+    # the sample set holds 9 invalid files among 26 judged inputs (and 4 skipped): a share of 0.35 is expected here
     rc, report = _validate(capsys, lake, "--max-quarantine-share", "0.5")
     assert rc == 0, report
     assert report["success"] is True
     counts = {name: (t["rows"], t["evaluated"], t["passed"]) for name, t in report["tables"].items()}
-    assert counts == {"tensors": (17, 22, 22), "quarantine": (10, 10, 10), "predictions": (17, 25, 25)}
+    assert counts == {"tensors": (17, 22, 22), "quarantine": (9, 10, 10), "predictions": (17, 25, 25)}
     index = (lake / "reports" / "data_docs" / "index.html").read_text()
     for suite in ("tensors", "tensors_columns", "quarantine_runs", "predictions_coverage"):
         assert suite in index
@@ -236,11 +237,17 @@ def test_tensors_suite_catches_each_corruption(
 
 
 @pytest.mark.slow
-def test_quarantine_suite_catches_empty_reasons_and_a_high_share(
-    built_lakehouse: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_quarantine_suite_catches_empty_reasons_and_a_high_share(  # type: ignore[no-untyped-def]
+    built_lakehouse: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    spark,
 ) -> None:
     lake = _copy(built_lakehouse, tmp_path)
-    # the default threshold (0.05, CXR_MAX_QUARANTINE_SHARE) fails run pre-test: 10 of 27 inputs
+    # the default threshold (0.05, CXR_MAX_QUARANTINE_SHARE) fails run pre-test: 9 of 26 inputs (the
+    # 4 objects skipped by design count in neither)
     monkeypatch.delenv("CXR_MAX_QUARANTINE_SHARE", raising=False)
     rc, report = _validate(capsys, lake, "--table", "quarantine")
     assert rc == 1
@@ -249,30 +256,37 @@ def test_quarantine_suite_catches_empty_reasons_and_a_high_share(
     }
     share = _failure(report, "quarantine", "expect_column_values_to_be_between", "quarantine_share")
     assert share["kwargs"]["max_value"] == 0.05
-    assert share["examples"] == [{"quarantine_share": pytest.approx(10 / 27), "run_id": "pre-test"}]
+    assert share["examples"] == [{"quarantine_share": pytest.approx(9 / 26), "run_id": "pre-test"}]
     # the environment sets the threshold; the flag overrides it
     monkeypatch.setenv("CXR_MAX_QUARANTINE_SHARE", "0.4")
     assert _validate(capsys, lake, "--table", "quarantine")[0] == 0
     assert _validate(capsys, lake, "--table", "quarantine", "--max-quarantine-share", "0.3")[0] == 1
 
-    # a run summary whose denominator makes the share 10 / 12
-    summary_path = lake / "runs" / "pre-test.json"
-    summary = json.loads(summary_path.read_text())
-    summary["discovered"] = 12
-    summary_path.write_text(json.dumps(summary))
+    # a second, real run into the same lakehouse: 1 new image and 3 new bad files (the old files are
+    # not judged again), so its own share is 3 / 4 whatever the first run did
+    from transforms.preprocess import run_preprocess
+    from transforms.sample import write_samples
+
+    day2 = tmp_path / "day2"
+    write_samples(day2, count=1, seed=500)
+    for i, (fname, make, _) in enumerate(list(INVALID_KINDS.values())[:3]):
+        (day2 / f"bad{i}_{fname}").write_bytes(make(500 + i))
+    pre = run_preprocess(str(day2), str(lake), settings=settings, run_id="pre-day2", spark=spark, progress=False)
+    assert (pre.new, pre.quarantined, pre.first_seen) == (1, 3, 4)
     rc, report = _validate(
-        capsys, lake, "--table", "quarantine", "--max-quarantine-share", "0.5", "--run-id", "pre-test"
+        capsys, lake, "--table", "quarantine", "--max-quarantine-share", "0.5", "--run-id", "pre-day2"
     )
     assert rc == 1
     share = _failure(report, "quarantine", "expect_column_values_to_be_between", "quarantine_share")
-    assert share["examples"] == [{"quarantine_share": pytest.approx(10 / 12), "run_id": "pre-test"}]
+    assert share["examples"] == [{"quarantine_share": pytest.approx(3 / 4), "run_id": "pre-day2"}]
 
     # empty reasons
-    summary_path.write_text(json.dumps({**summary, "discovered": 27}))
     data = _read(lake, "quarantine")
     data = _set(_set(data, "error_message", 0, ""), "error_class", 1, "")
     _overwrite(lake, "quarantine", data)
-    rc, report = _validate(capsys, lake, "--table", "quarantine", "--max-quarantine-share", "0.5")
+    rc, report = _validate(
+        capsys, lake, "--table", "quarantine", "--max-quarantine-share", "0.5", "--run-id", "pre-test"
+    )
     assert rc == 1
     assert _failed(report, "quarantine") == {
         ("quarantine", "expect_column_value_lengths_to_be_between", "error_message"),

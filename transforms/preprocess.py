@@ -39,7 +39,7 @@ from lakehouse.progress import ProgressBar, progress_bar, status
 from lakehouse.runs import PreprocessRun, new_run_id, write_summary
 from lakehouse.tables import QUARANTINE, TENSORS, Column, TableSpec
 from transforms.decode import skip_reason
-from transforms.supervised import SupervisedDecoder
+from transforms.supervised import DEFAULT_DECODER, DecoderStartError, SupervisedDecoder, shared_decoder
 from transforms.tensor import PREPROCESS_VERSION, PreprocessParams
 
 if TYPE_CHECKING:
@@ -57,8 +57,6 @@ NEW, PRESENT, DUPLICATE, SKIPPED, QUARANTINED, RETRYABLE = (
     "quarantined",
     "retryable",
 )
-#: what the supervised child decodes with (``module:function``)
-DEFAULT_DECODER = "transforms.tensor:preprocess_bytes"
 
 #: per-file result of the decode stage: small rows only (the tensors are in the data files)
 RESULT_SPEC = TableSpec(
@@ -98,7 +96,7 @@ def process_files(
 ) -> Iterator[pa.RecordBatch]:
     """Judge every listed file of a partition; write the new tensors as data files of ``tensors``.
 
-    Each file is decoded in a supervised child process (:class:`SupervisedDecoder`): a decoder that
+    Each file is decoded in a supervised child process (:func:`shared_decoder`): a decoder that
     crashes or hangs costs that one file (``DecoderCrash`` / ``DecodeTimeout``), not the task.
     Yields one small result row per input (always); new rows name the data file that holds them.
     ``lineage`` holds the run-level columns (preprocess_version, preprocess_params, run_id, ingested_at).
@@ -124,17 +122,18 @@ def process_files(
         pending[0][1]["data_file_meta"] = json.dumps(asdict(written))
         pending.clear()
 
-    with SupervisedDecoder(timeout_s=settings.decode_timeout_s, decoder=decoder) as dec:
-        for batch in batches:
-            cols = batch.to_pydict()
-            for uri, size, mtime_ms in zip(cols["source_uri"], cols["source_bytes"], cols["mtime_ms"], strict=True):
-                row = _process_one(uri, size, mtime_ms, known_ids, seen, params, settings, dec)
-                res = {k: row.get(k) for k in schema.names}
-                results.append(res)
-                if row["status"] == NEW:
-                    pending.append(({**{k: row.get(k) for k in tensor_schema.names}, **lineage}, res))
-                    if len(pending) >= rows_per_file:
-                        flush()
+    # one child per Python worker, reused by its tasks (Spark reuses workers): started once, not per task
+    dec = shared_decoder(settings.decode_timeout_s, decoder=decoder)
+    for batch in batches:
+        cols = batch.to_pydict()
+        for uri, size, mtime_ms in zip(cols["source_uri"], cols["source_bytes"], cols["mtime_ms"], strict=True):
+            row = _process_one(uri, size, mtime_ms, known_ids, seen, params, settings, dec)
+            res = {k: row.get(k) for k in schema.names}
+            results.append(res)
+            if row["status"] == NEW:
+                pending.append(({**{k: row.get(k) for k in tensor_schema.names}, **lineage}, res))
+                if len(pending) >= rows_per_file:
+                    flush()
     flush()
     for i in range(0, len(results), 1024):
         yield pa.RecordBatch.from_pylist(results[i : i + 1024], schema=schema)
@@ -190,8 +189,10 @@ def _process_one(
     row["decoded"] = True
     try:
         fields = dec.decode(data, name=uri, params=params, pseudonym_key=settings.pseudonym_key)
-    except InputError as exc:
+    except InputError as exc:  # DecoderCrash and DecodeTimeout included
         return {**row, "status": QUARANTINED, "error_class": type(exc).__name__, "error_message": str(exc)}
+    except DecoderStartError:  # the environment is broken, not this file: fail the task (Spark retries it)
+        raise
     except Exception as exc:  # one bad file must never fail the job; it is quarantined, not hidden
         log.exception("unexpected error decoding %s", uri)
         return {
