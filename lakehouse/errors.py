@@ -85,3 +85,8 @@ class WeightsNotFoundError(CxrError):
 
 class QueryError(CxrError):
     """A SQL query cannot run: bad SQL, an unknown table or saved query, or a missing/invalid parameter."""
+
+
+# --- one input file cannot become a tensor (continued) --------------------------------------------
+class CodestreamMismatchError(DecodeError):
+    """A compressed DICOM frame's codestream declares a larger image than the header's Rows x Columns."""

@@ -10,7 +10,7 @@ import pytest
 from lakehouse.errors import ImageTooLargeError, InputError, PixelRangeError
 from lakehouse.tables import decode_tensor
 from tests.xrv_reference import xrv_reference
-from transforms.decode import decode, pseudonymize, sniff_format
+from transforms.decode import decode, pseudonymize, skip_reason, sniff_format
 from transforms.sample import INVALID_KINDS, VALID_KINDS, dicom_bytes, png_bytes
 from transforms.tensor import PreprocessParams, center_crop, normalize, preprocess_bytes, resize
 
@@ -184,21 +184,50 @@ def test_multiframe_dicom_is_refused() -> None:
         _tensor(data, "two.dcm")
 
 
-def test_error_messages_never_carry_patient_identifiers() -> None:
-    from transforms.decode import _redact
-    from transforms.sample import Identity
+@pytest.mark.parametrize("corruption", ["transfer_syntax_minted_from_mrn", "mrn_in_photometric", "mrn_in_modality"])
+def test_error_messages_never_carry_patient_identifiers(corruption: str) -> None:
+    """Real failures whose raw text quotes element values never pass a patient identifier on.
 
-    ident = Identity(patient_name="DOE^JANE", patient_id="PID-777", birth_date="19800229")
-    data = dicom_bytes(np.full((20, 30), 100, np.uint16), bits_stored=12, identity=ident)
+    A site that mints UIDs from the medical record number writes it into a private transfer syntax UID,
+    which pydicom quotes when it refuses to decode; an export that shifts values puts the patient ID into
+    Photometric Interpretation or Modality, which our own messages quote.
+    """
     import io
 
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(data))
-    assert (
-        _redact("bad value PID-777 for DOE^JANE born 19800229", ds)
-        == "bad value [redacted] for [redacted] born [redacted]"
-    )
+    from transforms.sample import Identity
+
+    mrn, name = "4217733901", "DOE^JANE"
+    raw = dicom_bytes(np.full((20, 30), 100, np.uint16), bits_stored=12, identity=Identity(name, mrn, "19800229"))
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    if corruption == "transfer_syntax_minted_from_mrn":
+        ds.file_meta.TransferSyntaxUID = f"1.2.826.0.1.3680043.9.{mrn}"
+    elif corruption == "mrn_in_photometric":
+        ds.PhotometricInterpretation = mrn
+    else:
+        ds.Modality = mrn
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    if corruption == "mrn_in_modality":
+        skip = skip_reason(buf.getvalue(), name="x.dcm", modalities=("DX",))
+        assert skip is not None and skip.reason_class == "ModalityNotAllowed"
+        message = skip.message
+        assert message.startswith(
+            "DICOM modality [redacted] (SOP class Digital X-Ray Image Storage - For Presentation) is"
+        )
+    else:
+        with pytest.raises(InputError) as info:
+            decode(buf.getvalue(), name="x.dcm", pseudonym_key=KEY)
+        message = str(info.value)
+        if corruption == "transfer_syntax_minted_from_mrn":
+            assert mrn in str(info.value.__cause__)  # pydicom's own text quotes it: this path really leaks
+            assert message.startswith(
+                "DICOM pixel data cannot be decoded (transfer syntax 1.2.826.0.1.3680043.9.[redacted]"
+            )
+        else:
+            assert message.startswith("photometric interpretation [redacted] is not supported")
+    assert mrn not in message and name not in message and "[redacted]" in message
 
 
 def test_samples_are_deterministic(tmp_path: Path) -> None:
@@ -229,7 +258,6 @@ def test_oversized_files_are_quarantined_before_reading(tmp_path: Path) -> None:
         list(
             process_files(
                 [batch],
-                known_files={},
                 known_ids=frozenset(),
                 params=PreprocessParams(),
                 settings=settings,
@@ -248,3 +276,162 @@ def test_oversized_files_are_quarantined_before_reading(tmp_path: Path) -> None:
     assert rows[1]["decoded"] is False and rows[1]["image_id"] is None  # never read
     assert rows[0]["data_file"] and (tmp_path / "lake" / "tensors" / rows[0]["data_file"]).is_file()
     assert rows[1]["data_file"] is None
+
+
+# --- skip_reason: objects left out by design, judged from the header -------------------------------------
+ALLOWED = ("CR", "DX", "RG")
+
+
+def _bundled(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    return Path(str(get_testdata_file(name))).read_bytes()
+
+
+def _dx_variant(*, deflated: bool = False, **changes: str | None) -> bytes:
+    """A sample DX with elements set (``None``: deleted), optionally written Deflated Explicit VR."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.full((20, 30), 100, np.uint16), bits_stored=12)))
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    if "SOPClassUID" in changes:
+        ds.file_meta.MediaStorageSOPClassUID = changes["SOPClassUID"]
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def header_only(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """Record every dcmread call, and make reading pixel data fail the test."""
+    import pydicom
+    import pydicom.dataset
+
+    calls: list[dict[str, object]] = []
+    real = pydicom.dcmread
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    def boom(self: object) -> None:
+        raise AssertionError("pixel data was read")
+
+    monkeypatch.setattr(pydicom, "dcmread", spy)
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(boom))
+    return calls
+
+
+@pytest.mark.parametrize("deflated", [False, True])
+def test_skip_reason_keeps_an_image(deflated: bool, header_only: list[dict[str, object]]) -> None:
+    data = _dx_variant(deflated=deflated)
+    header_only.clear()  # building the file read it
+    assert skip_reason(data, name="a.dcm", modalities=ALLOWED) is None
+    assert header_only and all(c.get("stop_before_pixels") is True and c.get("defer_size") for c in header_only)
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("test-SR.dcm", "SOP class Comprehensive SR Storage, modality SR"),
+        ("reportsi.dcm", "SOP class Basic Text SR Storage, modality SR"),
+        ("rtplan.dcm", "SOP class RT Plan Storage, modality RTPLAN"),
+        ("rtstruct.dcm", "SOP class RT Structure Set Storage, modality RTSTRUCT"),
+        ("waveform_ecg.dcm", "SOP class 12-lead ECG Waveform Storage, modality ECG"),
+    ],
+)
+def test_skip_reason_no_pixel_data(name: str, what: str, header_only: list[dict[str, object]]) -> None:
+    """Objects from other toolkits (pydicom's test data) that hold no image."""
+    skip = skip_reason(_bundled(name), name=name, modalities=ALLOWED)
+    assert skip is not None and skip.reason_class == "NoPixelData"
+    assert skip.message == (
+        f"DICOM object without pixel data ({what}): a report, presentation state, key object selection, "
+        "RT plan or similar holds no image for a model; nothing to decode"
+    )
+    assert header_only and all(c.get("stop_before_pixels") is True for c in header_only)
+
+
+def test_image_class_without_pixel_data_is_left_to_decode() -> None:
+    """A DX object without pixels is broken, not a report: decode() quarantines it."""
+    from lakehouse.errors import NoPixelDataError
+
+    data = dicom_bytes(np.zeros((1, 1), np.uint8), bits_stored=8, with_pixels=False)
+    assert skip_reason(data, name="dx.dcm", modalities=ALLOWED) is None
+    with pytest.raises(NoPixelDataError, match="Digital X-Ray Image Storage - For Presentation"):
+        decode(data, name="dx.dcm", pseudonym_key=KEY)
+
+
+@pytest.mark.parametrize("deflated", [False, True])
+def test_skip_reason_modality_not_allowed(deflated: bool, header_only: list[dict[str, object]]) -> None:
+    data = _dx_variant(deflated=deflated, Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")
+    header_only.clear()  # building the file read it
+    skip = skip_reason(data, name="ct.dcm", modalities=ALLOWED)
+    assert header_only and all(c.get("stop_before_pixels") is True for c in header_only)
+    assert skip is not None and skip.reason_class == "ModalityNotAllowed"
+    assert skip.message == (
+        "DICOM modality CT (SOP class CT Image Storage) is not in the allowlist CR, DX, RG; "
+        "skipped without reading its pixels; to include it add CT to CXR_MODALITIES"
+    )
+    assert skip_reason(data, name="ct.dcm", modalities=(*ALLOWED, "CT")) is None
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "allowed", "expected"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.1.1", ALLOWED, None),  # DX storage implies DX
+        ("1.2.840.10008.5.1.4.1.1.1", ("CR",), None),  # CR storage implies CR
+        (
+            "1.2.840.10008.5.1.4.1.1.1.2",
+            ALLOWED,
+            "Digital Mammography X-Ray Image Storage - For Presentation, which implies MG): MG is not in",
+        ),
+        ("1.2.840.10008.5.1.4.1.1.7", ALLOWED, "Secondary Capture Image Storage, which implies none): not in"),
+        ("1.2.840.10008.5.1.4.1.1.7", (*ALLOWED, "NONE"), None),  # admitted on purpose
+    ],
+)
+def test_skip_reason_missing_modality(sop_class: str, allowed: tuple[str, ...], expected: str | None) -> None:
+    """Modality is Type 1 but missing from some exports: the SOP class decides, else the NONE entry."""
+    skip = skip_reason(_dx_variant(Modality=None, SOPClassUID=sop_class), name="x.dcm", modalities=allowed)
+    if expected is None:
+        assert skip is None
+    else:
+        assert skip is not None and skip.reason_class == "ModalityNotAllowed"
+        assert skip.message.startswith(
+            f"DICOM without a Modality element (SOP class {expected} the allowlist CR, DX, RG;"
+        )
+        assert skip.message.endswith(f"add {'MG' if 'MG' in expected else 'NONE'} to CXR_MODALITIES")
+
+
+def test_skip_reason_multi_frame(header_only: list[dict[str, object]]) -> None:
+    skip = skip_reason(_bundled("SC_rgb_rle_2frame.dcm"), name="two.dcm", modalities=("OT",))
+    assert skip is not None and skip.reason_class == "MultiFrame"
+    assert skip.message == (
+        "multi-frame DICOM (2 frames; SOP class Secondary Capture Image Storage, modality OT) is not a single "
+        "radiograph: skipped without reading its pixels; to include it, split it into single-frame files"
+    )
+    assert header_only and all(c.get("stop_before_pixels") is True for c in header_only)
+
+
+@pytest.mark.parametrize("kind", sorted(INVALID_KINDS))
+def test_skip_reason_leaves_failures_to_decode(kind: str) -> None:
+    """Non-DICOM, corrupt and unparsable inputs are not skipped: decode() quarantines them with the reason."""
+    fname, make, _ = INVALID_KINDS[kind]
+    assert skip_reason(make(1), name=f"/in/{fname}", modalities=ALLOWED) is None
+
+
+def test_skip_reason_on_the_sample_kinds() -> None:
+    """The kinds `cxr sample` writes as not-radiographs are skipped for the reason the sample names."""
+    from transforms.sample import SKIPPED_KINDS
+
+    for kind, (fname, make, expected) in SKIPPED_KINDS.items():
+        skip = skip_reason(make(1), name=fname, modalities=ALLOWED)
+        assert skip is not None and skip.reason_class == expected, kind
+        assert "SYN-" not in skip.message and "SYNTHETIC^" not in skip.message  # the samples' identifiers
