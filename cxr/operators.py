@@ -160,6 +160,8 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
     Airflow Variables: ``cxr_code_uri`` (s3:// folder holding ``cli.py`` and the ``cxr`` package zip),
     ``cxr_emr_serverless_app_id`` + ``cxr_emr_execution_role_arn`` (serverless) or ``cxr_emr_cluster_id``.
     """
+    import math
+
     from airflow.sdk import TaskGroup
 
     code = "{{ var.value.cxr_code_uri }}"
@@ -210,7 +212,7 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
         return group
     from airflow.providers.amazon.aws.operators.emr import EmrServerlessStartJobOperator
 
-    return EmrServerlessStartJobOperator(
+    job = EmrServerlessStartJobOperator(
         task_id="preprocess",
         application_id="{{ var.value.cxr_emr_serverless_app_id }}",
         execution_role_arn="{{ var.value.cxr_emr_execution_role_arn }}",
@@ -229,24 +231,47 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
         waiter_delay=60,
         outlets=outlets,
     )
+    # the provider's default (25 polls) gives up on, and cancels, any job longer than ~25 minutes: poll
+    # for as long as the task may run (its execution_timeout, from the DAG's default_args), one poll more;
+    # without a timeout, as long as the ECS provider's own default (a million polls)
+    timeout = job.execution_timeout
+    job.waiter_max_attempts = math.ceil(timeout.total_seconds() / job.waiter_delay) + 1 if timeout else 1_000_000
+    return job
 
 
 def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
     """The inference image on ECS (MWAA workers have no Docker daemon).
 
+    The container's command is ``args`` and the models, plus ``--allow-untrained`` and ``--weights-dir``
+    when the run's params set them, as the local command passes them.
+
     Airflow Variables: ``cxr_ecs_cluster``, ``cxr_ecs_task_definition`` (the image pushed to ECR, container
     name ``cxr-infer``), ``cxr_ecs_subnets`` and ``cxr_ecs_security_groups`` (comma-separated).
     """
+    import math
+
     from airflow.providers.amazon.aws.operators.ecs import EcsRunTaskOperator
 
     # the image's ENTRYPOINT is already `cxr infer` (inference/Dockerfile): the override is its arguments
-    command = [*(args[1:] if args[:1] == ["infer"] else args), "--model={{ params.models | join(',') }}"]
-    return EcsRunTaskOperator(
+    base = [*(args[1:] if args[:1] == ["infer"] else args), "--model={{ params.models | join(',') }}"]
+
+    def overrides(context: Any, jinja_env: Any) -> dict[str, Any]:
+        # a callable template field, called at render time: a flag that is not set must be absent from
+        # the list, which a per-item template cannot do
+        command = [str(jinja_env.from_string(a).render(context)) for a in base]
+        params = context["params"]
+        if params.get("allow_untrained"):
+            command.append("--allow-untrained")
+        if params.get("weights_dir"):
+            command += ["--weights-dir", str(params["weights_dir"])]
+        return {"containerOverrides": [{"name": "cxr-infer", "command": command}]}
+
+    task = EcsRunTaskOperator(
         task_id="infer",
         cluster="{{ var.value.cxr_ecs_cluster }}",
         task_definition="{{ var.value.cxr_ecs_task_definition }}",
         launch_type=load_settings().aws.ecs_launch_type,
-        overrides={"containerOverrides": [{"name": "cxr-infer", "command": command}]},
+        overrides=overrides,  # type: ignore[arg-type]  # a callable template field: rendered by calling it
         network_configuration={
             "awsvpcConfiguration": {
                 "subnets": "{{ var.value.cxr_ecs_subnets.split(',') }}",
@@ -260,6 +285,10 @@ def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
         render_template_as_native_obj=True,
         outlets=outlets,
     )
+    # wait as long as the task may run (its execution_timeout), one poll more, as for EMR
+    timeout = task.execution_timeout
+    task.waiter_max_attempts = math.ceil(timeout.total_seconds() / task.waiter_delay) + 1 if timeout else 1_000_000
+    return task
 
 
 def aws_athena_tasks(lakehouse: str) -> Any:

@@ -140,7 +140,10 @@ def build_report(
         "generated_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
         "run": run.body if run else None,
         "run_id": selected_id,
-        "accepted": run.new + run.already_present if run else None,
+        # files whose bytes are in tensors: earlier failures and skips among "already present" are not
+        "accepted": run.new + run.already_present - sum(run.previously.get(o, 0) for o in ("skipped", "quarantined"))
+        if run
+        else None,
         "other_runs": [r.run_id for r in reversed(preprocess_runs)],
         "duplicate_pairs": [
             {"source": _basename(p.get("source_uri", "")), "duplicate_of": _basename(p.get("duplicate_of", ""))}

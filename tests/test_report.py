@@ -26,7 +26,7 @@ from lakehouse.config import Settings
 from lakehouse.errors import CxrError
 from lakehouse.tables import PATHOLOGY_COLUMNS
 from tests.conftest import MODEL, make_bucket, upload_dir
-from transforms.sample import INVALID_KINDS, VALID_KINDS
+from transforms.sample import INVALID_KINDS, SKIPPED_KINDS, VALID_KINDS
 
 pytestmark = pytest.mark.slow  # every test needs the built lakehouse (Spark + inference)
 
@@ -166,20 +166,27 @@ def untrained(built_lakehouse: Path, tmp_path_factory: pytest.TempPathFactory, s
 def test_counts_equal_the_run_summary_and_the_sample_set(lake: Path, report: tuple[Path, Page, str]) -> None:
     page = report[1]
     run = json.loads((lake / "runs" / "pre-test.json").read_text())
-    # what the sample set holds: one file of every valid kind and one of every invalid kind
-    assert (run["discovered"], run["new"], run["already_present"], run["duplicates"], run["quarantined"]) == (
-        len(VALID_KINDS) + len(INVALID_KINDS),
+    # what the sample set holds: one file of every valid, invalid and skipped-by-design kind
+    keys = ("discovered", "new", "already_present", "duplicates", "skipped", "quarantined")
+    assert tuple(run[k] for k in keys) == (
+        len(VALID_KINDS) + len(INVALID_KINDS) + len(SKIPPED_KINDS),
         len(VALID_KINDS),
         0,
         0,
+        len(SKIPPED_KINDS),
         len(INVALID_KINDS),
     )
     assert page.one(data_field="run_id") == "pre-test"
-    assert page.number(data_count="discovered") == run["discovered"] == 27
+    assert page.number(data_count="discovered") == run["discovered"] == 30
     assert page.number(data_count="accepted") == run["new"] + run["already_present"] == 17
     assert page.number(data_count="duplicates") == 0
-    assert page.number(data_count="quarantined") == run["quarantined"] == 10
-    for key in ("discovered", "new", "already_present", "duplicates", "quarantined"):
+    assert page.number(data_count="skipped") == run["skipped"] == 4
+    assert page.number(data_count="quarantined") == run["quarantined"] == 9
+    skips = Counter(cls for _, _, cls in SKIPPED_KINDS.values())
+    assert run["skip_reasons"] == dict(skips)
+    for cls, n in skips.items():
+        assert page.one(data_skip=cls) == f"{cls} {n}"
+    for key in (*keys, "retryable"):
         assert page.number(data_field=key) == run[key], key
     assert page.one(data_field="reconciles") == "yes"
     # one row per error class the invalid kinds are known to produce, with its count
@@ -202,7 +209,7 @@ def test_totals_equal_the_tables(lake: Path, report: tuple[Path, Page, str]) -> 
     assert page.number(data_total="tensors_of_run") == tensors.num_rows
     formats = Counter(tensors.column("source_format").to_pylist())
     assert {k: page.number(data_format=k) for k in formats} == dict(formats)
-    assert page.number(data_total="quarantine") == quarantine.num_rows == 10
+    assert page.number(data_total="quarantine") == quarantine.num_rows == 9
     assert page.number(data_total="predictions") == preds.num_rows == 17
     assert page.number(data_model_rows=MODEL) == 17
     assert page.number(data_count="predicted") == len(set(preds.column("image_id").to_pylist())) == infer["predicted"]
@@ -361,11 +368,12 @@ def test_latest_run_by_default_and_run_id_selects(
     latest = Page(build_report(str(work), settings=settings))
     assert latest.one(data_field="run_id") == "pre-again"
     assert [latest.number(data_field=k) for k in ("discovered", "new", "already_present", "quarantined")] == [
-        27,
+        30,
         0,
-        17,
-        10,
+        30,
+        0,
     ]
+    assert latest.one(data_previously="quarantined") == "quarantined 9"
     assert latest.number(data_count="accepted") == 17 and latest.number(data_total="tensors_of_run") == 0
     first = Page(build_report(str(work), settings=settings, run_id="pre-test"))
     assert first.one(data_field="run_id") == "pre-test" and first.number(data_field="new") == 17
@@ -409,13 +417,13 @@ def test_report_on_s3(built_lakehouse: Path, settings: Settings) -> None:
     assert [
         page.number(data_count=k) for k in ("discovered", "accepted", "duplicates", "quarantined", "predicted")
     ] == [
-        27,
+        30,
         17,
         0,
-        10,
+        9,
         17,
     ]
-    assert page.number(data_total="tensors") == 17 and page.number(data_total="quarantine") == 10
+    assert page.number(data_total="tensors") == 17 and page.number(data_total="quarantine") == 9
     (link,) = page.find(id="data-docs-link")
     assert link["attrs"]["href"] == "data_docs/index.html"
     assert len([e for e in page.elements if e["tag"] == "img"]) > 0

@@ -376,6 +376,9 @@ def test_athena_ddl_statements() -> None:
         "CREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`predictions`\n"
         "LOCATION 's3://bucket/lake/predictions'\n"
         "TBLPROPERTIES ('table_type'='DELTA')",
+        "CREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`files`\n"
+        "LOCATION 's3://bucket/lake/files'\n"
+        "TBLPROPERTIES ('table_type'='DELTA')",
     ]
     assert athena_ddl("s3a://bucket")[1].splitlines()[1] == "LOCATION 's3://bucket/tensors'"
 
@@ -548,8 +551,8 @@ def test_cli_athena_ddl(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith(
         "CREATE DATABASE IF NOT EXISTS `radiology`;\n\nCREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`tensors`\n"
     )
-    assert out.count(";\n") == 4
-    assert out.endswith("LOCATION 's3://bucket/lake/predictions'\nTBLPROPERTIES ('table_type'='DELTA');\n\n")
+    assert out.count(";\n") == 5  # the database and four tables
+    assert out.endswith("LOCATION 's3://bucket/lake/files'\nTBLPROPERTIES ('table_type'='DELTA');\n\n")
 
 
 @pytest.mark.parametrize(
