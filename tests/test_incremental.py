@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(spark, settings: Settings, inp: Path, lake: Path, **kw) -> PreprocessRun:  # type: ignore[no-untyped-def]
+def _run(spark: Any, settings: Settings, inp: Path, lake: Path, **kw) -> PreprocessRun:
     return run_preprocess(str(inp), str(lake), settings=settings, spark=spark, progress=False, **kw)
 
 
@@ -69,7 +70,9 @@ def _files(lake: Path, settings: Settings) -> dict[str, dict[str, object]]:
     return {r["source_uri"]: r for r in t.to_pylist()}
 
 
-def test_the_second_day_passes_the_gate_and_old_failures_are_not_read(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_second_day_passes_the_gate_and_old_failures_are_not_read(
+    spark: Any, settings: Settings, tmp_path: Path
+) -> None:
     """The scenario of issue #11: 20 images + 10 invalid files pass a 0.5 gate; 3 new images the next day
     must pass too (they used to score 10/13 = 0.77), without reading the old files again."""
     inp, lake = tmp_path / "in", tmp_path / "lake"
@@ -100,7 +103,9 @@ def test_the_second_day_passes_the_gate_and_old_failures_are_not_read(spark, set
     assert new_images_waiting(str(inp), str(lake))
 
 
-def test_a_changed_file_is_judged_again_and_a_copy_is_recorded_under_its_path(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_changed_file_is_judged_again_and_a_copy_is_recorded_under_its_path(
+    spark: Any, settings: Settings, tmp_path: Path
+) -> None:
     inp, lake = tmp_path / "in", tmp_path / "lake"
     imgs = _valid(inp, 4)
     bad = _invalid(inp, 1)[0]
@@ -121,7 +126,9 @@ def test_a_changed_file_is_judged_again_and_a_copy_is_recorded_under_its_path(sp
     assert not new_images_waiting(str(inp), str(lake))
 
 
-def test_objects_that_are_not_radiographs_are_skipped_not_quarantined(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_objects_that_are_not_radiographs_are_skipped_not_quarantined(
+    spark: Any, settings: Settings, tmp_path: Path
+) -> None:
     inp, lake = tmp_path / "in", tmp_path / "lake"
     _valid(inp, 2)
     (inp / "pacs").mkdir()
@@ -144,7 +151,7 @@ def test_objects_that_are_not_radiographs_are_skipped_not_quarantined(spark, set
     assert (s_ct.new, s_ct.skipped) == (3, 3)
 
 
-def test_an_airflow_retry_of_a_committed_run_is_the_same_run(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_airflow_retry_of_a_committed_run_is_the_same_run(spark: Any, settings: Settings, tmp_path: Path) -> None:
     inp, lake = tmp_path / "in", tmp_path / "lake"
     _valid(inp, 6)
     _invalid(inp, 2)
@@ -158,7 +165,7 @@ def test_an_airflow_retry_of_a_committed_run_is_the_same_run(spark, settings: Se
     assert (later.new, later.quarantined, later.already_present, later.first_seen) == (0, 0, 8, 0)
 
 
-def test_a_decoder_that_crashes_or_hangs_costs_one_file(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_decoder_that_crashes_or_hangs_costs_one_file(spark: Any, settings: Settings, tmp_path: Path) -> None:
     """os.abort() and an endless sleep inside the decoder (a real child process dies / is killed)."""
     inp, lake = tmp_path / "in", tmp_path / "lake"
     _valid(inp, 4)
@@ -185,7 +192,9 @@ def test_a_decoder_that_crashes_or_hangs_costs_one_file(spark, settings: Setting
     assert _files(lake, settings)[str(inp / "crash.png")]["run_id"] == "faults-3"
 
 
-def test_requeue_counts_and_filters(spark, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_requeue_counts_and_filters(
+    spark: Any, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inp, lake = tmp_path / "in", tmp_path / "lake"
     _valid(inp, 1)
     bad = _invalid(inp, 3)
@@ -243,8 +252,14 @@ def test_kill_9_mid_run_keeps_committed_batches_and_the_rerun_is_exact(settings:
     kept = _committed_rows(lake, settings)
     assert total * 0.6 <= kept < total and kept % 20 == 0, kept  # whole batches only
 
-    rerun = subprocess.run([*cmd, "--run-id", "rerun", "--json", "--no-progress"], env=env, cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [*cmd, "--run-id", "rerun", "--json", "--no-progress"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr
     import json
 
@@ -265,8 +280,11 @@ def test_kill_9_mid_run_keeps_committed_batches_and_the_rerun_is_exact(settings:
     assert after == referenced & data and not (after & orphans)
     for spec in (TENSORS, QUARANTINE, FILES):
         t = open_table(str(lake), spec, settings)
-        left = {str(p.relative_to(lake / spec.name)) for p in (lake / spec.name).rglob("*.parquet")
-                if "_delta_log" not in p.parts}
+        left = {
+            str(p.relative_to(lake / spec.name))
+            for p in (lake / spec.name).rglob("*.parquet")
+            if "_delta_log" not in p.parts
+        }
         assert left <= referenced_paths(str(lake), spec, settings), spec.name
         assert t.protocol().min_reader_version == 1 and t.protocol().min_writer_version == 2
     assert read_arrow(str(lake), TENSORS, settings).num_rows == total

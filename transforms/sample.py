@@ -277,10 +277,11 @@ def _dicom_variant(seed: int, **changes: object) -> bytes:
 def _no_pixels(seed: int, sop_class: str, modality: str) -> bytes:
     """A DICOM object without pixel data (a structured report, a key object selection...)."""
     import pydicom
+    from pydicom.uid import UID
 
     raw = dicom_bytes(np.zeros((1, 1), np.uint8), bits_stored=8, with_pixels=False, identity=_identity(seed), seed=seed)
     ds = pydicom.dcmread(io.BytesIO(raw))
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.Modality = modality
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
