@@ -398,7 +398,7 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
     validate_tensors = PythonOperator(
         task_id="validate_tensors",
         python_callable=tasks.validate_stage,
-        op_kwargs={"lakehouse_uri": lakehouse, "tables": ["tensors", "quarantine"], "run_id": pre_run_id},
+        op_kwargs={"lakehouse_uri": lakehouse, "tables": ["tensors", "quarantine", "files"], "run_id": pre_run_id},
     )
 
     infer_flags = (  # models, stand-in and weights folder, each value shell-quoted when rendered

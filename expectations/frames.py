@@ -169,6 +169,32 @@ def quarantine_frame(table: pa.Table) -> pd.DataFrame:
     return table.select(cols).to_pandas()
 
 
+def files_frame(table: pa.Table) -> pd.DataFrame:
+    """The validated projection of the ``files`` ledger: no paths (``path_key`` is a hash of the path),
+    ``has_reason`` / ``has_image_id`` true where the outcome requires them."""
+    import hashlib
+
+    import pandas as pd
+
+    outcomes = table.column("outcome").to_pylist()
+    reasons = table.column("reason_class").to_pylist()
+    ids = table.column("image_id").to_pylist()
+    return pd.DataFrame(
+        {
+            "path_key": [hashlib.sha256(u.encode()).hexdigest() for u in table.column("source_uri").to_pylist()],
+            "outcome": outcomes,
+            "run_id": table.column("run_id").to_pylist(),
+            "has_reason": [
+                bool(r) or o not in ("skipped", "quarantined", "retryable")
+                for o, r in zip(outcomes, reasons, strict=True)
+            ],
+            "has_image_id": [
+                bool(i) or o not in ("new", "already_present", "duplicate") for o, i in zip(outcomes, ids, strict=True)
+            ],
+        }
+    )
+
+
 def read_run_summaries(lakehouse_uri: str, settings: Settings) -> list[PreprocessRun]:
     """Every preprocessing run summary under ``<lakehouse>/runs/``."""
     from lakehouse.runs import PreprocessRun, read_summaries

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError, CxrError, StorageError
-from lakehouse.tables import DIRECT_IDENTIFIERS, PREDICTIONS, QUARANTINE, TABLE_NAMES, TENSORS, spec
+from lakehouse.tables import DIRECT_IDENTIFIERS, FILES, PREDICTIONS, QUARANTINE, TABLE_NAMES, TENSORS, spec
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -47,6 +47,7 @@ _INDEX_COLUMNS: dict[str, list[str]] = {
     "tensors_columns": ["column_name"],
     "quarantine": ["content_sha256"],
     "quarantine_runs": ["run_id"],
+    "files": ["path_key"],
     "predictions": ["image_id", "model_id"],
     "predictions_coverage": ["image_id", "model_id"],
 }
@@ -250,6 +251,11 @@ def _build_batches(
         out.append(
             _Batch("quarantine", "quarantine_runs", partial(suites.quarantine_runs_suite, max_share=max_share), runs)
         )
+    if "files" in chosen:
+        ledger = read_arrow(
+            lake, FILES, settings, columns=["source_uri", "outcome", "run_id", "reason_class", "image_id"]
+        )
+        out.append(_Batch("files", "files", suites.files_suite, frames.files_frame(ledger)))
     if "predictions" in chosen:
         predictions = read_arrow(lake, PREDICTIONS, settings)
         tensor_ids = read_arrow(lake, TENSORS, settings, columns=["image_id"]).column("image_id").to_pylist()

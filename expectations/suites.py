@@ -119,6 +119,32 @@ def quarantine_suite() -> gx.ExpectationSuite:
     return suite
 
 
+def files_suite() -> gx.ExpectationSuite:
+    """Row checks of the ``files`` ledger: one judgement per path, a known outcome, a reason for every
+    file that did not become a tensor, a content hash for every file that did."""
+    import great_expectations as gx
+
+    from lakehouse.tables import FILE_OUTCOMES
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="files")
+    suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="path_key"))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="outcome", value_set=list(FILE_OUTCOMES)))
+    for col in ("outcome", "run_id"):
+        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeInSet(
+            column="has_reason", value_set=[True], meta={"notes": "skipped, quarantined and retryable files say why"}
+        )
+    )
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeInSet(
+            column="has_image_id", value_set=[True], meta={"notes": "new, present and duplicate files were hashed"}
+        )
+    )
+    return suite
+
+
 def quarantine_runs_suite(*, max_share: float) -> gx.ExpectationSuite:
     """Per preprocessing run: the share of its inputs that were quarantined stays under ``max_share``.
 

@@ -165,7 +165,12 @@ def test_clean_lakehouse_passes_every_suite(
     assert rc == 0, report
     assert report["success"] is True
     counts = {name: (t["rows"], t["evaluated"], t["passed"]) for name, t in report["tables"].items()}
-    assert counts == {"tensors": (17, 22, 22), "quarantine": (9, 10, 10), "predictions": (17, 25, 25)}
+    assert counts == {
+        "tensors": (17, 22, 22),
+        "quarantine": (9, 10, 10),
+        "files": (30, 6, 6),
+        "predictions": (17, 25, 25),
+    }
     index = (lake / "reports" / "data_docs" / "index.html").read_text()
     for suite in ("tensors", "tensors_columns", "quarantine_runs", "predictions_coverage"):
         assert suite in index
@@ -297,6 +302,33 @@ def test_quarantine_suite_catches_empty_reasons_and_a_high_share(  # type: ignor
 
 
 @pytest.mark.slow
+def test_files_suite_catches_each_corruption(
+    built_lakehouse: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lake = _copy(built_lakehouse, tmp_path)
+    data = _read(lake, "files")
+    rows = data.to_pylist()
+    quarantined = next(i for i, r in enumerate(rows) if r["outcome"] == "quarantined")
+    new = next(i for i, r in enumerate(rows) if r["outcome"] == "new")
+    data = _set(data, "reason_class", quarantined, None)
+    data = _set(data, "image_id", new, None)
+    other = next(i for i in range(len(rows)) if i not in (quarantined, new))
+    data = _set(data, "outcome", other, "maybe")
+    data = pa.concat_tables([data, data.slice(3, 1)])  # one path judged twice
+    _overwrite(lake, "files", data)
+    rc, report = _validate(capsys, lake, "--table", "files")
+    assert rc == 1
+    assert _failed(report, "files") == {
+        ("files", "expect_column_values_to_be_unique", "path_key"),
+        ("files", "expect_column_values_to_be_in_set", "outcome"),
+        ("files", "expect_column_values_to_be_in_set", "has_reason"),
+        ("files", "expect_column_values_to_be_in_set", "has_image_id"),
+    }
+    # the ledger's paths never appear in a result: the path key is a hash
+    assert "/" not in json.dumps(_failure(report, "files", "expect_column_values_to_be_unique", "path_key")["examples"])
+
+
+@pytest.mark.slow
 def test_predictions_suite_catches_each_corruption(
     built_lakehouse: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -335,7 +367,7 @@ def test_validate_s3_lakehouse_publishes_data_docs_to_s3(built_lakehouse: Path, 
     upload_dir(settings, built_lakehouse, lake)
     report = validate_lakehouse(lake, settings=settings, max_quarantine_share=0.5)
     assert report.success is True
-    assert sorted(report.tables) == ["predictions", "quarantine", "tensors"]
+    assert sorted(report.tables) == ["files", "predictions", "quarantine", "tensors"]
     assert report.data_docs_uri == "s3://cxr-validate/lake/reports/data_docs/index.html"
     index = read_text(report.data_docs_uri, settings)
     assert "predictions_coverage" in index and "tensors_columns" in index
