@@ -174,6 +174,9 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
         *("--conf", f"spark.archives={code}/cxr-env.tar.gz#environment"),
         *("--conf", f"{driver_env}.PYSPARK_PYTHON=./environment/bin/python"),
         *("--conf", "spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python"),
+        # the job runs as the aws profile (the built-in pseudonym key is refused there); the key itself
+        # comes from the application's defaults, never from the DAG
+        *("--conf", f"{driver_env}.CXR_PROFILE=aws"),
     ]
     if cluster:
         from airflow.providers.amazon.aws.operators.emr import EmrAddStepsOperator

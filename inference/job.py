@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from inference.weights import ResolvedWeights, resolve_weights, upstream_url
+from inference.weights import ResolvedWeights, resolve_weights, upstream_url, xrv_layout
 from lakehouse.config import Settings, load_settings
 from lakehouse.errors import CxrError, WeightsNotFoundError
 from lakehouse.progress import progress_bar
@@ -197,12 +197,13 @@ class Predictor:
 
 
 def _load_xrv(model_id: str, weights: ResolvedWeights) -> Any:
-    """Load with xrv's own code from the folder holding the verified file (xrv's cache_dir layout)."""
+    """Load the verified file with xrv's own code (from a folder in xrv's cache_dir layout holding it)."""
     import torchxrayvision as xrv
 
-    if model_id.startswith("resnet"):
-        return xrv.models.ResNet(weights=model_id, cache_dir=str(weights.path.parent))
-    return xrv.models.DenseNet(weights=model_id, cache_dir=str(weights.path.parent))
+    with xrv_layout(weights) as folder:
+        if model_id.startswith("resnet"):
+            return xrv.models.ResNet(weights=model_id, cache_dir=str(folder))
+        return xrv.models.DenseNet(weights=model_id, cache_dir=str(folder))
 
 
 #: glibc mallopt parameters (malloc.h)

@@ -128,6 +128,8 @@ class Settings:
     #: validation fails when a preprocessing run quarantined more than this share of its inputs.
     max_quarantine_share: float = 0.05
     #: DICOM modalities that are decoded; any other modality is ``skipped`` (from the header, pixels unread).
+    #: A missing Modality is taken from the SOP class (CR, DX, MG, IO); name ``NONE`` to take files whose
+    #: SOP class implies none (e.g. secondary captures); name ``OT``/``SC``... for those modalities.
     modalities: tuple[str, ...] = ("CR", "DX", "RG")
     #: tensors are committed every this many new images (a kill loses at most one batch) ...
     commit_every_images: int = 2000
@@ -402,8 +404,50 @@ def container_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in e.items() if k.startswith(_CONTAINER_PREFIXES)}
 
 
+#: the message whose HMAC under the pseudonym key is the key's fingerprint (a new version: a new message)
+_FINGERPRINT_MESSAGE = b"cxr-pseudonym-key-fingerprint-v1"
+
+
+def key_fingerprint(key: str) -> str:
+    """A short fingerprint of a pseudonym key: the first 16 hex digits of HMAC-SHA256(key, a fixed message).
+
+    It tells two keys apart (a lakehouse records the fingerprint of the key its pseudonyms were made with)
+    and, being a keyed hash, tells no more about the key than the pseudonyms themselves do. The built-in
+    development key has one too.
+
+    Args:
+        key: the pseudonym key (``Settings.pseudonym_key``).
+
+    Returns:
+        16 lower-case hex digits.
+    """
+    import hashlib
+    import hmac
+
+    return hmac.new(key.encode("utf-8"), _FINGERPRINT_MESSAGE, hashlib.sha256).hexdigest()[:16]
+
+
+def require_production_key(settings: Settings) -> None:
+    """Refuse the built-in development pseudonym key in the aws profile.
+
+    Raises:
+        ConfigError: when ``CXR_PROFILE=aws`` and ``CXR_PSEUDONYM_KEY`` is unset (or is the built-in key).
+    """
+    if settings.profile == "aws" and settings.uses_dev_key:
+        raise ConfigError(
+            "the aws profile refuses the built-in development pseudonym key (anyone with this source code can "
+            "reverse its pseudonyms): set CXR_PSEUDONYM_KEY to a secret (e.g. from AWS Secrets Manager)"
+        )
+
+
 def warn_if_dev_key(settings: Settings) -> None:
-    """Log a loud warning when pseudonyms are made with the built-in development key."""
+    """Log a loud warning when pseudonyms are made with the built-in development key; in the aws profile,
+    refuse it (:func:`require_production_key`).
+
+    Raises:
+        ConfigError: the built-in key in the aws profile.
+    """
+    require_production_key(settings)
     if settings.uses_dev_key:
         log.warning(
             "!!! CXR_PSEUDONYM_KEY is not set: patient pseudonyms use the built-in DEVELOPMENT key and "

@@ -51,6 +51,68 @@ def ensure_table(lakehouse_uri: str, spec: TableSpec, settings: Settings) -> Del
     )
 
 
+#: table property recording the fingerprint of the key the table's patient pseudonyms were made with
+KEY_FINGERPRINT_PROPERTY = "cxr.pseudonymKeyFingerprint"
+
+
+def check_key_fingerprint(lakehouse_uri: str, spec: TableSpec, settings: Settings) -> str:
+    """Refuse to add pseudonyms made with another key than the table's; record the key when none is.
+
+    The fingerprint (:func:`lakehouse.config.key_fingerprint`) is kept as the table property
+    ``cxr.pseudonymKeyFingerprint``: a missing table is created with it (like :func:`ensure_table`), and a
+    table made before fingerprints existed adopts the current key's. A custom property changes no protocol:
+    the table stays reader 1 / writer 2.
+
+    Args:
+        lakehouse_uri: folder or ``s3://`` root of the lakehouse.
+        spec: the table whose pseudonyms are checked (``TENSORS``).
+        settings: the pseudonym key and the S3 endpoint.
+
+    Returns:
+        The fingerprint, now recorded in the table.
+
+    Raises:
+        ConfigError: the table's pseudonyms were made with another key.
+    """
+    from deltalake import DeltaTable
+    from deltalake.exceptions import CommitFailedError
+
+    from lakehouse.config import key_fingerprint
+    from lakehouse.errors import ConfigError
+
+    ours = key_fingerprint(settings.pseudonym_key)
+    uri = table_uri(lakehouse_uri, spec)
+    for attempt in range(8):
+        dt = DeltaTable.create(  # a new table gets the property in its first commit; an existing one is opened
+            uri,
+            schema=arrow_schema(spec),
+            mode="ignore",
+            name=spec.name,
+            configuration={**dict(spec.properties), KEY_FINGERPRINT_PROPERTY: ours},
+            raise_if_key_not_exists=False,  # ours is not a delta.* key
+            storage_options=delta_storage_options(uri, settings),
+        )
+        recorded = dt.metadata().configuration.get(KEY_FINGERPRINT_PROPERTY)
+        if recorded == ours:
+            return ours
+        if recorded is not None:
+            raise ConfigError(
+                f"{uri}: this lakehouse's pseudonyms were made with another key (fingerprint {recorded}; the "
+                f"current key's is {ours}); a different key would split every patient in two: set "
+                "CXR_PSEUDONYM_KEY to the original key or use a new lakehouse"
+            )
+        # a table from before fingerprints. NB: deltalake 1.6's alter holds the GIL during its I/O, so
+        # this one call cannot reach an S3 server running in this same Python process (moto in tests)
+        try:
+            dt.alter.set_table_properties({KEY_FINGERPRINT_PROPERTY: ours}, raise_if_not_exists=False)
+        except CommitFailedError:  # another run recorded its key first: read what it recorded
+            time.sleep(0.2 * (attempt + 1))
+            continue
+        logging.getLogger(__name__).info("%s: recorded pseudonym key fingerprint %s", spec.name, ours)
+        return ours
+    raise CommitFailedError(f"{spec.name}: gave up recording the key fingerprint after 8 concurrent commits")
+
+
 def read_arrow(
     lakehouse_uri: str, spec: TableSpec, settings: Settings, *, columns: list[str] | None = None
 ) -> pa.Table:

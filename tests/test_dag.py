@@ -71,9 +71,10 @@ PARSE_PROBE = textwrap.dedent(
                                "callable": (lambda f: f and f"{f.__module__}.{f.__name__}")(
                                    getattr(t, "python_callable", None)),
                                "command": getattr(t, "command", None) or getattr(t, "bash_command", None),
-                               "image": getattr(t, "image", None)}
+                               "image": getattr(t, "image", None),
+                               "op_kwargs": getattr(t, "op_kwargs", None)}
                   for t in dag.tasks},
-    }))
+    }, default=str))
     """
 )
 
@@ -99,10 +100,20 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
     assert info["doc_md"]
     assert info["params"] == ["allow_untrained", "input_uri", "lakehouse_uri", "models", "weights_dir"]
     tasks = info["tasks"]
-    order = ["wait_for_images", "preprocess", "validate_tensors", "infer", "validate_predictions", "publish", "report"]
+    order = [
+        "wait_for_images",
+        "preprocess",
+        "validate_tensors",
+        "infer",
+        "validate_predictions",
+        "publish",
+        "report",
+        "maintain",
+    ]
     assert sorted(tasks) == sorted(order)
     for up, down in zip(order, order[1:], strict=False):
         assert tasks[up]["downstream"] == [down], (up, tasks[up]["downstream"])
+    assert tasks["maintain"]["downstream"] == []  # the last task
     for task_id, t in tasks.items():
         assert t["retries"] >= 2 and t["backoff"] and t["callback"], task_id
         assert t["timeout"] and t["timeout"] > 0, task_id
@@ -120,7 +131,10 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
         "validate_predictions": "cxr.tasks.validate_stage",
         "publish": "cxr.tasks.publish_stage",
         "report": "cxr.tasks.report_stage",
+        "maintain": "cxr.tasks.maintain_stage",
     }
+    # only orphans a day old go: the files of a run writing right now (not committed yet) are never touched
+    assert tasks["maintain"]["op_kwargs"] == {"lakehouse_uri": "{{ params.lakehouse_uri }}", "older_than_hours": 24.0}
 
 
 INJECT = textwrap.dedent(
@@ -190,13 +204,26 @@ def test_local_dag_end_to_end_with_a_failed_infer_attempt(tmp_path: Path, sample
         assert json.loads((lake / "reports" / "validation" / f"{table}.json").read_text())["success"] is True
     published = json.loads((lake / "reports" / "published.json").read_text())
     assert published["versions"]["tensors"] == DeltaTable(str(lake / "tensors")).version()
-    assert published["versions"]["predictions"] == DeltaTable(str(lake / "predictions")).version()
+    # maintenance (after publish) compacted the small files of predictions: one commit that changes no data
+    preds_dt = DeltaTable(str(lake / "predictions"))
+    at_publish = published["versions"]["predictions"]
+    after = sorted((h["version"], h["operation"]) for h in preds_dt.history() if h["version"] > at_publish)
+    assert after == [(at_publish + 1, "OPTIMIZE")], after
+
+    def rows(dt: DeltaTable) -> list[tuple[str, ...]]:
+        t = dt.to_pyarrow_table(columns=["image_id", "model_id", "run_id"])
+        return sorted(zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True))
+
+    assert rows(DeltaTable(str(lake / "predictions"), version=at_publish)) == rows(preds_dt)
     html = (lake / "reports" / "report.html").read_text()
     assert published["run_id"] in html and MODEL in html
     runs = sorted(p.name for p in (lake / "runs").glob("*.json"))
     assert any(r.startswith("pre-manual") for r in runs) and any(r.startswith("inf-manual") for r in runs), runs
     assert "pipeline run manual__" in stdout and ": success" in stdout
     assert f"report:    {lake}/reports/report.html" in stdout
+    # the last task, maintenance, ran after the report
+    assert "  maintain               success" in stdout, stdout
+    assert stdout.index("  report ") < stdout.index("  maintain ")
 
     # a second run over the same folder finds nothing new: the sensor soft-fails and the run is skipped
     env2 = {**env, "CXR_WAIT_TIMEOUT_S": "3"}
@@ -210,7 +237,7 @@ def test_local_dag_end_to_end_with_a_failed_infer_attempt(tmp_path: Path, sample
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "wait_for_images        skipped" in out.stdout and "preprocess             skipped" in out.stdout
-    assert DeltaTable(str(lake / "predictions")).version() == published["versions"]["predictions"]
+    assert DeltaTable(str(lake / "predictions")).version() == preds_dt.version()
 
 
 @pytest.mark.slow
@@ -221,14 +248,15 @@ def test_local_dag_on_the_local_s3_server(
     valid = tmp_path / "valid"
     valid.mkdir()
     for p in sorted(samples_dir.rglob("*")):  # valid kinds only: the quarantine share gate stays default
-        if p.is_file() and not p.relative_to(samples_dir).as_posix().startswith("invalid"):
+        if p.is_file() and p.relative_to(samples_dir).parts[0] in ("images", "dicom"):
             dst = valid / p.relative_to(samples_dir)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(p.read_bytes())
     n = upload_dir(settings, valid, f"{bucket}/in")
     env = _airflow_env(tmp_path, CXR_S3_ENDPOINT_URL=settings.s3_endpoint_url)
     env.pop("CXR_MAX_QUARANTINE_SHARE")
-    _cxr_run(tmp_path, f"{bucket}/in", f"{bucket}/lake", env, checkpoint.parent)
+    stdout = _cxr_run(tmp_path, f"{bucket}/in", f"{bucket}/lake", env, checkpoint.parent)
+    assert "  maintain               success" in stdout, stdout  # upkeep of an s3:// lakehouse
 
     from lakehouse.delta_rs import read_arrow
     from lakehouse.storage import read_text
@@ -261,44 +289,58 @@ def test_infer_runs_in_the_container_when_docker_is_chosen(tmp_path: Path) -> No
     )
 
 
-def test_new_images_sensor_counts_only_unseen_files(tmp_path: Path, settings: Settings) -> None:
-    """Files already stored, quarantined, or found to duplicate another file are not new."""
-    import pyarrow as pa
+@pytest.mark.slow
+def test_new_images_sensor_counts_only_unjudged_files(tmp_path: Path, settings: Settings, spark) -> None:  # type: ignore[no-untyped-def]
+    """Files a preprocessing run judged are not new: stored, a duplicate found in the run, a copy of a
+    stored image, quarantined or skipped. A changed file and a requeued failure are."""
+    import os
 
     from cxr.tasks import new_images_waiting
-    from lakehouse.delta_rs import ensure_table, merge_insert_new
-    from lakehouse.tables import QUARANTINE, arrow_schema
-    from tests.conftest import write_tensors_table
-    from transforms.sample import write_samples
+    from lakehouse.ledger import requeue
+    from transforms.preprocess import run_preprocess
+    from transforms.sample import SKIPPED_KINDS, write_samples
 
-    images = tmp_path / "in"
+    images, lake = tmp_path / "in", tmp_path / "lake"
+
+    def waiting() -> bool:
+        return new_images_waiting(str(images), str(lake))
+
+    def preprocess(run_id: str):  # type: ignore[no-untyped-def]
+        return run_preprocess(str(images), str(lake), settings=settings, run_id=run_id, spark=spark, progress=False)
+
     first = write_samples(images, count=1, seed=3)[0]
-    lake = tmp_path / "lake"
-    assert new_images_waiting(str(images), str(lake)) is True  # nothing seen yet (no tables at all)
-    write_tensors_table(lake, [first], settings)
-    assert new_images_waiting(str(images), str(lake)) is False
+    (images / "same_day_copy.png").write_bytes(first.read_bytes())
+    assert waiting() is True  # nothing judged yet (no tables at all)
+    s1 = preprocess("pre-1")
+    assert (s1.new, s1.duplicates, s1.duplicate_pairs) == (
+        1,
+        1,
+        [{"source_uri": str(images / "same_day_copy.png"), "duplicate_of": str(first)}],
+    )
+    assert waiting() is False
+
     copy = images / "copy_of_first.png"
     copy.write_bytes(first.read_bytes())
-    assert new_images_waiting(str(images), str(lake)) is True
-    (lake / "runs").mkdir()
-    (lake / "runs" / "pre-x.json").write_text(
-        json.dumps(
-            {
-                "kind": "preprocess",
-                "run_id": "pre-x",
-                "duplicate_pairs": [{"source_uri": str(copy), "duplicate_of": str(first)}],
-            }
-        )
-    )
-    assert new_images_waiting(str(images), str(lake)) is False
+    assert waiting() is True
+    s2 = preprocess("pre-2")
+    assert (s2.new, s2.content_present, s2.decoded) == (0, 1, 0)  # read and hashed, known bytes
+    assert waiting() is False
+
     bad = images / "bad.png"
     bad.write_bytes(b"not an image")
-    assert new_images_waiting(str(images), str(lake)) is True
-    ensure_table(str(lake), QUARANTINE, settings)
-    row = {"source_uri": str(bad), "content_sha256": None, "source_bytes": bad.stat().st_size, "stage": "preprocess"}
-    row |= {"error_class": "UnsupportedFormatError", "error_message": "x", "run_id": "pre-x", "quarantined_at": None}
-    from datetime import UTC, datetime
+    fname, make, _ = SKIPPED_KINDS["structured_report"]
+    (images / fname).write_bytes(make(3))
+    assert waiting() is True
+    s3 = preprocess("pre-3")
+    assert (s3.new, s3.quarantined, s3.skipped, s3.quarantine_reasons) == (0, 1, 1, {"UnsupportedFormatError": 1})
+    assert waiting() is False
 
-    row["quarantined_at"] = datetime.now(UTC)
-    merge_insert_new(str(lake), QUARANTINE, pa.Table.from_pylist([row], schema=arrow_schema(QUARANTINE)), settings)
-    assert new_images_waiting(str(images), str(lake)) is False
+    # a failure requeued after a fix is waiting again; so is a file changed in place (same path, new size)
+    assert requeue(str(lake), settings, run_id="pre-3") == 1
+    assert waiting() is True
+    preprocess("pre-4")
+    assert waiting() is False
+    st = first.stat()
+    first.write_bytes(first.read_bytes() + b"\0")
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert waiting() is True

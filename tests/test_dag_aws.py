@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from lakehouse.tables import TABLE_NAMES
+
 REPO = Path(__file__).resolve().parent.parent
 DAG_FILE = REPO / "dags" / "xray_inference_pipeline.py"
 
@@ -37,7 +39,7 @@ VARIABLES = {
 SUBMIT = (
     "--py-files s3://code-bucket/cxr/cxr.zip --conf spark.archives=s3://code-bucket/cxr/cxr-env.tar.gz#environment "
     "--conf {driver}.PYSPARK_PYTHON=./environment/bin/python "
-    "--conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python"
+    "--conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python --conf {driver}.CXR_PROFILE=aws"
 )
 PREPROCESS_ARGS = [
     "preprocess",
@@ -46,7 +48,10 @@ PREPROCESS_ARGS = [
 ]
 INFER_ARGS = ["--lakehouse", "s3://lake-bucket/lake", "--run-id", f"inf-{SAFE}", "--no-progress", "--model=a,b"]
 
-CHAIN = ["validate_tensors", "infer", "validate_predictions", "publish", "athena_ddl", "athena_publish", "report"]
+CHAIN = [
+    *("validate_tensors", "infer", "validate_predictions", "publish", "athena_ddl", "athena_publish", "report"),
+    "maintain",
+]
 EDGES = {
     "serverless": {("wait_for_images", "preprocess"), ("preprocess", "validate_tensors")},
     "cluster": {
@@ -126,7 +131,7 @@ def rendered(dag: Any, task_id: str, ctx: dict[str, Any] | None = None) -> Any:
 def ddl(db: str, lake: str = "s3://lake-bucket/lake") -> list[str]:
     tables = [
         f"CREATE EXTERNAL TABLE IF NOT EXISTS `{db}`.`{t}`\nLOCATION '{lake}/{t}'\nTBLPROPERTIES ('table_type'='DELTA')"
-        for t in ("tensors", "quarantine", "predictions")
+        for t in TABLE_NAMES  # every table of the contract
     ]
     return [f"CREATE DATABASE IF NOT EXISTS `{db}`", *tables]
 
@@ -244,6 +249,54 @@ def test_rendered_ecs_task_matches_the_image_entrypoint(aws_env: pytest.MonkeyPa
     dockerfile = (REPO / "inference" / "Dockerfile").read_text()
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
     assert [*entrypoint, *INFER_ARGS] == ["cxr", "infer", *INFER_ARGS]
+
+
+STAND_IN_CONF = [
+    ({}, []),
+    ({"allow_untrained": True}, ["--allow-untrained"]),
+    ({"weights_dir": "/models/xrv dir"}, ["--weights-dir", "/models/xrv dir"]),
+    ({"allow_untrained": True, "weights_dir": "/w"}, ["--allow-untrained", "--weights-dir", "/w"]),
+]
+
+
+@pytest.mark.parametrize(("conf", "flags"), STAND_IN_CONF)
+def test_rendered_ecs_command_passes_the_stand_in_and_weights_flags(
+    aws_env: pytest.MonkeyPatch, conf: dict[str, Any], flags: list[str]
+) -> None:
+    """``allow_untrained`` and ``weights_dir`` reach the container as the local command passes them, and
+    an unset one leaves no trace (no empty argument)."""
+    import shlex
+
+    dag = load_dag(aws_env, "serverless")
+    task = rendered(dag, "infer", context(dag, {**CONF, **conf}))
+    assert task.overrides == {"containerOverrides": [{"name": "cxr-infer", "command": [*INFER_ARGS, *flags]}]}
+
+    aws_env.setenv("CXR_PROFILE", "local")
+    aws_env.setenv("CXR_INFER_RUNNER", "process")
+    local = load_dag(aws_env, "serverless")
+    command = shlex.split(rendered(local, "infer", context(local, {**CONF, **conf})).bash_command)
+    tail = command[command.index("--no-progress") + 1 :]
+    while tail[:1] == ["--model"]:  # the local command names each model first
+        tail = tail[2:]
+    assert tail == flags
+
+
+@pytest.mark.parametrize("mode", ["serverless", "cluster"])
+def test_waiters_outlast_the_execution_timeout(aws_env: pytest.MonkeyPatch, mode: str) -> None:
+    """No waiter gives up (and cancels the job) before the task's own execution timeout: the EMR
+    Serverless provider's default, 25 polls of 60 s, cancelled any job longer than ~25 minutes."""
+    dag = load_dag(aws_env, mode)
+    timeout = dag.default_args["execution_timeout"]
+    assert timeout.total_seconds() > 25 * 60  # the DAG allows long jobs: what the waiters must respect
+    waiting = ["infer", "preprocess"] if mode == "serverless" else ["infer"]
+    for task_id in waiting:
+        task = rendered(dag, task_id)
+        assert task.execution_timeout == timeout
+        assert task.waiter_max_attempts * task.waiter_delay >= timeout.total_seconds(), task_id
+    if mode == "cluster":
+        sensor = dag.get_task("preprocess.wait_step")
+        assert sensor.execution_timeout == timeout
+        assert sensor.timeout >= timeout.total_seconds()  # the sensor's own limit is not the shorter one
 
 
 def test_rendered_sensor_key_and_athena_ddl(aws_env: pytest.MonkeyPatch) -> None:
@@ -381,7 +434,7 @@ def test_ecs_task_started_with_overrides(moto_aws: dict[str, Any], aws_env: pyte
         aws_env.setenv(f"AIRFLOW_VAR_CXR_{key.upper()}", value)
     dag = load_dag(aws_env, "serverless")
     ti = RecordingTI()
-    ctx = context(dag, ti=ti)
+    ctx = context(dag, {**CONF, "allow_untrained": True}, ti=ti)
     task = rendered(dag, "infer", ctx)
     # moto stops the task at its first describe but leaves its container PENDING, which the operator's
     # success check reports as "still pending": start it only (the run_task call is what is checked)
@@ -389,7 +442,8 @@ def test_ecs_task_started_with_overrides(moto_aws: dict[str, Any], aws_env: pyte
     task.execute(ctx)
 
     described = ecs.describe_tasks(cluster="cxr-dagaws", tasks=[ti.pushed["ecs_task_arn"]])["tasks"][0]
-    assert described["overrides"]["containerOverrides"] == [{"name": "cxr-infer", "command": INFER_ARGS}]
+    command = [*INFER_ARGS, "--allow-untrained"]
+    assert described["overrides"]["containerOverrides"] == [{"name": "cxr-infer", "command": command}]
     assert described["taskDefinitionArn"] == td["taskDefinitionArn"]
     assert (described["launchType"], described["startedBy"]) == ("FARGATE", "cxr")
     eni = {d["name"]: d["value"] for d in described["attachments"][0]["details"]}
@@ -417,5 +471,5 @@ def test_athena_runs_each_ddl_statement(moto_aws: dict[str, Any], aws_env: pytes
     # moto names the result file inside the output folder, as Athena does
     assert [q["ResultConfiguration"]["OutputLocation"].rsplit("/", 1)[0] for q in ran] == [
         "s3://athena-results/cxr"
-    ] * 4
+    ] * len(statements)
     assert {q["QueryExecutionContext"]["Database"] for q in ran} == {"default"}

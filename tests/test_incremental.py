@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(spark: Any, settings: Settings, inp: Path, lake: Path, **kw) -> PreprocessRun:
+def _run(spark: Any, settings: Settings, inp: Path | str, lake: Path, **kw: Any) -> PreprocessRun:
     return run_preprocess(str(inp), str(lake), settings=settings, spark=spark, progress=False, **kw)
 
 
@@ -288,3 +289,95 @@ def test_kill_9_mid_run_keeps_committed_batches_and_the_rerun_is_exact(settings:
         assert left <= referenced_paths(str(lake), spec, settings), spec.name
         assert t.protocol().min_reader_version == 1 and t.protocol().min_writer_version == 2
     assert read_arrow(str(lake), TENSORS, settings).num_rows == total
+
+
+class _ThrottlingS3:
+    """A tiny S3 endpoint (path-style ListObjectsV2 and GetObject) that answers 503 SlowDown to every
+    GET of the objects named in ``throttled``: the real fault an archive on S3 shows under load."""
+
+    def __init__(self, objects: dict[str, bytes], throttled: set[str]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        self.objects, self.throttled, self.gets = objects, throttled, Counter[str]()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes, ctype: str = "application/xml") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Last-Modified", "Tue, 01 Dec 2026 00:00:00 GMT")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                bucket, _, key = url.path.lstrip("/").partition("/")
+                if not key:  # ListObjectsV2
+                    prefix = parse_qs(url.query).get("prefix", [""])[0]
+                    items = "".join(
+                        f"<Contents><Key>{k}</Key><LastModified>2026-12-01T00:00:00.000Z</LastModified>"
+                        f'<ETag>"e"</ETag><Size>{len(v)}</Size><StorageClass>STANDARD</StorageClass></Contents>'
+                        for k, v in sorted(outer.objects.items())
+                        if k.startswith(prefix)
+                    )
+                    body = (
+                        '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+                        f'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>{bucket}</Name><Prefix>{prefix}</Prefix>'
+                        f"<KeyCount>{items.count('<Contents>')}</KeyCount><MaxKeys>1000</MaxKeys>"
+                        f"<IsTruncated>false</IsTruncated>{items}</ListBucketResult>"
+                    )
+                    self._send(200, body.encode())
+                    return
+                outer.gets[key] += 1
+                if key in outer.throttled:
+                    self._send(
+                        503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    )
+                elif key in outer.objects:
+                    self._send(200, outer.objects[key], "application/octet-stream")
+                else:
+                    self._send(404, b"<Error><Code>NoSuchKey</Code><Message>missing</Message></Error>")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_throttled_file_is_retried_then_left_for_the_next_run(spark: Any, settings: Settings, tmp_path: Path) -> None:
+    from lakehouse import storage
+    from lakehouse.errors import TransientReadError
+
+    objects = {f"in/img{i}.png": png_bytes(to_uint(synthetic_cxr(64, 80, seed=300 + i), 8)) for i in range(3)}
+    fake = _ThrottlingS3(objects, throttled={"in/img1.png"})
+    try:
+        s3 = settings.with_overrides(s3_endpoint_url=fake.url)
+        storage._s3_client.cache_clear()
+        # the read retries with backoff (botocore's own retries, then ours) before it gives up
+        with pytest.raises(TransientReadError, match="SlowDown"):
+            storage.read_bytes("s3://bucket/in/img1.png", s3, backoff=(0.01, 0.01))
+        assert fake.gets["in/img1.png"] >= 3 * 2
+        lake = tmp_path / "lake"
+        s1 = _run(spark, s3, "s3://bucket/in", lake, run_id="throttled")
+        assert (s1.new, s1.retryable, s1.quarantined, s1.reconciles) == (2, 1, 0, True)
+        row = _files(lake, settings)["s3://bucket/in/img1.png"]
+        assert (row["outcome"], row["reason_class"]) == ("retryable", "TransientReadError")
+        assert read_arrow(str(lake), QUARANTINE, settings).num_rows == 0  # not a permanent failure
+        assert s1.first_seen == 3  # it counts as seen, not as failed
+        # the throttling passes: the next run reads it (and only it)
+        fake.throttled.clear()
+        s2 = _run(spark, s3, "s3://bucket/in", lake, run_id="after")
+        assert (s2.new, s2.retryable, s2.already_present, s2.decoded) == (1, 0, 2, 1)
+    finally:
+        fake.close()
+        storage._s3_client.cache_clear()

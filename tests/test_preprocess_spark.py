@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +18,33 @@ import pytest
 from lakehouse.config import Settings
 from lakehouse.delta_rs import open_table, read_arrow
 from lakehouse.runs import PreprocessRun
-from lakehouse.tables import QUARANTINE, TENSORS, decode_tensor
+from lakehouse.tables import FILES, QUARANTINE, TENSORS, decode_tensor
 from tests.conftest import TEST_KEY, make_bucket, upload_dir
 from transforms.decode import pseudonymize
 from transforms.preprocess import run_preprocess
-from transforms.sample import INVALID_KINDS, VALID_KINDS, Identity, dicom_bytes, png_bytes, synthetic_cxr, to_uint
+from transforms.sample import (
+    INVALID_KINDS,
+    SKIPPED_KINDS,
+    VALID_KINDS,
+    Identity,
+    dicom_bytes,
+    png_bytes,
+    synthetic_cxr,
+    to_uint,
+)
 from transforms.tensor import PreprocessParams, preprocess_bytes
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+#: what the job counts for the sample set's one file of every skipped and invalid kind
+SKIP_REASONS = {"ModalityNotAllowed": 1, "MultiFrame": 1, "NoPixelData": 2}
+QUARANTINE_REASONS = {
+    "DecodeError": 3,
+    "EmptyFileError": 1,
+    "ImageTooLargeError": 1,
+    "UnsupportedFormatError": 3,
+    "UnsupportedImageError": 1,
+}
 
 
 def _run(spark, settings: Settings, input_uri: str | Path, lakehouse: str | Path, **kw) -> PreprocessRun:  # type: ignore[no-untyped-def]
@@ -28,22 +52,57 @@ def _run(spark, settings: Settings, input_uri: str | Path, lakehouse: str | Path
 
 
 @pytest.fixture(scope="module")
-def first_run(spark, settings: Settings, samples_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def archive(samples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's copy of the sample set (every valid, invalid and skipped kind): the rerun test
+    overwrites its files for a moment, which the session's read-only ``samples_dir`` must never see."""
+    out = tmp_path_factory.mktemp("archive") / "samples"
+    shutil.copytree(samples_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(spark, settings: Settings, archive: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     lake = tmp_path_factory.mktemp("lake")
-    summary = _run(spark, settings, samples_dir, lake)
+    summary = _run(spark, settings, archive, lake)
     return lake, summary
 
 
-def test_counts_reconcile_and_every_input_is_accounted_for(first_run, samples_dir: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def _inputs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_counts_reconcile_and_every_input_is_accounted_for(first_run, archive: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     lake, s = first_run
-    n_files = sum(1 for p in samples_dir.rglob("*") if p.is_file())
-    assert s.discovered == n_files == len(VALID_KINDS) + len(INVALID_KINDS)
-    assert (s.new, s.already_present, s.duplicates, s.quarantined) == (len(VALID_KINDS), 0, 0, len(INVALID_KINDS))
-    assert s.reconciles
+    n_valid, n_invalid, n_skipped = len(VALID_KINDS), len(INVALID_KINDS), len(SKIPPED_KINDS)
+    assert s.discovered == len(_inputs(archive)) == n_valid + n_invalid + n_skipped == 30
+    assert (s.new, s.already_present, s.duplicates, s.skipped, s.quarantined, s.retryable) == (
+        n_valid,
+        0,
+        0,
+        n_skipped,
+        n_invalid,
+        0,
+    )
+    assert (s.skip_reasons, s.quarantine_reasons) == (SKIP_REASONS, QUARANTINE_REASONS)
+    # every file goes to the decoder but those skipped from their header (a bomb is refused by the decoder)
+    assert (s.decoded, s.previously, s.content_present, s.first_seen) == (n_valid + n_invalid, {}, 0, 26)
+    # two commits: the first batch is one wave of tasks (8 files per task x 2 cores), the second the rest
+    assert (s.batches, s.reconciles) == (2, True)
     tensors = read_arrow(str(lake), TENSORS, settings)
     quarantine = read_arrow(str(lake), QUARANTINE, settings)
-    seen = set(tensors.column("source_uri").to_pylist()) | set(quarantine.column("source_uri").to_pylist())
-    assert seen == {str(p) for p in samples_dir.rglob("*") if p.is_file()}
+    # every input has exactly one judgement in the ledger, and it agrees with the table it landed in
+    ledger = read_arrow(str(lake), FILES, settings).to_pylist()
+    outcome = {r["source_uri"]: r["outcome"] for r in ledger}
+    assert len(ledger) == len(outcome) == s.discovered and {r["run_id"] for r in ledger} == {s.run_id}
+    expected = {
+        str(p): {"invalid": "quarantined", "not_radiographs": "skipped"}.get(p.parent.name, "new")
+        for p in _inputs(archive)
+    }
+    assert outcome == expected
+    assert sorted(tensors.column("source_uri").to_pylist()) == sorted(u for u, o in expected.items() if o == "new")
+    assert sorted(quarantine.column("source_uri").to_pylist()) == sorted(
+        u for u, o in expected.items() if o == "quarantined"
+    )
 
 
 def test_quarantine_has_a_reason_per_bad_kind(first_run, samples_dir: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -58,6 +117,12 @@ def test_quarantine_has_a_reason_per_bad_kind(first_run, samples_dir: Path, sett
         by_name["zero_byte_empty.png"]["content_sha256"]
         == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     )
+    # the kinds skipped by design have their reason in the ledger, not a quarantine row
+    ledger = {Path(r["source_uri"]).name: r for r in read_arrow(str(lake), FILES, settings).to_pylist()}
+    for kind, (fname, _, reason) in SKIPPED_KINDS.items():
+        row = ledger[f"{kind}_{fname}"]
+        assert (row["outcome"], row["reason_class"]) == ("skipped", reason) and row["reason"], kind
+        assert f"{kind}_{fname}" not in by_name
 
 
 def test_tensors_equal_the_pure_function_and_contract(first_run, samples_dir: Path, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -122,21 +187,38 @@ def test_tables_stay_readable_by_delta_rs_and_athena(first_run, settings: Settin
         assert "delta.columnMapping.mode" not in config
 
 
-def test_rerun_is_idempotent(spark, settings: Settings, samples_dir: Path, first_run) -> None:  # type: ignore[no-untyped-def]
+def _scramble_keeping_size_and_mtime(paths: list[Path]) -> None:
+    """Overwrite each file with other bytes of the same size and put its mtime back: a run that read it
+    would see new content (a new row or a new failure); one that trusts (path, size, mtime) sees nothing."""
+    for p in paths:
+        st = p.stat()
+        p.write_bytes(b"\x00" * st.st_size)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_rerun_is_idempotent(spark, settings: Settings, archive: Path, first_run) -> None:  # type: ignore[no-untyped-def]
+    """A rerun over the unchanged archive reads no file at all: every input was judged by the first run,
+    whatever its outcome (new, quarantined or skipped), and is known by path, size and mtime."""
     lake, first = first_run
-    before_t = read_arrow(str(lake), TENSORS, settings).num_rows
-    before_q = read_arrow(str(lake), QUARANTINE, settings).num_rows
-    again = _run(spark, settings, samples_dir, lake)
-    assert (again.new, again.already_present, again.quarantined, again.duplicates) == (
-        0,
-        first.new,
-        first.quarantined,
-        0,
-    )
-    # only the quarantined inputs are read again; known images are skipped before decoding
-    assert again.decoded == first.quarantined
-    assert read_arrow(str(lake), TENSORS, settings).num_rows == before_t
-    assert read_arrow(str(lake), QUARANTINE, settings).num_rows == before_q
+    tables = (TENSORS, QUARANTINE, FILES)
+    versions = [open_table(str(lake), spec, settings).version() for spec in tables]
+    inputs = _inputs(archive)
+    originals = {p: (p.read_bytes(), p.stat()) for p in inputs}
+    _scramble_keeping_size_and_mtime(inputs)
+    try:
+        again = _run(spark, settings, archive, lake)
+    finally:  # the other tests of the module read the archive's real bytes
+        for p, (data, st) in originals.items():
+            p.write_bytes(data)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (again.discovered, again.new, again.already_present, again.duplicates) == (30, 0, first.discovered, 0)
+    assert (again.skipped, again.quarantined, again.retryable, again.decoded, again.batches) == (0, 0, 0, 0, 0)
+    assert again.previously == {"new": first.new, "quarantined": first.quarantined, "skipped": first.skipped}
+    assert (again.first_seen, again.content_present, again.reconciles) == (0, 0, True)
+    # not read: the zeroed bytes would have made new quarantine rows, ledger rows or tensors
+    assert [open_table(str(lake), spec, settings).version() for spec in tables] == versions
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == first.new
+    assert read_arrow(str(lake), QUARANTINE, settings).num_rows == first.quarantined
     assert set(pc.unique(read_arrow(str(lake), TENSORS, settings).column("run_id")).to_pylist()) == {first.run_id}
 
 
@@ -152,6 +234,7 @@ def test_incremental_add_decodes_only_new_files(spark, settings: Settings, tmp_p
     shutil.copy(inp / "a000.png", inp / "copy_of_a000.png")  # known bytes under a new path: hashed, not decoded
     s2 = _run(spark, settings, inp, lake)
     assert (s2.discovered, s2.new, s2.already_present, s2.decoded) == (16, 3, 13, 3)
+    assert (s2.previously, s2.content_present, s2.first_seen) == ({"new": 12}, 1, 4)
     assert read_arrow(str(lake), TENSORS, settings).num_rows == 15
 
 
@@ -162,9 +245,10 @@ def test_same_bytes_under_two_paths_give_one_row(spark, settings: Settings, tmp_
     for name in ("x/one.png", "x/two.png", "zz_three.png"):
         (inp / name).write_bytes(img)
     (inp / "other.png").write_bytes(png_bytes(to_uint(synthetic_cxr(64, 64, seed=2), 8)))
-    # one file per task: the copies land in different partitions and are resolved after decoding
+    # one file per task, two per batch (1 x 2 cores): other.png and x/one.png commit first; the two later
+    # copies are decoded in the second batch's two partitions and resolved against the first batch
     s = _run(spark, settings.with_overrides(files_per_task=1), inp, lake)
-    assert (s.discovered, s.new, s.duplicates) == (4, 2, 2)
+    assert (s.discovered, s.new, s.duplicates, s.decoded, s.batches) == (4, 2, 2, 4, 2)
     first = str(inp / "x/one.png")
     assert s.duplicate_pairs == [
         {"source_uri": str(inp / "x/two.png"), "duplicate_of": first},
@@ -242,7 +326,6 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
         )
         out = pp.process_files(
             [listing],
-            known_files={},
             known_ids=frozenset(),
             params=params,
             settings=settings,
@@ -252,6 +335,7 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
         )
         return pa.Table.from_batches(list(out)).to_pylist()
 
+    read_version = open_table(str(lake), TENSORS, settings).version()  # what this run read before decoding
     ours = work([f"img{i}.png" for i in range(5)], rows_per_file=3)  # two data files: 3 + 2 rows
     written = [DataFile(**json.loads(r["data_file_meta"])) for r in ours if r["data_file_meta"]]
     assert [f.num_records for f in written] == [3, 2] and len(_files_on_disk(lake)) == 2
@@ -260,7 +344,9 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
     theirs = work(["img1.png"], rows_per_file=10)
     their_file = DataFile(**json.loads(theirs[0]["data_file_meta"]))
     delta_rs.commit_data_files(str(lake), TENSORS, [their_file], settings, run_id="other")
-    files = pp._without_rows(str(lake), ours, {}, written, settings)
+    state = pp._RunState(first_of={}, tensors_version=read_version)
+    files, present = pp._without_rows(str(lake), ours, {}, written, state, settings)
+    assert present == {str(inp / "img1.png")}  # judged already present, not new
     assert [f.num_records for f in files] == [2, 2]  # the untouched file, then the rewrite of the other
     assert written[1] in files and written[0] not in files
     assert delta_rs.commit_data_files(str(lake), TENSORS, files, settings, run_id="r") == 4
@@ -269,27 +355,104 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
     assert _files_on_disk(lake) == _committed_files(lake, settings)  # the replaced file was deleted
 
 
-def test_a_failure_before_the_commit_leaves_no_data_file(
-    spark, settings: Settings, tmp_path: Path, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    from transforms import preprocess as pp
+def _data_files(lake: Path) -> dict[str, int]:
+    """The tensors data files on disk (relative to the table root, as the log names them) and their sizes."""
+    root = lake / "tensors"
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*.parquet") if "_delta_log" not in p.parts}
+
+
+def test_a_kill_before_the_first_commit_leaves_only_orphans(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real `cxr preprocess` process group killed with SIGKILL inside its first batch: its workers
+    have written tensors data files, the batch is not committed. Nothing is visible, nothing is judged,
+    the rerun does the whole work once, and `cxr maintain --older-than 0` removes exactly the killed
+    run's data files. (tests/test_incremental.py kills a run after some of its batches committed.)"""
+    from cxr.cli import main
+    from lakehouse.maintain import referenced_paths
 
     inp, lake = tmp_path / "in", tmp_path / "lake"
     inp.mkdir()
-    for i in range(3):
-        (inp / f"f{i}.png").write_bytes(png_bytes(to_uint(synthetic_cxr(64, 64, seed=60 + i), 8)))
-
-    def boom(*a, **k):  # type: ignore[no-untyped-def]
-        assert _files_on_disk(lake)  # the workers did write the tensors
-        raise RuntimeError("driver died before the commit")
-
-    monkeypatch.setattr(pp, "_without_rows", boom)
-    with pytest.raises(RuntimeError, match="before the commit"):
-        _run(spark, settings, inp, lake)
-    assert _files_on_disk(lake) == set()
+    total = 80
+    for i in range(total):
+        (inp / f"k{i:03d}.png").write_bytes(png_bytes(to_uint(synthetic_cxr(64, 64, seed=500 + i), 8)))
+    env = {
+        **os.environ,
+        "CXR_PSEUDONYM_KEY": TEST_KEY,
+        "CXR_SPARK_MASTER": "local[2]",
+        "CXR_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxr.cli",
+        "preprocess",
+        "--input",
+        str(inp),
+        "--lakehouse",
+        str(lake),
+        "--no-progress",
+    ]
+    # one batch of 8 tasks of 10 files, two at a time: each task writes its data file when it ends, the
+    # batch commits after the last one, so the first file appears seconds before the commit
+    killed_env = {
+        **env,
+        "CXR_FILES_PER_TASK": "10",
+        "PYSPARK_SUBMIT_ARGS": "--conf spark.default.parallelism=8 pyspark-shell",
+    }
+    proc = subprocess.Popen(
+        [*cmd, "--run-id", "killed"],
+        env=killed_env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not _data_files(lake):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no data file written"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    orphans = _data_files(lake)
+    # killed before the commit: the table is still its empty version 0, no file was judged, no summary
+    assert orphans and open_table(str(lake), TENSORS, settings).version() == 0
     assert read_arrow(str(lake), TENSORS, settings).num_rows == 0
-    monkeypatch.undo()
-    assert _run(spark, settings, inp, lake).new == 3  # and the rerun completes
+    assert referenced_paths(str(lake), TENSORS, settings) == set()
+    assert not (lake / "files").exists() and not (lake / "runs").exists()
+
+    rerun = subprocess.run(
+        [*cmd, "--run-id", "rerun", "--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    s = json.loads(rerun.stdout)
+    assert (s["discovered"], s["new"], s["decoded"], s["already_present"], s["previously"]) == (
+        total,
+        total,
+        total,
+        0,
+        {},
+    )
+    assert s["reconciles"]
+    t = read_arrow(str(lake), TENSORS, settings, columns=["image_id", "run_id"])
+    assert t.num_rows == total == len(set(t.column("image_id").to_pylist()))
+    assert set(t.column("run_id").to_pylist()) == {"rerun"}
+    referenced = referenced_paths(str(lake), TENSORS, settings)
+    assert set(_data_files(lake)) - referenced == set(orphans)  # the killed run's files, and only those
+
+    capsys.readouterr()
+    assert main(["maintain", "--lakehouse", str(lake), "--older-than", "0", "--json"]) == 0
+    upkeep = {u["table"]: u for u in json.loads(capsys.readouterr().out)["tables"]}
+    assert (upkeep["tensors"]["orphans_deleted"], upkeep["tensors"]["bytes_freed"]) == (
+        len(orphans),
+        sum(orphans.values()),
+    )
+    assert set(_data_files(lake)) == referenced and not set(_data_files(lake)) & set(orphans)
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == total
 
 
 def test_float32_and_size_options(spark, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -308,13 +471,29 @@ def test_s3_input_and_s3_lakehouse_round_trip(spark, settings: Settings, samples
     n = upload_dir(settings, samples_dir, f"{bucket_in}/archive")
     lake = f"{bucket_lake}/lakehouse"
     s = _run(spark, settings, f"{bucket_in}/archive", lake)
-    assert (s.discovered, s.new, s.quarantined) == (n, len(VALID_KINDS), len(INVALID_KINDS)) and s.reconciles
+    assert (s.discovered, s.new, s.skipped, s.quarantined) == (
+        n,
+        len(VALID_KINDS),
+        len(SKIPPED_KINDS),
+        len(INVALID_KINDS),
+    )
+    assert (s.skip_reasons, s.quarantine_reasons, s.reconciles) == (SKIP_REASONS, QUARANTINE_REASONS, True)
     tensors = read_arrow(lake, TENSORS, settings)
     assert tensors.num_rows == len(VALID_KINDS)
     assert all(u.startswith("s3://cxr-raw/archive/") for u in tensors.column("source_uri").to_pylist())
     assert read_arrow(lake, QUARANTINE, settings).num_rows == len(INVALID_KINDS)
+    ledger = read_arrow(lake, FILES, settings, columns=["source_uri", "outcome"])
+    assert ledger.num_rows == n and all(
+        u.startswith("s3://cxr-raw/archive/") for u in ledger.column("source_uri").to_pylist()
+    )
+    # the objects' size and LastModified identify them on S3 as a file's size and mtime do: nothing is read again
     again = _run(spark, settings, f"{bucket_in}/archive", lake)
-    assert (again.new, again.already_present) == (0, len(VALID_KINDS))
+    assert (again.new, again.already_present, again.decoded) == (0, n, 0)
+    assert again.previously == {
+        "new": len(VALID_KINDS),
+        "quarantined": len(INVALID_KINDS),
+        "skipped": len(SKIPPED_KINDS),
+    }
     # the run summary went to the lakehouse too
     from lakehouse.storage import read_text
 
@@ -322,10 +501,10 @@ def test_s3_input_and_s3_lakehouse_round_trip(spark, settings: Settings, samples
 
 
 def test_other_tensor_settings_are_refused_for_an_existing_table(
-    spark, settings: Settings, first_run, samples_dir: Path
+    spark, settings: Settings, first_run, archive: Path
 ) -> None:  # type: ignore[no-untyped-def]
     from lakehouse.errors import ConfigError
 
     lake, _ = first_run
     with pytest.raises(ConfigError, match="size=224.*this run asks for size=128"):
-        _run(spark, settings.with_overrides(resize_size=128), samples_dir, lake)
+        _run(spark, settings.with_overrides(resize_size=128), archive, lake)

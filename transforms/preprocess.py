@@ -313,6 +313,9 @@ def _plan(
 
     # every output table exists after every run, even one that quarantined nothing (readers and the
     # validation step find an empty table rather than no table)
+    # the pseudonym key must be the one the table's pseudonyms were made with (recorded at creation)
+    fingerprint = delta_rs.check_key_fingerprint(lakehouse_uri, TENSORS, settings)
+    log.debug("pseudonym key fingerprint %s", fingerprint)
     tensors = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings)
     delta_rs.ensure_table(lakehouse_uri, QUARANTINE, settings)
     _check_same_params(lakehouse_uri, params, settings)
