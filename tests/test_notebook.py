@@ -92,9 +92,7 @@ def test_notebook_executes_against_built_lakehouse(
     assert f"{len(VALID_KINDS)} images in tensors" in _text(_cell(nb, "counts"))
 
     # the first four images by image_id (sha256 of the source bytes), each shown beside its tensor
-    valid = [
-        p for p in samples_dir.rglob("*") if p.is_file() and not {"invalid", "not_radiographs"} & set(p.parts)
-    ]
+    valid = [p for p in samples_dir.rglob("*") if p.is_file() and not {"invalid", "not_radiographs"} & set(p.parts)]
     first = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in valid)[:4]
     images = _cell(nb, "images")
     shown = [line.split()[0] for line in _text(images).splitlines() if "-> tensor [1, 224, 224]" in line]
