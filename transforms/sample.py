@@ -288,6 +288,25 @@ def _no_pixels(seed: int, sop_class: str, modality: str) -> bytes:
     return buf.getvalue()
 
 
+def rle_decoder_crash_dicom(seed: int) -> bytes:
+    """An RLE Lossless DICOM whose second segment offset points 60 bytes early: pylibjpeg-rle's native
+    (Rust) decoder panics on it (``PanicException``, which no ``except Exception`` catches). A real poison
+    pill: the supervised decoder turns it into ``DecoderCrash`` for this one file."""
+    import struct
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(io.BytesIO(_dcm(seed, 12, "1.2.840.10008.1.2.5")))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    (offset,) = struct.unpack_from("<I", frame, 8)
+    struct.pack_into("<I", frame, 8, offset - 60)
+    ds.PixelData = encapsulate([bytes(frame)])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 #: name -> (file name, maker, expected reason class). Every kind is ``skipped`` (not a failure): objects a
 #: PACS export holds that are not single radiographs of an allowed modality.
 SKIPPED_KINDS: dict[str, tuple[str, Callable[[int], bytes], str]] = {
