@@ -356,17 +356,15 @@ def _cmd_requeue(args: argparse.Namespace) -> int:
     from lakehouse.ledger import requeue
 
     settings = load_settings()
-    n = requeue(_lakehouse(args, settings), settings, error_class=args.error_class, run_id=args.run_id)
-    which = " ".join(
-        x
-        for x in (
-            f"of class {args.error_class}" if args.error_class else "",
-            f"from run {args.run_id}" if args.run_id else "",
-        )
-        if x
-    )
+    outcome = "skipped" if args.skipped else "quarantined"
+    n = requeue(_lakehouse(args, settings), settings, error_class=args.error_class, run_id=args.run_id, outcome=outcome)
+    which = [
+        f"of class {args.error_class}" if args.error_class else "",
+        f"from run {args.run_id}" if args.run_id else "",
+    ]
+    detail = " ".join(w for w in which if w)
     sys.stdout.write(
-        f"requeued {n} quarantined files{' ' + which if which else ''}: the next preprocessing run reads them again\n"
+        f"requeued {n} {outcome} files{' ' + detail if detail else ''}: the next preprocessing run reads them again\n"
     )
     return 0
 
@@ -514,9 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     mnt.add_argument("--json", action="store_true", help="print what was done as JSON")
     mnt.set_defaults(func=_cmd_maintain)
 
-    rq = sub.add_parser("requeue", help="mark quarantined files to be read again by the next run (after a fix)")
+    rq = sub.add_parser(
+        "requeue", help="mark quarantined (or --skipped) files to be read again by the next run (after a fix)"
+    )
     rq.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
-    rq.add_argument("--error-class", help="only files quarantined with this error class (e.g. DecoderCrash)")
+    rq.add_argument(
+        "--error-class", help="only files of this error or skip class (e.g. DecoderCrash, ModalityNotAllowed)"
+    )
+    rq.add_argument(
+        "--skipped", action="store_true", help="requeue skipped files instead (e.g. after adding a modality)"
+    )
     rq.add_argument("--run-id", help="only files quarantined by this preprocessing run")
     rq.set_defaults(func=_cmd_requeue)
 

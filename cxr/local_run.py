@@ -360,8 +360,10 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
             return ""
         r = pre[-1]
         text = f"{r.discovered} files: {r.new} new, {r.quarantined} quarantined"
+        text += f", {r.skipped} skipped" if r.skipped else ""
         text += f", {r.duplicates} duplicates" if r.duplicates else ""
         text += f", {r.already_present} already present" if r.already_present else ""
+        text += f", {r.retryable} retryable" if r.retryable else ""
         return text + ("; CXR_PSEUDONYM_KEY unset: development key" if r.dev_pseudonym_key else "")
     if task_id == "infer":
         inf = read_summaries(lake, settings, kind=InferRun, run_id=inf_id)
@@ -373,6 +375,8 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
         return ", ".join(f"{t} v{v}" for t, v in sorted(value.get("versions", {}).items(), reverse=True))
     if task_id == "report" and value:
         return str(value)
+    if task_id == "maintain" and isinstance(value, dict):
+        return f"{value.get('orphans_deleted', 0)} orphan files deleted ({value.get('bytes_freed', 0)} bytes freed)"
     return ""
 
 

@@ -358,31 +358,19 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
     inf_run_id = f"{tasks.INFER_RUN_PREFIX}-{{{{ run_id | safe_id }}}}"
     aws = profile == "aws"
 
-    wait: Any
-    if aws:
-        from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
+    from airflow.providers.standard.sensors.python import PythonSensor
 
-        wait = S3KeySensor(
-            task_id="wait_for_images",
-            bucket_key="{{ params.input_uri.rstrip('/') }}/*",
-            wildcard_match=True,
-            mode="reschedule",
-            poke_interval=300,
-            timeout=12 * 3600,
-            soft_fail=True,
-        )
-    else:
-        from airflow.providers.standard.sensors.python import PythonSensor
-
-        wait = PythonSensor(
-            task_id="wait_for_images",
-            python_callable=tasks.new_images_waiting,
-            op_kwargs={"input_uri": "{{ params.input_uri }}", "lakehouse_uri": lakehouse},
-            mode="reschedule",
-            poke_interval=settings.airflow.poke_interval_s,
-            timeout=settings.airflow.wait_timeout_s,
-            soft_fail=True,  # nothing new: the run is skipped, not failed
-        )
+    # both profiles: new = a file under the input (folder or s3://) the `files` ledger has not judged, so
+    # the run is not started again for files already judged (quarantined, skipped or copies included)
+    wait = PythonSensor(
+        task_id="wait_for_images",
+        python_callable=tasks.new_images_waiting,
+        op_kwargs={"input_uri": "{{ params.input_uri }}", "lakehouse_uri": lakehouse},
+        mode="reschedule",
+        poke_interval=300 if aws else settings.airflow.poke_interval_s,
+        timeout=12 * 3600 if aws else settings.airflow.wait_timeout_s,
+        soft_fail=True,  # nothing new: the run is skipped, not failed
+    )
 
     preprocess_args = ["preprocess", "--input", "{{ params.input_uri }}", "--lakehouse", lakehouse]
     preprocess_args += ["--run-id", pre_run_id, "--no-progress"]

@@ -13,7 +13,6 @@ batch's tensors are committed, so a kill between the two leaves tensors rows wit
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -128,17 +127,29 @@ def _merge(lakehouse_uri: str, rows: pa.Table, settings: Settings) -> None:
 
 
 def requeue(
-    lakehouse_uri: str, settings: Settings, *, error_class: str | None = None, run_id: str | None = None
+    lakehouse_uri: str,
+    settings: Settings,
+    *,
+    error_class: str | None = None,
+    run_id: str | None = None,
+    outcome: str = "quarantined",
 ) -> int:
-    """Mark quarantined files (optionally of one error class and/or run) to be judged again next run.
+    """Mark quarantined (or skipped) files, optionally of one error/reason class and/or run, to be judged
+    again by the next run: after a decoder upgrade, or after a modality was added to the allowlist.
 
     Returns:
         How many files were marked.
+
+    Raises:
+        ConfigError: for an outcome other than quarantined or skipped.
     """
     from lakehouse import delta_rs
+    from lakehouse.errors import ConfigError
 
+    if outcome not in ("quarantined", "skipped"):
+        raise ConfigError(f"only quarantined or skipped files can be requeued (not {outcome!r})")
     dt = delta_rs.ensure_table(lakehouse_uri, FILES, settings)
-    predicate = "outcome = 'quarantined'"
+    predicate = f"outcome = {_sql_str(outcome)}"
     if error_class:
         predicate += f" AND reason_class = {_sql_str(error_class)}"
     if run_id:
@@ -149,40 +160,3 @@ def requeue(
 
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
-
-
-@dataclass(frozen=True)
-class RunOutcomes:
-    """The ledger's counts of one run: files first judged by it, by outcome."""
-
-    run_id: str
-    counts: Mapping[str, int]
-
-    @property
-    def first_seen(self) -> int:
-        """Files the run judged that were not skipped: the quarantine share's denominator."""
-        return sum(n for o, n in self.counts.items() if o not in ("skipped", "requeued"))
-
-    @property
-    def quarantined(self) -> int:
-        """Files the run quarantined."""
-        return self.counts.get("quarantined", 0)
-
-
-def run_outcomes(lakehouse_uri: str, settings: Settings, run_ids: Iterable[str] | None = None) -> list[RunOutcomes]:
-    """Per run (all, or those named), the number of ledger rows by outcome; an empty list without a ledger."""
-    from deltalake.exceptions import TableNotFoundError
-
-    from lakehouse import delta_rs
-
-    try:
-        dt = delta_rs.open_table(lakehouse_uri, FILES, settings)
-    except TableNotFoundError:
-        return []
-    t = dt.to_pyarrow_table(columns=["run_id", "outcome"])
-    wanted = set(run_ids) if run_ids is not None else None
-    per_run: dict[str, Counter[str]] = {}
-    for rid, outcome in zip(t.column("run_id").to_pylist(), t.column("outcome").to_pylist(), strict=True):
-        if wanted is None or rid in wanted:
-            per_run.setdefault(rid, Counter())[outcome] += 1
-    return [RunOutcomes(rid, dict(c)) for rid, c in sorted(per_run.items())]

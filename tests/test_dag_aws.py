@@ -143,8 +143,8 @@ def test_aws_task_graph_retries_and_operators(aws_env: pytest.MonkeyPatch, mode:
     from airflow.providers.amazon.aws.operators.ecs import EcsRunTaskOperator
     from airflow.providers.amazon.aws.operators.emr import EmrAddStepsOperator, EmrServerlessStartJobOperator
     from airflow.providers.amazon.aws.sensors.emr import EmrStepSensor
-    from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
     from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.providers.standard.sensors.python import PythonSensor
 
     dag = load_dag(aws_env, mode)
     expected = EDGES[mode] | set(zip(CHAIN[:-1], CHAIN[1:], strict=True))
@@ -154,7 +154,7 @@ def test_aws_task_graph_retries_and_operators(aws_env: pytest.MonkeyPatch, mode:
     assert "profile:aws" in dag.tags
 
     classes = {
-        "wait_for_images": S3KeySensor,
+        "wait_for_images": PythonSensor,
         "infer": EcsRunTaskOperator,
         **dict.fromkeys(
             ["validate_tensors", "validate_predictions", "publish", "athena_ddl", "report"], PythonOperator
@@ -303,7 +303,8 @@ def test_rendered_sensor_key_and_athena_ddl(aws_env: pytest.MonkeyPatch) -> None
     dag = load_dag(aws_env, "serverless")
     ctx = context(dag, {**CONF, "input_uri": "s3://in-bucket/images/"})
     sensor = rendered(dag, "wait_for_images", ctx)
-    assert (sensor.bucket_key, sensor.wildcard_match, sensor.soft_fail) == ("s3://in-bucket/images/*", True, True)
+    assert sensor.op_kwargs["input_uri"] == "s3://in-bucket/images/" and sensor.soft_fail
+    assert sensor.python_callable.__qualname__ == "new_images_waiting"
 
     assert rendered(dag, "athena_ddl", ctx).execute(ctx) == ddl("cxr")  # cxr_athena_db unset: "cxr"
     aws_env.setenv("AIRFLOW_VAR_CXR_ATHENA_DB", "cxr_prod")
@@ -343,16 +344,21 @@ def moto_aws(aws_env: pytest.MonkeyPatch, s3_endpoint: str) -> Iterator[dict[str
 
 
 @pytest.mark.slow
-def test_s3_key_sensor_pokes_the_input_prefix(moto_aws: dict[str, Any], aws_env: pytest.MonkeyPatch) -> None:
+def test_new_images_sensor_pokes_the_input_prefix_on_s3(
+    moto_aws: dict[str, Any], aws_env: pytest.MonkeyPatch, s3_endpoint: str
+) -> None:
+    """The aws profile's sensor is the local one (the `files` ledger decides what is new), over s3://."""
+    aws_env.setenv("CXR_S3_ENDPOINT_URL", s3_endpoint)
     s3 = moto_aws["client"]("s3")
     s3.create_bucket(Bucket="cxr-dagaws-in")
     s3.put_object(Bucket="cxr-dagaws-in", Key="other/x.png", Body=b"x")
     dag = load_dag(aws_env, "serverless")
-    ctx = context(dag, {**CONF, "input_uri": "s3://cxr-dagaws-in/images"})
+    conf = {**CONF, "input_uri": "s3://cxr-dagaws-in/images", "lakehouse_uri": "s3://cxr-dagaws-in/lake"}
+    ctx = context(dag, conf)
     sensor = rendered(dag, "wait_for_images", ctx)
-    assert sensor.poke(ctx) is False  # only a key outside the prefix
+    assert sensor.poke(ctx).is_done is False  # only a key outside the prefix
     s3.put_object(Bucket="cxr-dagaws-in", Key="images/sub/a.png", Body=b"png")
-    assert sensor.poke(ctx) is True
+    assert sensor.poke(ctx).is_done is True  # no ledger yet: every file is new
 
 
 @pytest.mark.slow

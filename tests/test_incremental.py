@@ -147,10 +147,15 @@ def test_objects_that_are_not_radiographs_are_skipped_not_quarantined(
         assert (row["outcome"], row["reason_class"]) == ("skipped", reason) and row["reason"]
     # skipped files do not move the gate, even a strict one
     assert validate_lakehouse(str(lake), settings=settings, run_id="pacs1", max_quarantine_share=0.0).success
-    # naming CT in the allowlist takes it in: a new lakehouse decodes the CT slice
+    # naming CT in the allowlist and requeueing the skipped CT slice takes it in (and only it is read)
     ct = settings.with_overrides(modalities=("CR", "DX", "RG", "CT"))
-    s_ct = _run(spark, ct, inp, tmp_path / "lake_ct", run_id="pacs-ct")
-    assert (s_ct.new, s_ct.skipped) == (3, 3)
+    assert main(["requeue", "--lakehouse", str(lake), "--skipped", "--error-class", "ModalityNotAllowed"]) == 0
+    s_ct = _run(spark, ct, inp, lake, run_id="pacs-ct")
+    assert (s_ct.new, s_ct.skipped, s_ct.decoded, s_ct.already_present) == (1, 0, 1, 5)
+    assert s_ct.previously == {"new": 2, "skipped": 3}
+    assert (
+        read_arrow(str(lake), TENSORS, settings, columns=["modality"]).column("modality").to_pylist().count("CT") == 1
+    )
 
 
 def test_an_airflow_retry_of_a_committed_run_is_the_same_run(spark: Any, settings: Settings, tmp_path: Path) -> None:

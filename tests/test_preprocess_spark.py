@@ -345,7 +345,7 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
     their_file = DataFile(**json.loads(theirs[0]["data_file_meta"]))
     delta_rs.commit_data_files(str(lake), TENSORS, [their_file], settings, run_id="other")
     state = pp._RunState(first_of={}, tensors_version=read_version)
-    files, present = pp._without_rows(str(lake), ours, {}, written, state, settings)
+    files, present, _ = pp._without_rows(str(lake), ours, {}, written, state, settings)
     assert present == {str(inp / "img1.png")}  # judged already present, not new
     assert [f.num_records for f in files] == [2, 2]  # the untouched file, then the rewrite of the other
     assert written[1] in files and written[0] not in files

@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 
 from tests.test_dag import CXR, _airflow_env
-from transforms.sample import INVALID_KINDS, VALID_KINDS
+from transforms.sample import INVALID_KINDS, SKIPPED_KINDS, VALID_KINDS
 
-ORDER = ["wait_for_images", "preprocess", "validate_tensors", "infer", "validate_predictions", "publish", "report"]
+ORDER = [
+    "wait_for_images",
+    "preprocess",
+    "validate_tensors",
+    "infer",
+    "validate_predictions",
+    "publish",
+    "report",
+    "maintain",
+]
 MAX_LINES = 40
 
 
@@ -66,9 +75,14 @@ def test_cxr_run_prints_one_line_per_task_and_logs_to_files(tmp_path: Path, cli_
     rows = _summary(lines)
     assert list(rows) == ORDER
     assert all(re.match(rf"  {t} +success +\d+\.\ds  ", rows[t]) for t in ORDER), rows
-    n_valid, n_invalid = len(VALID_KINDS), len(INVALID_KINDS)
-    assert f"{n_valid + n_invalid} files: {n_valid} new, {n_invalid} quarantined" in rows["preprocess"]
-    assert re.search(r"tensors (\d+)/\1, quarantine (\d+)/\2 expectations passed", rows["validate_tensors"])
+    n_valid, n_invalid, n_skipped = len(VALID_KINDS), len(INVALID_KINDS), len(SKIPPED_KINDS)
+    assert (
+        f"{n_valid + n_invalid + n_skipped} files: {n_valid} new, {n_invalid} quarantined, {n_skipped} skipped"
+        in rows["preprocess"]
+    )
+    assert re.search(
+        r"tensors (\d+)/\1, quarantine (\d+)/\2, files (\d+)/\3 expectations passed", rows["validate_tensors"]
+    )
     assert re.search(r"predictions (\d+)/\1 expectations passed", rows["validate_predictions"])
     # the real weights when they can be downloaded, else the stand-in (marked in its model id)
     assert re.search(
@@ -76,6 +90,7 @@ def test_cxr_run_prints_one_line_per_task_and_logs_to_files(tmp_path: Path, cli_
     )
     assert rows["publish"].endswith("tensors v1, predictions v1")
     assert rows["report"].endswith(f"{lake}/reports/report.html")
+    assert rows["maintain"].endswith("0 orphan files deleted (0 bytes freed)")
     for label in ("tables:", "data docs:", "report:", "task logs:"):
         assert any(line.startswith(label) for line in lines), label
     # nothing of Airflow's or Spark's own output on the terminal

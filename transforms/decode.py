@@ -494,7 +494,9 @@ def skip_reason(data: bytes, *, name: str = "", modalities: tuple[str, ...]) -> 
         return Skip(
             "ModalityNotAllowed",
             _redact(
-                f"DICOM {why}; skipped without reading its pixels; to include it add {modality} to CXR_MODALITIES", ds
+                f"DICOM {why}; skipped without reading its pixels; to include it add {modality} to CXR_MODALITIES "
+                "(then `cxr requeue --skipped --error-class ModalityNotAllowed` for files already skipped)",
+                ds,
             ),
         )
     if frames > 1:

@@ -44,6 +44,7 @@ from transforms.tensor import PREPROCESS_VERSION, PreprocessParams
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    from pyspark.broadcast import Broadcast
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
@@ -253,9 +254,10 @@ def run_preprocess(
     _count_known(state, plan, run_id)
     if plan.todo:
         now = datetime.now(UTC)
-        with progress_bar(
-            f"preprocessing {len(plan.todo)} files", len(plan.todo), enabled=progress, unit="files"
-        ) as bar:
+        # the keys tensors held when the run started, shipped to the workers once for every batch
+        known_ids = plan.spark.sparkContext.broadcast(plan.known_ids)
+        bar_label = f"preprocessing {len(plan.todo)} files"
+        with progress_bar(bar_label, len(plan.todo), enabled=progress, unit="files") as bar:
             for chunk in _chunks(plan.todo, plan.spark, settings, state):
                 batch_started = time.perf_counter()
                 small = _decode(
@@ -269,10 +271,12 @@ def run_preprocess(
                     bar=bar,
                     done_before=state.judged,
                     decoder=decoder,
+                    known_ids=known_ids,
                 )
                 _commit_batch(lakehouse_uri, small, state, settings, run_id=run_id, now=now, progress=progress)
                 state.seconds_per_file = (time.perf_counter() - batch_started) / len(chunk)
                 bar.update(state.judged)
+        known_ids.unpersist()
     _reconcile(summary, state, started=started)
     write_summary(lakehouse_uri, summary, settings)
     return summary
@@ -401,6 +405,7 @@ def _decode(
     bar: ProgressBar,
     done_before: int,
     decoder: str,
+    known_ids: Broadcast[frozenset[str]],
 ) -> list[dict[str, Any]]:
     """Run :func:`process_files` over one batch with Spark (``mapInArrow``); one small row per file."""
     from pyspark.sql.types import LongType, StringType, StructField, StructType
@@ -408,7 +413,6 @@ def _decode(
     from lakehouse.spark import spark_schema
 
     spark, sc = plan.spark, plan.spark.sparkContext
-    bc_ids = sc.broadcast(plan.known_ids)
     listing_schema = StructType(
         [
             StructField("source_uri", StringType(), False),
@@ -434,7 +438,7 @@ def _decode(
     def _map(batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
         return process_files(
             batches,
-            known_ids=bc_ids.value,
+            known_ids=known_ids.value,
             params=params,
             settings=settings,
             lakehouse_uri=lakehouse_uri,
@@ -442,11 +446,8 @@ def _decode(
             decoder=decoder,
         )
 
-    try:
-        with _spark_progress(spark, bar, n_tasks=n_tasks, n_files=len(chunk), done_before=done_before):
-            return files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).toArrow().to_pylist()
-    finally:
-        bc_ids.unpersist()
+    with _spark_progress(spark, bar, n_tasks=n_tasks, n_files=len(chunk), done_before=done_before):
+        return files_df.mapInArrow(_map, spark_schema(RESULT_SPEC)).toArrow().to_pylist()
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,7 @@ class _Deduped:
     """Which path keeps each new key: an earlier batch's path, else the first path in sort order."""
 
     late_dups: dict[str, str]  # source_uri decoded as new, not inserted -> the path that keeps its key
+    keeper: dict[str, str]  # image_id -> the path that keeps it (this batch's or an earlier batch's)
 
 
 def _dedupe(small: list[dict[str, Any]], first_of: dict[str, str]) -> _Deduped:
@@ -466,7 +468,7 @@ def _dedupe(small: list[dict[str, Any]], first_of: dict[str, str]) -> _Deduped:
         for r in small
         if r["status"] == NEW and batch_first[r["image_id"]] != r["source_uri"]
     }
-    return _Deduped(late_dups)
+    return _Deduped(late_dups, {**first_of, **batch_first})
 
 
 def _commit_batch(
@@ -492,10 +494,13 @@ def _commit_batch(
     commit_attempted = False
     try:
         with status(f"committing batch {state.batches + 1}", enabled=progress):
-            written, present = _without_rows(lakehouse_uri, small, deduped.late_dups, written, state, settings)
+            written, present, checked = _without_rows(lakehouse_uri, small, deduped.late_dups, written, state, settings)
             commit_attempted = True
             inserted = _commit(lakehouse_uri, written, settings, run_id=run_id)
-            state.tensors_version = delta_rs.open_table(lakehouse_uri, TENSORS, settings).version()
+            after = delta_rs.open_table(lakehouse_uri, TENSORS, settings).version()
+            # exactly one version later: ours alone; more: another writer committed too, so the next batch
+            # looks at what it added (-1 forces that)
+            state.tensors_version = after if after == checked + (1 if written else 0) else -1
             rows = _judgements(small, deduped, present, run_id=run_id, judged_at=now)
             kept = sum(1 for r in rows if r["outcome"] == NEW)
             if kept != inserted:  # a bug, never an input problem: stop before the ledger records it
@@ -537,6 +542,8 @@ def _judgements(
         outcome, duplicate_of = r["status"], r["duplicate_of"]
         if outcome == NEW and r["source_uri"] in deduped.late_dups:
             outcome, duplicate_of = DUPLICATE, deduped.late_dups[r["source_uri"]]
+        elif outcome == DUPLICATE:  # the partition's first copy may itself have lost to an earlier path
+            duplicate_of = deduped.keeper.get(r["image_id"], duplicate_of)
         elif outcome == NEW and r["source_uri"] in present:  # another writer committed its key meanwhile
             outcome = PRESENT
         failed = outcome in (SKIPPED, QUARANTINED, RETRYABLE)
@@ -627,13 +634,15 @@ def _without_rows(
     written: list[DataFile],
     state: _RunState,
     settings: Settings,
-) -> tuple[list[DataFile], set[str]]:
-    """The workers' data files with no key twice, ready to commit to ``tensors``; and the paths whose key
-    another writer committed meanwhile.
+) -> tuple[list[DataFile], set[str], int]:
+    """The workers' data files with no key twice, ready to commit to ``tensors``; the paths whose key
+    another writer committed meanwhile; and the table version this was checked against.
 
     Rows to leave out: duplicates across partitions and batches (``late_dups``) and keys another writer
     committed after this run read the table (looked for only when the table moved on without us). A file
     holding such rows is rewritten without them (rare: only duplicate inputs or concurrent runs cause it).
+    A key another writer commits in the instant between this check and our commit is the one window
+    left (appends do not conflict in Delta); the validation suite's unique ``image_id`` check reports it.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -659,7 +668,7 @@ def _without_rows(
             if keep.num_rows:
                 files.append(delta_rs.write_data_file(lakehouse_uri, TENSORS, keep, settings))
             delta_rs.delete_data_file(lakehouse_uri, TENSORS, f.path, settings)
-    return files, present - set(late_dups)
+    return files, present - set(late_dups), dt.version()
 
 
 def _check_same_params(lakehouse_uri: str, params: PreprocessParams, settings: Settings) -> None:
