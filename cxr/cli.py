@@ -328,18 +328,27 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     result = maintain(
-        _lakehouse(args, settings), settings, older_than_hours=args.older_than, compact=not args.no_compact
+        _lakehouse(args, settings),
+        settings,
+        older_than_hours=args.older_than,
+        retain_hours=args.retain_hours,
+        compact=not args.no_compact,
     )
     if args.json:
-        sys.stdout.write(json.dumps(asdict(result), indent=2) + "\n")
+        body = {**asdict(result), "bytes_freed": result.bytes_freed, "files_deleted": result.files_deleted}
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
         return 0
-    lines = [f"maintenance of {result.lakehouse_uri} (orphans older than {args.older_than:g} h)"]
+    lines = [
+        f"maintenance of {result.lakehouse_uri} (orphans older than {args.older_than:g} h, "
+        f"removed files older than {args.retain_hours:g} h)"
+    ]
     for t in result.tables:
-        text = f"  {t.table}: {t.orphans_deleted} orphan files deleted ({_bytes(t.bytes_freed)})"
-        text += f", {t.orphans_kept_young} younger kept" if t.orphans_kept_young else ""
+        text = f"  {t.table}: {t.orphans_deleted} orphan and {t.expired_deleted} expired files deleted"
+        text += f" ({_bytes(t.bytes_freed)})"
+        text += f", {t.orphans_kept_young} younger orphans kept" if t.orphans_kept_young else ""
         text += f", {t.files_compacted} small files compacted into {t.files_added}" if t.files_compacted else ""
         lines.append(text)
-    lines.append(f"freed {_bytes(result.bytes_freed)} in {result.orphans_deleted} files")
+    lines.append(f"freed {_bytes(result.bytes_freed)} in {result.files_deleted} files")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -498,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     mnt = sub.add_parser(
-        "maintain", help="delete orphan data files (no table version references them) and compact small files"
+        "maintain", help="delete orphan and expired data files, compact small files (the DAG's last task)"
     )
     mnt.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
     mnt.add_argument(
@@ -507,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=24.0,
         metavar="HOURS",
         help="delete only orphans older than this (default 24: never the files of a run still writing; 0 when none is)",
+    )
+    mnt.add_argument(
+        "--retain-hours",
+        type=float,
+        default=168.0,
+        metavar="HOURS",
+        help="keep files a later version removed this long for time travel (default 168; published versions always)",
     )
     mnt.add_argument("--no-compact", action="store_true", help="do not compact predictions, quarantine and files")
     mnt.add_argument("--json", action="store_true", help="print what was done as JSON")

@@ -376,7 +376,7 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
     if task_id == "report" and value:
         return str(value)
     if task_id == "maintain" and isinstance(value, dict):
-        return f"{value.get('orphans_deleted', 0)} orphan files deleted ({value.get('bytes_freed', 0)} bytes freed)"
+        return f"{value.get('files_deleted', 0)} data files deleted ({value.get('bytes_freed', 0)} bytes freed)"
     return ""
 
 

@@ -35,13 +35,16 @@ class KnownFile:
     run_id: str
     reason_class: str | None = None
     duplicate_of: str | None = None
+    #: False for a path known from ``tensors`` only (no ledger row yet): the run records one
+    in_ledger: bool = True
 
 
 def read_known(lakehouse_uri: str, settings: Settings) -> dict[str, KnownFile]:
     """Every path judged before whose judgement still holds (not retryable, not requeued), by URI.
 
     Paths in ``tensors`` missing from the ledger (lakehouses older than the ledger, or a kill between a
-    batch's tensors commit and its ledger commit) are known as ``new`` of the run that committed them.
+    batch's tensors commit and its ledger commit) are known as ``new`` of the run that committed them
+    (``in_ledger`` False: the next run records them).
     """
     known: dict[str, KnownFile] = {}
     tensors = _read(
@@ -49,7 +52,7 @@ def read_known(lakehouse_uri: str, settings: Settings) -> dict[str, KnownFile]:
     )
     for iid, uri, size, ts, run_id in zip(*(tensors.column(c).to_pylist() for c in tensors.column_names), strict=True):
         if ts is not None:
-            known[uri] = KnownFile(size, int(ts.timestamp() * 1000), "new", iid, run_id)
+            known[uri] = KnownFile(size, int(ts.timestamp() * 1000), "new", iid, run_id, in_ledger=False)
     ledger = _read(
         lakehouse_uri,
         FILES,

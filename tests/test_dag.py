@@ -204,11 +204,10 @@ def test_local_dag_end_to_end_with_a_failed_infer_attempt(tmp_path: Path, sample
         assert json.loads((lake / "reports" / "validation" / f"{table}.json").read_text())["success"] is True
     published = json.loads((lake / "reports" / "published.json").read_text())
     assert published["versions"]["tensors"] == DeltaTable(str(lake / "tensors")).version()
-    # maintenance (after publish) compacted the small files of predictions: one commit that changes no data
+    # maintenance (after publish) had too few small files of predictions to compact: published is latest
     preds_dt = DeltaTable(str(lake / "predictions"))
     at_publish = published["versions"]["predictions"]
-    after = sorted((h["version"], h["operation"]) for h in preds_dt.history() if h["version"] > at_publish)
-    assert after == [(at_publish + 1, "OPTIMIZE")], after
+    assert preds_dt.version() == at_publish
 
     def rows(dt: DeltaTable) -> list[tuple[str, ...]]:
         t = dt.to_pyarrow_table(columns=["image_id", "model_id", "run_id"])

@@ -259,8 +259,9 @@ def test_kill_9_mid_run_keeps_committed_batches_and_the_rerun_is_exact(settings:
     kept = _committed_rows(lake, settings)
     assert total * 0.6 <= kept < total and kept % 20 == 0, kept  # whole batches only
 
+    # the retry runs under the same run id, as Airflow's retry of the task does
     rerun = subprocess.run(
-        [*cmd, "--run-id", "rerun", "--json", "--no-progress"],
+        [*cmd, "--run-id", "killed", "--json", "--no-progress"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -271,9 +272,13 @@ def test_kill_9_mid_run_keeps_committed_batches_and_the_rerun_is_exact(settings:
     import json
 
     s = json.loads(rerun.stdout)
-    assert (s["new"], s["decoded"], s["reconciles"]) == (total - kept, total - kept, True)
-    ids = read_arrow(str(lake), TENSORS, settings, columns=["image_id", "source_uri"])
+    # the run's summary covers both attempts: every image new in this run, only the rest decoded now
+    assert (s["new"], s["decoded"], s["already_present"], s["reconciles"]) == (total, total - kept, 0, True)
+    ids = read_arrow(str(lake), TENSORS, settings, columns=["image_id", "run_id"])
     assert ids.num_rows == total == len(set(ids.column("image_id").to_pylist()))
+    assert set(ids.column("run_id").to_pylist()) == {"killed"}
+    ledger = _files(lake, settings)
+    assert len(ledger) == total and {r["outcome"] for r in ledger.values()} == {"new"}
 
     # the killed batch's data files are orphans; maintenance removes exactly those
     root = lake / "tensors"
@@ -387,3 +392,72 @@ def test_a_throttled_file_is_retried_then_left_for_the_next_run(spark: Any, sett
     finally:
         fake.close()
         storage._s3_client.cache_clear()
+
+
+def test_maintain_compacts_and_expires_removed_files_but_keeps_published_versions(
+    spark: Any, settings: Settings, tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Small MERGE files are compacted; the files a compaction removed go once expired, except those of
+    the published (audited) version, which stays readable."""
+    import json
+
+    from deltalake import DeltaTable
+
+    from cxr.tasks import publish_stage
+    from inference.job import run_infer
+    from tests.conftest import MODEL
+
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    _valid(inp, 16)
+    _run(spark, settings.with_overrides(commit_every_images=2), inp, lake, run_id="small-batches")
+    run_infer(
+        str(lake), settings=settings, model_id=MODEL, weights_dir=str(checkpoint.parent), commit_every=2, progress=False
+    )
+    published = publish_stage(str(lake), run_id="small-batches")["versions"]
+    rows_at_publish = DeltaTable(str(lake / "predictions")).to_pyarrow_table().sort_by("image_id")
+
+    def maintain_json(*extra: str) -> dict[str, dict[str, int]]:
+        capsys.readouterr()
+        assert main(["maintain", "--lakehouse", str(lake), "--older-than", "0", "--json", *extra]) == 0
+        return {t["table"]: t for t in json.loads(capsys.readouterr().out)["tables"]}
+
+    first = maintain_json("--retain-hours", "0")
+    assert first["predictions"]["files_compacted"] >= 8 and first["files"]["files_compacted"] >= 8
+    # the ledger's compacted-away files are expired at once; the predictions' ones belong to the published version
+    assert first["files"]["expired_deleted"] == first["files"]["files_compacted"]
+    assert first["predictions"]["expired_deleted"] == 0
+    old = DeltaTable(str(lake / "predictions"), version=published["predictions"]).to_pyarrow_table()
+    assert old.sort_by("image_id").equals(rows_at_publish)
+    current = DeltaTable(str(lake / "predictions"))
+    assert current.version() == published["predictions"] + 1 and len(current.file_uris()) < 8
+
+    # the default retention (a week) keeps a newly published version's predecessors for time travel
+    publish_stage(str(lake), run_id="small-batches")
+    assert maintain_json()["predictions"]["expired_deleted"] == 0
+    # with none, they go; every file left is referenced, and the tables read the same
+    assert (
+        maintain_json("--retain-hours", "0")["predictions"]["expired_deleted"]
+        == first["predictions"]["files_compacted"]
+    )
+    for spec in (TENSORS, FILES):
+        root = lake / spec.name
+        left = {str(p.relative_to(root)) for p in root.rglob("*.parquet") if "_delta_log" not in p.parts}
+        active = DeltaTable(str(root)).get_add_actions(flatten=True).column("path").to_pylist()
+        assert left == set(active), spec.name
+    assert DeltaTable(str(lake / "predictions")).to_pyarrow_table().sort_by("image_id").equals(rows_at_publish)
+
+
+def test_a_lakehouse_made_before_the_ledger_gets_one_without_reading_its_files(
+    spark: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """Tensors without `files` rows (a lakehouse of an earlier release, or a kill between a batch's two
+    commits): the paths in tensors are known by (path, size, mtime), not read, and recorded."""
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    imgs = _valid(inp, 5)
+    _run(spark, settings, inp, lake, run_id="old-release")
+    shutil.rmtree(lake / "files")  # what the earlier release left: no ledger
+    _scramble_keeping_size_and_mtime(imgs)
+    s = _run(spark, settings, inp, lake, run_id="upgraded")
+    assert (s.decoded, s.new, s.already_present, s.previously) == (0, 0, 5, {"new": 5})
+    ledger = _files(lake, settings)
+    assert {(r["outcome"], r["run_id"]) for r in ledger.values()} == {("new", "old-release")} and len(ledger) == 5

@@ -252,6 +252,7 @@ def run_preprocess(
     summary.discovered = len(plan.listing)
     state = _RunState(first_of={}, tensors_version=plan.tensors_version)
     _count_known(state, plan, run_id)
+    _record_unrecorded(lakehouse_uri, plan, settings)
     if plan.todo:
         now = datetime.now(UTC)
         # the keys tensors held when the run started, shipped to the workers once for every batch
@@ -372,6 +373,28 @@ def _count_known(state: _RunState, plan: _Plan, run_id: str) -> None:
         else:
             state.count(PRESENT)
             state.previously[k.outcome] = state.previously.get(k.outcome, 0) + 1
+
+
+def _record_unrecorded(lakehouse_uri: str, plan: _Plan, settings: Settings) -> None:
+    """Give a ledger row to every listed path known from ``tensors`` only (a kill between a batch's tensors
+    commit and its ledger write, or a lakehouse made before the ledger)."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "source_uri": f.uri,
+            "source_bytes": f.size,
+            "source_mtime_ms": f.mtime_ms,
+            "outcome": k.outcome,
+            "image_id": k.image_id,
+            "run_id": k.run_id,
+            "judged_at": now,
+        }
+        for f, k in plan.known
+        if not k.in_ledger
+    ]
+    if rows:
+        log.info("recording %d files committed to tensors without a ledger row", len(rows))
+        ledger.record(lakehouse_uri, rows, settings)
 
 
 def _chunks(
