@@ -114,6 +114,8 @@ class Settings:
     #: endpoint of an S3-compatible server (moto, MinIO); empty = AWS itself.
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
+    #: attempts of each S3 request (botocore's standard retry mode: exponential backoff between them)
+    s3_max_attempts: int = 5
     pseudonym_key: str = field(default=DEV_PSEUDONYM_KEY, repr=False)
     resize_size: int = 224
     resize_engine: ResizeEngine = "cv2"
@@ -173,6 +175,8 @@ class Settings:
             raise ConfigError(f"resize size {self.resize_size} is too small (minimum 8)")
         if self.max_pixels < 1 or self.max_file_bytes < 1:
             raise ConfigError("max pixels and max file bytes must be positive")
+        if self.s3_max_attempts < 1:
+            raise ConfigError(f"S3 max attempts must be at least 1 (got {self.s3_max_attempts})")
         if self.files_per_task < 1:
             raise ConfigError(f"files per task must be at least 1 (got {self.files_per_task})")
         if self.commit_every_images < 1 or self.commit_every_s <= 0:
@@ -253,6 +257,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CXR_SPARK_MASTER", "spark_master"),
     Variable("CXR_S3_ENDPOINT_URL", "s3_endpoint_url", fallbacks=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
     Variable("AWS_REGION", "s3_region", fallbacks=("AWS_DEFAULT_REGION",)),
+    Variable("CXR_S3_MAX_ATTEMPTS", "s3_max_attempts", _int),
     Variable("CXR_PSEUDONYM_KEY", "pseudonym_key", secret=True),
     Variable("CXR_RESIZE_SIZE", "resize_size", _int),
     Variable("CXR_RESIZE_ENGINE", "resize_engine", _choice(*RESIZE_ENGINES)),

@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -129,7 +129,7 @@ def published_uri(lakehouse_uri: str) -> str:
 
 # --- object store clients --------------------------------------------------------------------------
 @lru_cache(maxsize=4)
-def _s3_client(endpoint_url: str, region: str) -> Any:
+def _s3_client(endpoint_url: str, region: str, max_attempts: int = 5) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -138,14 +138,15 @@ def _s3_client(endpoint_url: str, region: str) -> Any:
         endpoint_url=endpoint_url or None,
         region_name=region,
         config=Config(
-            retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"} if endpoint_url else {}
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint_url else {},
         ),
     )
 
 
 def s3_client(settings: Settings) -> Any:
     """A boto3 S3 client for the configured endpoint (cached per process)."""
-    return _s3_client(settings.s3_endpoint_url, settings.s3_region)
+    return _s3_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_max_attempts)
 
 
 def delta_storage_options(uri: str, settings: Settings) -> dict[str, str]:
@@ -254,20 +255,41 @@ _TRANSIENT_S3_CODES = frozenset(
 )
 #: local errno values that pass (network file systems)
 _TRANSIENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR, errno.ESTALE})
-#: seconds slept before each retry of a transient read error (after botocore's own retries)
-READ_BACKOFF_S: tuple[float, ...] = (0.5, 1.0, 2.0)
+#: seconds slept before each further try of a transient read error (S3: each try is itself botocore's
+#: 5 attempts with exponential backoff)
+READ_BACKOFF_S: tuple[float, ...] = (2.0,)
 
 
-def read_bytes(uri: str, settings: Settings, *, backoff: tuple[float, ...] = READ_BACKOFF_S) -> bytes:
+#: ``keep_reading(head, complete)``: False stops the read after the head (``complete``: the head is the whole file)
+HeadCheck = Callable[[bytes, bool], bool]
+
+
+def read_bytes(
+    uri: str,
+    settings: Settings,
+    *,
+    backoff: tuple[float, ...] = READ_BACKOFF_S,
+    head: int = 0,
+    keep_reading: HeadCheck | None = None,
+) -> bytes:
     """Read one input file; a transient error (throttling, timeout) is retried with backoff.
+
+    Args:
+        uri: a local path or ``s3://bucket/key``.
+        settings: for the S3 endpoint.
+        backoff: seconds slept before each retry of a transient error.
+        head: with ``keep_reading``, read this many bytes first (one request: the rest of the same stream
+            is read only when ``keep_reading(head_bytes, complete)`` says so).
+        keep_reading: judges the head; False returns the head alone (the file was not read further).
 
     Raises:
         TransientReadError: the error still passes for transient after the retries (read again next run).
         SourceReadError: when the bytes cannot be read (an input error: the file is quarantined).
+        InputError: whatever ``keep_reading`` raises.
     """
     for delay in (*backoff, None):
         try:
-            return _read_once(uri, settings)
+            return _read_once(uri, settings, head if keep_reading else 0, keep_reading)
         except TransientReadError as exc:
             if delay is None:
                 raise
@@ -276,7 +298,24 @@ def read_bytes(uri: str, settings: Settings, *, backoff: tuple[float, ...] = REA
     raise AssertionError("unreachable")
 
 
-def _read_once(uri: str, settings: Settings) -> bytes:
+def _read_stream(stream: Any, head: int, keep_reading: HeadCheck | None) -> bytes:
+    if not head or keep_reading is None:
+        return bytes(stream.read())
+    parts, n = [], 0
+    while n < head:  # a stream may return less than asked before its end
+        part = stream.read(head - n)
+        if not part:
+            break
+        parts.append(bytes(part))
+        n += len(part)
+    first = b"".join(parts)
+    complete = n < head  # the end was reached: the head is the whole file
+    if not keep_reading(first, complete) or complete:
+        return first
+    return first + bytes(stream.read())
+
+
+def _read_once(uri: str, settings: Settings, head: int, keep_reading: HeadCheck | None) -> bytes:
     if is_s3(uri):
         from botocore.exceptions import (
             BotoCoreError,
@@ -284,25 +323,38 @@ def _read_once(uri: str, settings: Settings) -> bytes:
             ConnectionClosedError,
             ConnectTimeoutError,
             EndpointConnectionError,
+            IncompleteReadError,
             ReadTimeoutError,
+            ResponseStreamingError,
         )
 
         bucket, key = split_s3(uri)
         try:
-            body: bytes = s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
+            stream = s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return _read_stream(stream, head, keep_reading)
+            finally:
+                stream.close()  # a stream left after the head: the rest is not downloaded
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _TRANSIENT_S3_CODES or status in _TRANSIENT_S3_CODES:
                 raise TransientReadError(f"cannot read {uri} for now: {exc}") from exc
             raise SourceReadError(f"cannot read {uri}: {exc}") from exc
-        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError) as exc:
+        except (
+            EndpointConnectionError,
+            ConnectTimeoutError,
+            ReadTimeoutError,
+            ConnectionClosedError,
+            ResponseStreamingError,
+            IncompleteReadError,
+        ) as exc:
             raise TransientReadError(f"cannot read {uri} for now: {exc}") from exc
         except BotoCoreError as exc:
             raise SourceReadError(f"cannot read {uri}: {exc}") from exc
-        return body
     try:
-        return Path(uri).read_bytes()
+        with Path(uri).open("rb") as fh:
+            return _read_stream(fh, head, keep_reading)
     except OSError as exc:
         if exc.errno in _TRANSIENT_ERRNOS:
             raise TransientReadError(f"cannot read {uri} for now: {exc.strerror or exc}") from exc

@@ -306,11 +306,12 @@ class _ThrottlingS3:
     """A tiny S3 endpoint (path-style ListObjectsV2 and GetObject) that answers 503 SlowDown to every
     GET of the objects named in ``throttled``: the real fault an archive on S3 shows under load."""
 
-    def __init__(self, objects: dict[str, bytes], throttled: set[str]) -> None:
+    def __init__(self, objects: dict[str, bytes], throttled: set[str], cut_after: dict[str, int] | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import parse_qs, urlsplit
 
         self.objects, self.throttled, self.gets = objects, throttled, Counter[str]()
+        self.cut_after = cut_after or {}  # key -> bytes sent before the connection breaks
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -349,6 +350,15 @@ class _ThrottlingS3:
                     self._send(
                         503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                     )
+                elif key in outer.cut_after:  # the full length announced, then the connection breaks
+                    body = outer.objects[key]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[: outer.cut_after[key]])
+                    self.wfile.flush()
+                    self.close_connection = True
                 elif key in outer.objects:
                     self._send(200, outer.objects[key], "application/octet-stream")
                 else:
@@ -372,12 +382,12 @@ def test_a_throttled_file_is_retried_then_left_for_the_next_run(spark: Any, sett
     objects = {f"in/img{i}.png": png_bytes(to_uint(synthetic_cxr(64, 80, seed=300 + i), 8)) for i in range(3)}
     fake = _ThrottlingS3(objects, throttled={"in/img1.png"})
     try:
-        s3 = settings.with_overrides(s3_endpoint_url=fake.url)
+        s3 = settings.with_overrides(s3_endpoint_url=fake.url, s3_max_attempts=2)
         storage._s3_client.cache_clear()
         # the read retries with backoff (botocore's own retries, then ours) before it gives up
         with pytest.raises(TransientReadError, match="SlowDown"):
-            storage.read_bytes("s3://bucket/in/img1.png", s3, backoff=(0.01, 0.01))
-        assert fake.gets["in/img1.png"] >= 3 * 2
+            storage.read_bytes("s3://bucket/in/img1.png", s3, backoff=(0.01,))
+        assert fake.gets["in/img1.png"] >= 2 * 2  # two tries, each of botocore's retries with backoff
         lake = tmp_path / "lake"
         s1 = _run(spark, s3, "s3://bucket/in", lake, run_id="throttled")
         assert (s1.new, s1.retryable, s1.quarantined, s1.reconciles) == (2, 1, 0, True)
@@ -461,3 +471,41 @@ def test_a_lakehouse_made_before_the_ledger_gets_one_without_reading_its_files(
     assert (s.decoded, s.new, s.already_present, s.previously) == (0, 0, 5, {"new": 5})
     ledger = _files(lake, settings)
     assert {(r["outcome"], r["run_id"]) for r in ledger.values()} == {("new", "old-release")} and len(ledger) == 5
+
+
+def test_a_multi_frame_object_is_skipped_from_its_header_without_downloading_its_pixels(
+    spark: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """Its download breaks after the first 300 KB (of 1.5 MB): had the pipeline read on, the file would be
+    retryable; judged from the header, it is skipped. A radiograph cut the same way is retryable."""
+    import io
+
+    import numpy as np
+    import pydicom
+
+    from transforms.sample import dicom_bytes
+
+    big = dicom_bytes(to_uint(synthetic_cxr(512, 512, seed=9), 12), bits_stored=12, seed=9)
+    ds = pydicom.dcmread(io.BytesIO(big))
+    ds.NumberOfFrames = 3
+    ds.PixelData = bytes(ds.PixelData) * 3
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    cine, radiograph = buf.getvalue(), big
+    assert len(cine) > 1_500_000 and len(radiograph) > 500_000
+    objects = {"pacs/cine.dcm": cine, "pacs/dx.dcm": radiograph}
+    fake = _ThrottlingS3(objects, throttled=set(), cut_after=dict.fromkeys(objects, 300_000))
+    try:
+        from lakehouse import storage
+
+        s3 = settings.with_overrides(s3_endpoint_url=fake.url)
+        storage._s3_client.cache_clear()
+        s = _run(spark, s3, "s3://bucket/pacs", tmp_path / "lake", run_id="cut")
+        assert (s.skipped, s.retryable, s.skip_reasons) == (1, 1, {"MultiFrame": 1})
+        rows = _files(tmp_path / "lake", settings)
+        assert rows["s3://bucket/pacs/cine.dcm"]["image_id"] is None  # not read whole, so not hashed
+        assert rows["s3://bucket/pacs/dx.dcm"]["outcome"] == "retryable"
+        assert np.frombuffer(cine[:8], np.uint8).size == 8
+    finally:
+        fake.close()
+        storage._s3_client.cache_clear()

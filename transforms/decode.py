@@ -313,8 +313,11 @@ def _parse_errors() -> tuple[type[Exception], ...]:
     )
 
 
-def _read_header(data: bytes) -> _DicomHeader:
+def _read_header(data: bytes, *, partial: bool = False) -> _DicomHeader:
     """Parse a DICOM header without reading its pixel data; a deflated data set is inflated only this far.
+
+    ``partial``: ``data`` is the start of a longer file; the header is incomplete unless the pixel data
+    element is found in it (a deflated data set is then not judged at all).
 
     Raises:
         the parser's own exceptions (see :func:`_parse_errors`); callers decide what they mean.
@@ -324,7 +327,9 @@ def _read_header(data: bytes) -> _DicomHeader:
     ts = str(meta.get("TransferSyntaxUID", "") or "").strip() if meta is not None else ""
     if meta is None or ts != _DEFLATED:
         ds, end = _header_dataset(data, force=not has_preamble)
-        return _locate_pixel_data(_DicomHeader(ds, data, has_preamble, ts), end)
+        return _locate_pixel_data(_DicomHeader(ds, data, has_preamble, ts), end, more=partial)
+    if partial:  # a deflate stream cut short: judged on the whole file (skip_reason gives None)
+        raise EOFError("a deflated data set is judged on the whole file")
     prefix = _explicit_vr_file_start(meta)
     for limit in _HEADER_INFLATE_STEPS:  # most headers fit in the first step
         head, more = _inflate(memoryview(data)[dataset_start:], limit)
@@ -432,7 +437,7 @@ def _sop_name(ds: Dataset) -> str:
 
 
 # --- DICOM: skipped by design ----------------------------------------------------------------------
-def skip_reason(data: bytes, *, name: str = "", modalities: tuple[str, ...]) -> Skip | None:
+def skip_reason(data: bytes, *, name: str = "", modalities: tuple[str, ...], partial: bool = False) -> Skip | None:
     """Judge from the header alone whether a DICOM object is left out by design; its pixels are never read.
 
     Non-DICOM data, a header that cannot be parsed and an object to decode all give ``None``: :func:`decode`
@@ -447,6 +452,8 @@ def skip_reason(data: bytes, *, name: str = "", modalities: tuple[str, ...]) -> 
         data: the file's bytes.
         name: the file name or URI (used only to recognise DICOM files without a preamble).
         modalities: the allowlist (``Settings.modalities``), upper case, e.g. ``("CR", "DX", "RG")``.
+        partial: ``data`` is only the start of the file: a verdict is given only when the header is whole
+            in it (its pixel data element found); otherwise ``None`` (judge the whole file then).
 
     Returns:
         A :class:`Skip` with reason ``NoPixelData`` (SR, PR, KO, RT plan, ...), ``ModalityNotAllowed`` or
@@ -458,7 +465,7 @@ def skip_reason(data: bytes, *, name: str = "", modalities: tuple[str, ...]) -> 
     except InputError:
         return None
     try:
-        header = _read_header(data)
+        header = _read_header(data, partial=partial)
         frames = _geometry(header.ds)[3]
     except _parse_errors():
         return None

@@ -38,7 +38,7 @@ from lakehouse.errors import InputError, StorageError, TransientReadError
 from lakehouse.progress import ProgressBar, progress_bar, status
 from lakehouse.runs import PreprocessRun, new_run_id, write_summary
 from lakehouse.tables import QUARANTINE, TENSORS, Column, TableSpec
-from transforms.decode import skip_reason
+from transforms.decode import Skip, skip_reason
 from transforms.supervised import DEFAULT_DECODER, DecoderStartError, SupervisedDecoder, shared_decoder
 from transforms.tensor import PREPROCESS_VERSION, PreprocessParams
 
@@ -78,6 +78,9 @@ RESULT_SPEC = TableSpec(
     ),
     properties=(),
 )
+
+#: bytes read first from each file: a DICOM header that fits decides a skip before the rest is read
+HEADER_BYTES = 256 << 10
 
 #: rows per data file a worker writes (~18 MB of float16 224x224 tensors): few files, bounded memory
 ROWS_PER_FILE = 256
@@ -169,20 +172,29 @@ def _process_one(
             "error_message": f"the file is {size} bytes, above the limit of {settings.max_file_bytes} bytes "
             "(raise CXR_MAX_FILE_BYTES if it is a genuine image)",
         }
+    verdicts: list[Skip | None] = []
+
+    def keep_reading(head: bytes, complete: bool) -> bool:
+        # the header alone decides a skip (no pixel data, another modality, several frames): a large
+        # multi-frame object is not even downloaded past its header
+        verdicts.append(skip_reason(head, name=uri, modalities=settings.modalities, partial=not complete))
+        return verdicts[-1] is None
+
     try:
-        data = storage.read_bytes(uri, settings)
+        data = storage.read_bytes(uri, settings, head=HEADER_BYTES, keep_reading=keep_reading)
+        skip = verdicts[-1] if verdicts else None
+        if skip is None and len(data) > HEADER_BYTES:  # the header did not fit in the head: judge it whole
+            skip = skip_reason(data, name=uri, modalities=settings.modalities)
     except TransientReadError as exc:  # throttled or timed out even after retries: read again next run
         return {**row, "status": RETRYABLE, "error_class": type(exc).__name__, "error_message": str(exc)}
-    except InputError as exc:
-        return {**row, "status": QUARANTINED, "error_class": type(exc).__name__, "error_message": str(exc)}
-    sha = hashlib.sha256(data).hexdigest()
-    row.update(image_id=sha, source_bytes=len(data))
-    try:
-        skip = skip_reason(data, name=uri, modalities=settings.modalities)  # the header only: pixels unread
-    except InputError as exc:  # a header that declares a bomb
+    except InputError as exc:  # unreadable, or a header that declares a bomb
         return {**row, "status": QUARANTINED, "error_class": type(exc).__name__, "error_message": str(exc)}
     if skip is not None:
+        if len(data) == size:  # read whole anyway (a small file): its hash is known
+            row.update(image_id=hashlib.sha256(data).hexdigest())
         return {**row, "status": SKIPPED, "error_class": skip.reason_class, "error_message": skip.message}
+    sha = hashlib.sha256(data).hexdigest()
+    row.update(image_id=sha, source_bytes=len(data))
     if sha in known_ids:
         return {**row, "status": PRESENT}
     if sha in seen:
