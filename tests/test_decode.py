@@ -378,7 +378,8 @@ def test_skip_reason_modality_not_allowed(deflated: bool, header_only: list[dict
     assert skip is not None and skip.reason_class == "ModalityNotAllowed"
     assert skip.message == (
         "DICOM modality CT (SOP class CT Image Storage) is not in the allowlist CR, DX, RG; "
-        "skipped without reading its pixels; to include it add CT to CXR_MODALITIES"
+        "skipped without reading its pixels; to include it add CT to CXR_MODALITIES "
+        "(then `cxr requeue --skipped --error-class ModalityNotAllowed` for files already skipped)"
     )
     assert skip_reason(data, name="ct.dcm", modalities=(*ALLOWED, "CT")) is None
 
@@ -407,7 +408,9 @@ def test_skip_reason_missing_modality(sop_class: str, allowed: tuple[str, ...], 
         assert skip.message.startswith(
             f"DICOM without a Modality element (SOP class {expected} the allowlist CR, DX, RG;"
         )
-        assert skip.message.endswith(f"add {'MG' if 'MG' in expected else 'NONE'} to CXR_MODALITIES")
+        assert (
+            f"add {'MG' if 'MG' in expected else 'NONE'} to CXR_MODALITIES (then `cxr requeue --skipped" in skip.message
+        )
 
 
 def test_skip_reason_multi_frame(header_only: list[dict[str, object]]) -> None:
@@ -435,3 +438,25 @@ def test_skip_reason_on_the_sample_kinds() -> None:
         skip = skip_reason(make(1), name=fname, modalities=ALLOWED)
         assert skip is not None and skip.reason_class == expected, kind
         assert "SYN-" not in skip.message and "SYNTHETIC^" not in skip.message  # the samples' identifiers
+
+
+def test_skip_reason_on_the_head_of_a_file_never_skips_wrongly() -> None:
+    """Judged on the first bytes only (``partial``): a verdict when the whole header is there, else None,
+    and never a skip for a radiograph whose header is cut (e.g. by an early end of the head)."""
+    from transforms.sample import SKIPPED_KINDS, VALID_KINDS
+
+    modalities = ("CR", "DX", "RG")
+    for kind, (_, make, reason) in SKIPPED_KINDS.items():
+        data = make(3)
+        if kind == "multi_frame" or kind == "ct_slice":  # pixel data follows the header: the head suffices
+            head = data[: data.index(b"\xe0\x7f\x10\x00") + 12]
+            verdict = skip_reason(head, name="x.dcm", modalities=modalities, partial=True)
+            assert verdict is not None and verdict.reason_class == reason, kind
+        end = data.find(b"\xe0\x7f\x10\x00")  # the pixel data tag, where the header ends (-1: none)
+        for cut in (140, 300, (end if end > 0 else len(data)) - 20):  # cut inside the header: no verdict
+            assert skip_reason(data[:cut], name="x.dcm", modalities=modalities, partial=True) is None, (kind, cut)
+    for kind, (ext, make) in VALID_KINDS.items():
+        if ext == ".dcm":
+            data = make(4)
+            for cut in range(132, min(len(data), 4000), 97):
+                assert skip_reason(data[:cut], name="x.dcm", modalities=modalities, partial=True) is None, (kind, cut)
