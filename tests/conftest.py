@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,6 +99,57 @@ def upload_dir(settings: Settings, local: Path, s3_uri: str) -> int:
             client.put_object(Bucket=bucket, Key=key, Body=p.read_bytes())
             n += 1
     return n
+
+
+#: the DAG's tasks in order (local profile)
+DAG_TASKS = [
+    "wait_for_images",
+    "preprocess",
+    "validate_tensors",
+    "infer",
+    "validate_predictions",
+    "publish",
+    "report",
+    "maintain",
+]
+
+
+def kill_group_when(
+    args: list[str], env: dict[str, str], cwd: Path, ready: Callable[[], bool], *, poll_s: float
+) -> None:
+    """Start ``args`` as a process group and SIGKILL the whole group as soon as ``ready()`` (a real kill -9).
+
+    Raises:
+        AssertionError: when the process ends first or ``ready()`` stays false for 240 s.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        args, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "not ready to be killed after 240 s"
+            time.sleep(poll_s)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def scramble_keeping_size_and_mtime(paths: list[Path]) -> None:
+    """Overwrite each file with other bytes of the same size and put its mtime back: a run that read it
+    would see new content (a new row or a new failure); one that trusts (path, size, mtime) sees nothing."""
+    import os
+
+    for p in paths:
+        st = p.stat()
+        p.write_bytes(b"\x00" * st.st_size)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 MODEL = "densenet121-res224-all"

@@ -16,7 +16,7 @@ from deltalake import DeltaTable
 
 from lakehouse.config import Settings
 from lakehouse.tables import PREDICTIONS, TENSORS
-from tests.conftest import MODEL, TEST_KEY, make_bucket, upload_dir
+from tests.conftest import DAG_TASKS, MODEL, TEST_KEY, make_bucket, upload_dir
 from transforms.sample import INVALID_KINDS, VALID_KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,16 +100,7 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
     assert info["doc_md"]
     assert info["params"] == ["allow_untrained", "input_uri", "lakehouse_uri", "models", "weights_dir"]
     tasks = info["tasks"]
-    order = [
-        "wait_for_images",
-        "preprocess",
-        "validate_tensors",
-        "infer",
-        "validate_predictions",
-        "publish",
-        "report",
-        "maintain",
-    ]
+    order = DAG_TASKS
     assert sorted(tasks) == sorted(order)
     for up, down in zip(order, order[1:], strict=False):
         assert tasks[up]["downstream"] == [down], (up, tasks[up]["downstream"])

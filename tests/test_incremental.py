@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from lakehouse.delta_rs import open_table, read_arrow
 from lakehouse.maintain import referenced_paths
 from lakehouse.runs import PreprocessRun
 from lakehouse.tables import FILES, QUARANTINE, TENSORS
+from tests.conftest import kill_group_when, scramble_keeping_size_and_mtime
 from transforms.preprocess import run_preprocess
 from transforms.sample import INVALID_KINDS, SKIPPED_KINDS, VALID_KINDS, png_bytes, synthetic_cxr, to_uint
 
@@ -57,15 +56,6 @@ def _invalid(inp: Path, n: int) -> list[Path]:
     return out
 
 
-def _scramble_keeping_size_and_mtime(paths: list[Path]) -> None:
-    """Overwrite each file with other bytes of the same size and put its mtime back: a run that read it
-    would see new content (a new row or a new failure); one that trusts (path, size, mtime) sees nothing."""
-    for p in paths:
-        st = p.stat()
-        p.write_bytes(b"\x00" * st.st_size)
-        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def _files(lake: Path, settings: Settings) -> dict[str, dict[str, object]]:
     t = read_arrow(str(lake), FILES, settings)
     return {r["source_uri"]: r for r in t.to_pylist()}
@@ -83,7 +73,7 @@ def test_the_second_day_passes_the_gate_and_old_failures_are_not_read(
     assert (s1.discovered, s1.new, s1.quarantined, s1.reconciles) == (30, 20, 10, True)
     assert validate_lakehouse(str(lake), settings=settings, run_id="day1", max_quarantine_share=0.5).success
 
-    _scramble_keeping_size_and_mtime(first + bad)
+    scramble_keeping_size_and_mtime(first + bad)
     _valid(inp, 3, start=20)
     s2 = _run(spark, settings, inp, lake, run_id="day2")
     assert (s2.discovered, s2.new, s2.already_present, s2.quarantined, s2.decoded) == (33, 3, 30, 0, 3)
@@ -239,23 +229,13 @@ def test_kill_9_mid_run_keeps_committed_batches_and_the_rerun_is_exact(settings:
         "PYTHONPATH": str(REPO),
     }
     cmd = [sys.executable, "-m", "cxr.cli", "preprocess", "--input", str(inp), "--lakehouse", str(lake)]
-    proc = subprocess.Popen(
+    kill_group_when(
         [*cmd, "--run-id", "killed", "--no-progress"],
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env,
+        REPO,
+        lambda: _committed_rows(lake, settings) >= total * 0.6,
+        poll_s=0.2,
     )
-    try:
-        deadline = time.monotonic() + 240
-        while _committed_rows(lake, settings) < total * 0.6:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     kept = _committed_rows(lake, settings)
     assert total * 0.6 <= kept < total and kept % 20 == 0, kept  # whole batches only
 
@@ -351,12 +331,12 @@ class _ThrottlingS3:
                         503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                     )
                 elif key in outer.cut_after:  # the full length announced, then the connection breaks
-                    body = outer.objects[key]
+                    payload = outer.objects[key]
                     self.send_response(200)
                     self.send_header("Content-Type", "application/octet-stream")
-                    self.send_header("Content-Length", str(len(body)))
+                    self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(body[: outer.cut_after[key]])
+                    self.wfile.write(payload[: outer.cut_after[key]])
                     self.wfile.flush()
                     self.close_connection = True
                 elif key in outer.objects:
@@ -466,7 +446,7 @@ def test_a_lakehouse_made_before_the_ledger_gets_one_without_reading_its_files(
     imgs = _valid(inp, 5)
     _run(spark, settings, inp, lake, run_id="old-release")
     shutil.rmtree(lake / "files")  # what the earlier release left: no ledger
-    _scramble_keeping_size_and_mtime(imgs)
+    scramble_keeping_size_and_mtime(imgs)
     s = _run(spark, settings, inp, lake, run_id="upgraded")
     assert (s.decoded, s.new, s.already_present, s.previously) == (0, 0, 5, {"new": 5})
     ledger = _files(lake, settings)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from lakehouse.config import Settings
 from lakehouse.delta_rs import open_table, read_arrow
 from lakehouse.runs import PreprocessRun
 from lakehouse.tables import FILES, QUARANTINE, TENSORS, decode_tensor
-from tests.conftest import TEST_KEY, make_bucket, upload_dir
+from tests.conftest import TEST_KEY, kill_group_when, make_bucket, scramble_keeping_size_and_mtime, upload_dir
 from transforms.decode import pseudonymize
 from transforms.preprocess import run_preprocess
 from transforms.sample import (
@@ -187,15 +185,6 @@ def test_tables_stay_readable_by_delta_rs_and_athena(first_run, settings: Settin
         assert "delta.columnMapping.mode" not in config
 
 
-def _scramble_keeping_size_and_mtime(paths: list[Path]) -> None:
-    """Overwrite each file with other bytes of the same size and put its mtime back: a run that read it
-    would see new content (a new row or a new failure); one that trusts (path, size, mtime) sees nothing."""
-    for p in paths:
-        st = p.stat()
-        p.write_bytes(b"\x00" * st.st_size)
-        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def test_rerun_is_idempotent(spark, settings: Settings, archive: Path, first_run) -> None:  # type: ignore[no-untyped-def]
     """A rerun over the unchanged archive reads no file at all: every input was judged by the first run,
     whatever its outcome (new, quarantined or skipped), and is known by path, size and mtime."""
@@ -204,7 +193,7 @@ def test_rerun_is_idempotent(spark, settings: Settings, archive: Path, first_run
     versions = [open_table(str(lake), spec, settings).version() for spec in tables]
     inputs = _inputs(archive)
     originals = {p: (p.read_bytes(), p.stat()) for p in inputs}
-    _scramble_keeping_size_and_mtime(inputs)
+    scramble_keeping_size_and_mtime(inputs)
     try:
         again = _run(spark, settings, archive, lake)
     finally:  # the other tests of the module read the archive's real bytes
@@ -401,23 +390,7 @@ def test_a_kill_before_the_first_commit_leaves_only_orphans(
         "CXR_FILES_PER_TASK": "10",
         "PYSPARK_SUBMIT_ARGS": "--conf spark.default.parallelism=8 pyspark-shell",
     }
-    proc = subprocess.Popen(
-        [*cmd, "--run-id", "killed"],
-        env=killed_env,
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not _data_files(lake):
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no data file written"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_group_when([*cmd, "--run-id", "killed"], killed_env, REPO, lambda: bool(_data_files(lake)), poll_s=0.05)
     orphans = _data_files(lake)
     # killed before the commit: the table is still its empty version 0, no file was judged, no summary
     assert orphans and open_table(str(lake), TENSORS, settings).version() == 0

@@ -10,19 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DAG_TASKS
 from tests.test_dag import CXR, _airflow_env
 from transforms.sample import INVALID_KINDS, SKIPPED_KINDS, VALID_KINDS
 
-ORDER = [
-    "wait_for_images",
-    "preprocess",
-    "validate_tensors",
-    "infer",
-    "validate_predictions",
-    "publish",
-    "report",
-    "maintain",
-]
+ORDER = DAG_TASKS
 MAX_LINES = 40
 
 

@@ -346,16 +346,10 @@ def write_samples(output: Path, *, count: int = 34, include_invalid: bool = Fals
         p.write_bytes(make(seed + i))
         written.append(p)
     if include_invalid:
-        bad = output / "invalid"
-        bad.mkdir(exist_ok=True)
-        for kind, (fname, make, _) in INVALID_KINDS.items():
-            p = bad / f"{kind}_{fname}"
-            p.write_bytes(make(seed))
-            written.append(p)
-        other = output / "not_radiographs"
-        other.mkdir(exist_ok=True)
-        for kind, (fname, make, _) in SKIPPED_KINDS.items():
-            p = other / f"{kind}_{fname}"
-            p.write_bytes(make(seed))
-            written.append(p)
+        for folder, kinds in (("invalid", INVALID_KINDS), ("not_radiographs", SKIPPED_KINDS)):
+            (output / folder).mkdir(exist_ok=True)
+            for kind, (fname, make, _) in kinds.items():
+                p = output / folder / f"{kind}_{fname}"
+                p.write_bytes(make(seed))
+                written.append(p)
     return written
