@@ -117,11 +117,13 @@ DAG_TASKS = [
 def kill_group_when(
     args: list[str], env: dict[str, str], cwd: Path, ready: Callable[[], bool], *, poll_s: float
 ) -> None:
-    """Start ``args`` as a process group and SIGKILL the whole group as soon as ``ready()`` (a real kill -9).
+    """Start ``args`` as a process group and SIGKILL the whole group as soon as ``ready()`` (a real kill -9),
+    then every process left in its session (Spark's Python workers run in a process group of their own).
 
     Raises:
         AssertionError: when the process ends first or ``ready()`` stays false for 240 s.
     """
+    import contextlib
     import os
     import signal
     import subprocess
@@ -139,6 +141,28 @@ def kill_group_when(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # Spark's Python daemon puts itself and its workers in a process group of their own (same
+        # session): kill the whole session, as a node going away would, and wait until it is gone, so
+        # that no worker writes a file after the kill
+        deadline = time.monotonic() + 10
+        while (left := _session_pids(proc.pid)) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (Linux /proc; zombies count as gone)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def scramble_keeping_size_and_mtime(paths: list[Path]) -> None:

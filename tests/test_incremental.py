@@ -489,3 +489,17 @@ def test_a_multi_frame_object_is_skipped_from_its_header_without_downloading_its
     finally:
         fake.close()
         storage._s3_client.cache_clear()
+
+
+def test_a_run_with_another_pseudonym_key_is_refused(spark: Any, settings: Settings, tmp_path: Path) -> None:
+    from lakehouse.errors import ConfigError
+
+    inp, lake = tmp_path / "in", tmp_path / "lake"
+    _valid(inp, 2)
+    _run(spark, settings, inp, lake, run_id="key1")
+    _valid(inp, 1, start=10)
+    other = settings.with_overrides(pseudonym_key="another-secret")
+    with pytest.raises(ConfigError, match="another key .*split every patient in two"):
+        _run(spark, other, inp, lake, run_id="key2")
+    assert read_arrow(str(lake), TENSORS, settings).num_rows == 2  # nothing written with the other key
+    assert _run(spark, settings, inp, lake, run_id="key1-again").new == 1
