@@ -84,8 +84,8 @@ def test_counts_reconcile_and_every_input_is_accounted_for(first_run, archive: P
     assert (s.skip_reasons, s.quarantine_reasons) == (SKIP_REASONS, QUARANTINE_REASONS)
     # every file goes to the decoder but those skipped from their header (a bomb is refused by the decoder)
     assert (s.decoded, s.previously, s.content_present, s.first_seen) == (n_valid + n_invalid, {}, 0, 26)
-    # two commits: the first batch is one wave of tasks (8 files per task x 2 cores), the second the rest
-    assert (s.batches, s.reconciles) == (2, True)
+    # one commit: the first batch is up to four waves of tasks (4 x 8 files per task x 2 cores = 64 files)
+    assert (s.batches, s.reconciles) == (1, True)
     tensors = read_arrow(str(lake), TENSORS, settings)
     quarantine = read_arrow(str(lake), QUARANTINE, settings)
     # every input has exactly one judgement in the ledger, and it agrees with the table it landed in
@@ -234,9 +234,9 @@ def test_same_bytes_under_two_paths_give_one_row(spark, settings: Settings, tmp_
     for name in ("x/one.png", "x/two.png", "zz_three.png"):
         (inp / name).write_bytes(img)
     (inp / "other.png").write_bytes(png_bytes(to_uint(synthetic_cxr(64, 64, seed=2), 8)))
-    # one file per task, two per batch (1 x 2 cores): other.png and x/one.png commit first; the two later
+    # one file per task, two per batch: other.png and x/one.png commit first; the two later
     # copies are decoded in the second batch's two partitions and resolved against the first batch
-    s = _run(spark, settings.with_overrides(files_per_task=1), inp, lake)
+    s = _run(spark, settings.with_overrides(files_per_task=1, commit_every_images=2), inp, lake)
     assert (s.discovered, s.new, s.duplicates, s.decoded, s.batches) == (4, 2, 2, 4, 2)
     first = str(inp / "x/one.png")
     assert s.duplicate_pairs == [

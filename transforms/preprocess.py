@@ -415,15 +415,19 @@ def _chunks(
     """The files to judge in batches, each committed before the next starts.
 
     A batch holds at most ``commit_every_images`` files and, once a batch has measured the speed, no
-    more than ``commit_every_s`` of work; the first batch is one wave of tasks (``files_per_task`` per core).
+    more than ``commit_every_s`` of work; the first batch is at most four waves of tasks (``files_per_task``
+    per core) until then. A remainder of under a quarter batch joins the batch before it (each batch
+    costs a Spark job and two commits).
     """
     par = spark.sparkContext.defaultParallelism
     i = 0
     while i < len(todo):
-        size = min(settings.commit_every_images, settings.files_per_task * par)
+        size = min(settings.commit_every_images, 4 * settings.files_per_task * par)
         if state.seconds_per_file:
             size = min(settings.commit_every_images, int(settings.commit_every_s / state.seconds_per_file))
         size = max(size, 1)
+        if len(todo) - (i + size) < size // 4:
+            size = len(todo) - i
         yield todo[i : i + size]
         i += size
 
