@@ -367,8 +367,8 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         python_callable=tasks.new_images_waiting,
         op_kwargs={"input_uri": "{{ params.input_uri }}", "lakehouse_uri": lakehouse},
         mode="reschedule",
-        poke_interval=300 if aws else settings.airflow.poke_interval_s,
-        timeout=12 * 3600 if aws else settings.airflow.wait_timeout_s,
+        poke_interval=settings.airflow.poke_interval_s,
+        timeout=settings.airflow.wait_timeout_s,
         soft_fail=True,  # nothing new: the run is skipped, not failed
     )
 

@@ -133,7 +133,8 @@ class Settings:
     #: A missing Modality is taken from the SOP class (CR, DX, MG, IO); name ``NONE`` to take files whose
     #: SOP class implies none (e.g. secondary captures); name ``OT``/``SC``... for those modalities.
     modalities: tuple[str, ...] = ("CR", "DX", "RG")
-    #: tensors are committed every this many new images (a kill loses at most one batch) ...
+    #: tensors are committed every this many new images (a kill loses at most one batch; a remainder
+    #: under a quarter batch joins the last one) ...
     commit_every_images: int = 2000
     #: ... or every this many seconds of decoding, whichever comes first.
     commit_every_s: float = 300.0

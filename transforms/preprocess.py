@@ -183,7 +183,7 @@ def _process_one(
     try:
         data = storage.read_bytes(uri, settings, head=HEADER_BYTES, keep_reading=keep_reading)
         skip = verdicts[-1] if verdicts else None
-        if skip is None and len(data) > HEADER_BYTES:  # the header did not fit in the head: judge it whole
+        if skip is None and len(data) >= HEADER_BYTES:  # the head may not have held the whole header
             skip = skip_reason(data, name=uri, modalities=settings.modalities)
     except TransientReadError as exc:  # throttled or timed out even after retries: read again next run
         return {**row, "status": RETRYABLE, "error_class": type(exc).__name__, "error_message": str(exc)}
@@ -357,6 +357,8 @@ class _RunState:
     first_of: dict[str, str]
     #: the tensors version after this run's last commit (another writer moves it on)
     tensors_version: int
+    #: another writer has committed to tensors during this run
+    foreign_commits: bool = False
     judged: int = 0
     batches: int = 0
     decoded: int = 0
@@ -690,7 +692,10 @@ def _without_rows(
 
     dt = delta_rs.open_table(lakehouse_uri, TENSORS, settings)
     present: set[str] = set()
-    if dt.version() != state.tensors_version:  # another writer committed: which of our keys did it add?
+    # another writer committed (now or in an earlier batch: the workers' known keys are those of the
+    # run's start, so every later batch is checked too): which of our keys did it add?
+    state.foreign_commits = state.foreign_commits or dt.version() != state.tensors_version
+    if state.foreign_commits:
         ours = {r["image_id"] for r in small if r["status"] == NEW}
         current = dt.to_pyarrow_table(columns=["image_id"]).column("image_id").to_pylist()
         theirs = ours.intersection(current)
