@@ -335,8 +335,7 @@ def _cmd_maintain(args: argparse.Namespace) -> int:
         compact=not args.no_compact,
     )
     if args.json:
-        body = {**asdict(result), "bytes_freed": result.bytes_freed, "files_deleted": result.files_deleted}
-        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return 0
     lines = [
         f"maintenance of {result.lakehouse_uri} (orphans older than {args.older_than:g} h, "

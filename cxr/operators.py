@@ -160,8 +160,6 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
     Airflow Variables: ``cxr_code_uri`` (s3:// folder holding ``cli.py`` and the ``cxr`` package zip),
     ``cxr_emr_serverless_app_id`` + ``cxr_emr_execution_role_arn`` (serverless) or ``cxr_emr_cluster_id``.
     """
-    import math
-
     from airflow.sdk import TaskGroup
 
     code = "{{ var.value.cxr_code_uri }}"
@@ -234,12 +232,19 @@ def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
         waiter_delay=60,
         outlets=outlets,
     )
-    # the provider's default (25 polls) gives up on, and cancels, any job longer than ~25 minutes: poll
-    # for as long as the task may run (its execution_timeout, from the DAG's default_args), one poll more;
-    # without a timeout, as long as the ECS provider's own default (a million polls)
-    timeout = job.execution_timeout
-    job.waiter_max_attempts = math.ceil(timeout.total_seconds() / job.waiter_delay) + 1 if timeout else 1_000_000
-    return job
+    return _poll_until_timeout(job)
+
+
+def _poll_until_timeout(task: Any) -> Any:
+    """Make ``task``'s waiter poll as long as the task may run (its ``execution_timeout``, from the DAG's
+    default_args), one poll more; without a timeout, as long as the ECS provider's own default (a million
+    polls). The EMR Serverless default (25 polls) gives up on, and cancels, any job longer than ~25 minutes.
+    """
+    import math
+
+    timeout = task.execution_timeout
+    task.waiter_max_attempts = math.ceil(timeout.total_seconds() / task.waiter_delay) + 1 if timeout else 1_000_000
+    return task
 
 
 def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
@@ -251,8 +256,6 @@ def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
     Airflow Variables: ``cxr_ecs_cluster``, ``cxr_ecs_task_definition`` (the image pushed to ECR, container
     name ``cxr-infer``), ``cxr_ecs_subnets`` and ``cxr_ecs_security_groups`` (comma-separated).
     """
-    import math
-
     from airflow.providers.amazon.aws.operators.ecs import EcsRunTaskOperator
 
     # the image's ENTRYPOINT is already `cxr infer` (inference/Dockerfile): the override is its arguments
@@ -288,10 +291,7 @@ def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
         render_template_as_native_obj=True,
         outlets=outlets,
     )
-    # wait as long as the task may run (its execution_timeout), one poll more, as for EMR
-    timeout = task.execution_timeout
-    task.waiter_max_attempts = math.ceil(timeout.total_seconds() / task.waiter_delay) + 1 if timeout else 1_000_000
-    return task
+    return _poll_until_timeout(task)
 
 
 def aws_athena_tasks(lakehouse: str) -> Any:

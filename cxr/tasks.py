@@ -127,13 +127,11 @@ def report_stage(lakehouse_uri: str, *, run_id: str | None = None) -> str:
 
 def maintain_stage(lakehouse_uri: str, *, older_than_hours: float = 24.0) -> dict[str, Any]:
     """Delete orphan and expired data files and compact the small-file tables (``cxr maintain``)."""
-    from dataclasses import asdict
-
     from lakehouse.maintain import maintain
 
     result = maintain(lakehouse_uri, load_settings(), older_than_hours=older_than_hours)
     log.info("maintenance freed %d bytes in %d files", result.bytes_freed, result.files_deleted)
-    return {**asdict(result), "bytes_freed": result.bytes_freed, "files_deleted": result.files_deleted}
+    return result.to_dict()
 
 
 def on_failure(context: Mapping[str, Any]) -> None:

@@ -128,19 +128,34 @@ def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settin
     """
     if rows.num_rows == 0:
         return 0
+    return int(_merge(lakehouse_uri, spec, rows, settings, update=False).get("num_target_rows_inserted", 0))
+
+
+def merge_upsert(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settings) -> int:
+    """MERGE Arrow rows into the table on its key (null-safe): a key there is updated, a new one inserted.
+
+    Returns:
+        The number of rows written (updated or inserted).
+    """
+    if rows.num_rows == 0:
+        return 0
+    metrics = _merge(lakehouse_uri, spec, rows, settings, update=True)
+    return int(metrics.get("num_target_rows_updated", 0)) + int(metrics.get("num_target_rows_inserted", 0))
+
+
+def _merge(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settings, *, update: bool) -> dict:
+    """One MERGE on the table's key, again on the new version after a concurrent commit (8 tries)."""
     from deltalake.exceptions import CommitFailedError
 
     predicate = " AND ".join(f"(t.{k} = s.{k} OR (t.{k} IS NULL AND s.{k} IS NULL))" for k in spec.key)
     source = rows.select(spec.column_names).cast(arrow_schema(spec))
     for attempt in range(8):
         dt = ensure_table(lakehouse_uri, spec, settings)
+        merger = dt.merge(source, predicate=predicate, source_alias="s", target_alias="t")
+        if update:
+            merger = merger.when_matched_update_all()
         try:
-            metrics = (
-                dt.merge(source, predicate=predicate, source_alias="s", target_alias="t")
-                .when_not_matched_insert_all()
-                .execute()
-            )
-            return int(metrics.get("num_target_rows_inserted", 0))
+            return dict(merger.when_not_matched_insert_all().execute())
         except CommitFailedError:  # another writer (a parallel shard) committed first: MERGE again on the new version
             time.sleep(0.2 * (attempt + 1))
     raise CommitFailedError(f"{spec.name}: gave up after 8 concurrent-commit conflicts")

@@ -12,7 +12,6 @@ batch's tensors are committed, so a kill between the two leaves tensors rows wit
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -102,31 +101,11 @@ def record(lakehouse_uri: str, rows: Iterable[Mapping[str, Any]], settings: Sett
     """Upsert judgements (one per path: the new one replaces the old). Returns the number of rows written."""
     import pyarrow as pa
 
-    table = pa.Table.from_pylist([{c: r.get(c) for c in FILES.column_names} for r in rows], schema=arrow_schema(FILES))
-    if table.num_rows == 0:
-        return 0
-    _merge(lakehouse_uri, table, settings)
-    return table.num_rows
-
-
-def _merge(lakehouse_uri: str, rows: pa.Table, settings: Settings) -> None:
-    from deltalake.exceptions import CommitFailedError
-
     from lakehouse import delta_rs
 
-    for attempt in range(8):
-        dt = delta_rs.ensure_table(lakehouse_uri, FILES, settings)
-        try:
-            (
-                dt.merge(rows, predicate="t.source_uri = s.source_uri", source_alias="s", target_alias="t")
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute()
-            )
-            return
-        except CommitFailedError:  # another writer committed first: merge again on the new version
-            time.sleep(0.2 * (attempt + 1))
-    raise CommitFailedError("files: gave up after 8 concurrent-commit conflicts")
+    table = pa.Table.from_pylist([{c: r.get(c) for c in FILES.column_names} for r in rows], schema=arrow_schema(FILES))
+    delta_rs.merge_upsert(lakehouse_uri, FILES, table, settings)
+    return table.num_rows
 
 
 def requeue(

@@ -76,6 +76,12 @@ class MaintainResult:
         """Orphan and expired data files deleted, over every table."""
         return sum(t.orphans_deleted + t.expired_deleted for t in self.tables)
 
+    def to_dict(self) -> dict[str, object]:
+        """The result as JSON-ready data, with the totals (``cxr maintain --json``, the DAG task's XCom)."""
+        from dataclasses import asdict
+
+        return {**asdict(self), "bytes_freed": self.bytes_freed, "files_deleted": self.files_deleted}
+
 
 def maintain(
     lakehouse_uri: str,

@@ -362,7 +362,6 @@ class _RunState:
     judged: int = 0
     batches: int = 0
     decoded: int = 0
-    inserted: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, dict[str, int]] = field(default_factory=lambda: {QUARANTINED: {}, SKIPPED: {}})
     previously: dict[str, int] = field(default_factory=dict)
@@ -561,7 +560,6 @@ def _commit_batch(
             state.first_of[r["image_id"]] = r["source_uri"]
         elif r["outcome"] == DUPLICATE:
             state.pairs.append({"source_uri": r["source_uri"], "duplicate_of": r["duplicate_of"]})
-    state.inserted += inserted
     state.batches += 1
     state.judged += len(small)
     state.decoded += sum(1 for r in small if r["decoded"])
