@@ -259,13 +259,20 @@ def _cmd_query(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise QueryError(f"--limit must be 0 or more (got {args.limit})")
     params = _parse_params(args.param)
+    published = not args.unpublished
+    if args.unpublished:
+        log.warning("reading the latest, UNAUDITED table versions (--unpublished)")
     if args.saved and args.sql:
         raise QueryError("give either SQL or --saved NAME, not both")
     if args.saved:
-        result = run_saved(lakehouse_uri, args.saved, settings=settings, params=params, limit=args.limit + 1)
+        result = run_saved(
+            lakehouse_uri, args.saved, settings=settings, params=params, limit=args.limit + 1, published=published
+        )
     elif args.sql:
         values = {k: _ad_hoc_value(v) for k, v in params.items()}
-        result = query(lakehouse_uri, args.sql, settings=settings, params=values, limit=args.limit + 1)
+        result = query(
+            lakehouse_uri, args.sql, settings=settings, params=values, limit=args.limit + 1, published=published
+        )
     else:
         raise QueryError('give the SQL to run (cxr query "SELECT ...") or --saved NAME (see --list)')
     shown = result.slice(0, args.limit)
@@ -301,8 +308,47 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from cxr.report import write_report
 
     settings = load_settings()
-    write_report(_lakehouse(args, settings), settings=settings, run_id=args.run_id, top=args.top, output=args.output)
+    write_report(
+        _lakehouse(args, settings),
+        settings=settings,
+        run_id=args.run_id,
+        top=args.top,
+        output=args.output,
+        published=not args.unpublished,
+    )
     return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    """``cxr publish``: the DAG's audit and publish steps, for a lakehouse built with the CLI."""
+    from expectations.runner import validate_lakehouse
+    from lakehouse.publish import publish
+
+    settings = load_settings()
+    lakehouse_uri = _lakehouse(args, settings)
+    preprocess = validate_lakehouse(
+        lakehouse_uri, settings=settings, tables=_present(lakehouse_uri, settings, _PRE_TABLES), run_id=args.run_id
+    )
+    _print_validation(preprocess)
+    after = [t for t in _present(lakehouse_uri, settings, TABLE_NAMES) if t not in _PRE_TABLES]
+    inferred = validate_lakehouse(lakehouse_uri, settings=settings, tables=after, run_id=args.infer_run_id) if after else None
+    if inferred is not None:
+        _print_validation(inferred)
+    if not preprocess.success or (inferred is not None and not inferred.success):
+        log.error("an audit failed: nothing published; readers stay on the previous published versions")
+        return 1
+    record = publish(lakehouse_uri, settings, run_id=args.run_id or "cli", infer_run_id=args.infer_run_id)
+    sys.stdout.write("published " + ", ".join(f"{t}@v{v}" for t, v in sorted(record.versions.items())) + "\n")
+    return 0
+
+
+_PRE_TABLES = ("tensors", "quarantine", "files")
+
+
+def _present(lakehouse_uri: str, settings: Settings, tables: Sequence[str]) -> list[str]:
+    from lakehouse.publish import current_versions
+
+    return list(current_versions(lakehouse_uri, settings, tables))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -482,13 +528,27 @@ def build_parser() -> argparse.ArgumentParser:
     qry.add_argument("--database", default="cxr", help="Athena database name for --athena-ddl (default cxr)")
     qry.add_argument("--format", choices=["table", "csv", "json"], default="table")
     qry.add_argument("--limit", type=int, default=1000, help="rows printed at most (default 1000)")
+    qry.add_argument(
+        "--unpublished",
+        action="store_true",
+        help="read the latest table versions, audited or not (default: the published, audited versions)",
+    )
     qry.set_defaults(func=_cmd_query)
+
+    pub = sub.add_parser(
+        "publish", help="audit every table (GX, drift gate), then publish their versions to readers; exit 1 on failure"
+    )
+    pub.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    pub.add_argument("--run-id", help="the preprocessing run whose quarantine share is audited (default: every run)")
+    pub.add_argument("--infer-run-id", help="the inference run audited (coverage, drift gate)")
+    pub.set_defaults(func=_cmd_publish)
 
     rep = sub.add_parser("report", help="one self-contained HTML run report")
     rep.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
     rep.add_argument("--run-id", help="report this preprocessing run (default: the latest)")
     rep.add_argument("--output", help="where to write the HTML (default <lakehouse>/reports/report.html)")
     rep.add_argument("--top", type=int, default=8, help="thumbnails per finding (default 8)")
+    rep.add_argument("--unpublished", action="store_true", help="report the latest, unaudited table versions")
     rep.set_defaults(func=_cmd_report)
 
     run = sub.add_parser(

@@ -373,6 +373,16 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
     value = _return_value(ti)
     if task_id == "publish" and isinstance(value, dict):
         return ", ".join(f"{t} v{v}" for t, v in sorted(value.get("versions", {}).items(), reverse=True))
+    if task_id == "drift" and isinstance(value, dict):
+        if value.get("failed"):
+            return f"DRIFT: {', '.join(value['failed'][:3])}"
+        if not value.get("reference_run_id"):
+            return "no reference run yet (this run becomes it once published)"
+        return "insufficient images: reported, not gated" if value.get("insufficient") else "within limits"
+    if task_id == "evaluate" and isinstance(value, dict):
+        if not value.get("evaluated"):
+            return "no labels_uri: skipped"
+        return f"{value.get('rows_written', 0)} rows, {value.get('matched_keys', 0)}/{value.get('label_keys', 0)} labels matched"
     if task_id == "report" and value:
         return str(value)
     if task_id == "maintain" and isinstance(value, dict):

@@ -328,7 +328,9 @@ class StageTasks:
     preprocess: Any
     validate_tensors: Any
     infer: Any
+    drift: Any
     validate_predictions: Any
+    evaluate: Any
     publish: Any
     athena: Any | None
     report: Any
@@ -409,12 +411,28 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         task_id="validate_predictions",
         python_callable=tasks.validate_stage,
         # the models are those the inference run wrote (a stand-in's id says so: '<name>+untrained-random-init')
-        op_kwargs={"lakehouse_uri": lakehouse, "tables": ["predictions"], "run_id": inf_run_id},
+        # the drift gate: a PSI above CXR_DRIFT_MAX_PSI fails here, so nothing of the run is published
+        op_kwargs={"lakehouse_uri": lakehouse, "tables": ["predictions", "drift"], "run_id": inf_run_id},
+    )
+    drift = PythonOperator(
+        task_id="drift",
+        python_callable=tasks.drift_stage,
+        op_kwargs={"lakehouse_uri": lakehouse, "run_id": inf_run_id},
+    )
+    evaluate = PythonOperator(
+        task_id="evaluate",
+        python_callable=tasks.evaluate_stage,
+        op_kwargs={
+            "lakehouse_uri": lakehouse,
+            "labels_uri": "{{ params.labels_uri }}",
+            "key": "{{ params.labels_key }}",
+            "run_id": inf_run_id,
+        },
     )
     publish = PythonOperator(
         task_id="publish",
         python_callable=tasks.publish_stage,
-        op_kwargs={"lakehouse_uri": lakehouse, "run_id": pre_run_id},
+        op_kwargs={"lakehouse_uri": lakehouse, "run_id": pre_run_id, "infer_run_id": inf_run_id},
     )
     report = PythonOperator(
         task_id="report",
@@ -432,7 +450,9 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         preprocess=preprocess,
         validate_tensors=validate_tensors,
         infer=infer,
+        drift=drift,
         validate_predictions=validate_predictions,
+        evaluate=evaluate,
         publish=publish,
         athena=aws_athena_tasks(lakehouse) if aws else None,
         report=report,

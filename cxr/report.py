@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from lakehouse import storage
 from lakehouse.errors import CxrError, StorageError
+from lakehouse.publish import NothingPublishedError, reader_versions
 from lakehouse.runs import InferRun, PreprocessRun, RunRecord, read_summaries
 from lakehouse.tables import PATHOLOGY_COLUMNS, TABLE_NAMES, TENSORS, UNTRAINED_SUFFIX, decode_tensor, spec
 
@@ -95,8 +96,12 @@ def build_report(
     run_id: str | None = None,
     top: int = 8,
     output: str | None = None,
+    published: bool = True,
 ) -> str:
     """Render the HTML run report of a lakehouse.
+
+    The tables are read at their published (audited) versions (``lakehouse.publish``); the run summaries
+    and validation results are shown as they are (they say what happened, audited or not).
 
     Args:
         lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
@@ -105,6 +110,7 @@ def build_report(
         top: thumbnails per finding (the highest-scoring images).
         output: where the HTML will be written (default ``<lakehouse>/reports/report.html``); only used
             to make the Data Docs link relative to it.
+        published: False reads the latest, unaudited table versions (the report says so).
 
     Returns:
         The HTML document.
@@ -117,10 +123,21 @@ def build_report(
     lake = storage.normalize_uri(lakehouse_uri)
     out = storage.normalize_uri(output) if output else storage.report_uri(lake)
     runs = read_summaries(lake, settings, kind=RunRecord)
-    tensors = _read_table(lake, "tensors", settings, ["image_id", "source_format", "run_id"])
-    quarantine = _read_table(lake, "quarantine", settings, ["source_uri", "error_class", "error_message", "run_id"])
+    try:
+        versions = reader_versions(lake, settings, published=published)
+    except NothingPublishedError:
+        versions = {}  # nothing audited yet: no table is shown
+    tensors = _read_table(lake, "tensors", settings, ["image_id", "source_format", "run_id"], versions)
+    quarantine = _read_table(
+        lake, "quarantine", settings, ["source_uri", "error_class", "error_message", "run_id"], versions
+    )
     predictions = _read_table(
-        lake, "predictions", settings, _PREDICTION_META + list(PATHOLOGY_COLUMNS.values()), optional_columns=True
+        lake,
+        "predictions",
+        settings,
+        _PREDICTION_META + list(PATHOLOGY_COLUMNS.values()),
+        versions,
+        optional_columns=True,
     )
     if tensors is None and quarantine is None and predictions is None and not runs:
         raise CxrError(
@@ -132,7 +149,7 @@ def build_report(
     run = _pick_run(preprocess_runs, run_id, lake)
     selected_id = run.run_id if run else None
 
-    models = _model_reports(lake, predictions, settings, top=max(top, 0))
+    models = _model_reports(lake, predictions, settings, top=max(top, 0), tensors_version=versions.get("tensors"))
     untrained = sorted({m.model_id for m in models if m.untrained} | {r.model_id for r in infer_runs if r.untrained})
     context = {
         "title": f"cxr run report: {selected_id or 'lakehouse'}",
@@ -159,6 +176,7 @@ def build_report(
         "validation": _validation(lake, settings),
         "data_docs": _data_docs_link(lake, out, settings),
         "banner_rgb": "#{:02x}{:02x}{:02x}".format(*BANNER_RGB),
+        "table_versions": {"published": published, "versions": versions},
     }
     return _render(context)
 
@@ -170,6 +188,7 @@ def write_report(
     run_id: str | None = None,
     top: int = 8,
     output: str | None = None,
+    published: bool = True,
 ) -> str:
     """Render the run report and write it to a folder or s3://.
 
@@ -179,6 +198,7 @@ def write_report(
         run_id: the preprocessing run to report; the latest one when None.
         top: thumbnails per finding.
         output: the HTML file's URI (default ``<lakehouse>/reports/report.html``).
+        published: False reports the latest, unaudited table versions.
 
     Returns:
         The URI written.
@@ -187,7 +207,7 @@ def write_report(
         CxrError: as :func:`build_report`; StorageError when the output cannot be written.
     """
     out = storage.normalize_uri(output) if output else storage.report_uri(lakehouse_uri)
-    html = build_report(lakehouse_uri, settings=settings, run_id=run_id, top=top, output=out)
+    html = build_report(lakehouse_uri, settings=settings, run_id=run_id, top=top, output=out, published=published)
     storage.write_text(out, html, settings, content_type="text/html; charset=utf-8")
     log.info("wrote the run report to %s (%d kB)", out, len(html) // 1024)
     return out
@@ -206,15 +226,23 @@ def _pick_run(runs: list[PreprocessRun], run_id: str | None, lake: str) -> Prepr
 
 
 def _read_table(
-    lake: str, name: str, settings: Settings, columns: list[str], *, optional_columns: bool = False
+    lake: str,
+    name: str,
+    settings: Settings,
+    columns: list[str],
+    versions: dict[str, int | None],
+    *,
+    optional_columns: bool = False,
 ) -> pa.Table | None:
-    """Some columns of a table, or None when the table does not exist."""
+    """Some columns of a table at the version readers see, or None when it does not exist (or is unpublished)."""
     from deltalake.exceptions import TableNotFoundError
 
     from lakehouse.delta_rs import open_table
 
+    if name not in versions:
+        return None
     try:
-        dt = open_table(lake, spec(name), settings)
+        dt = open_table(lake, spec(name), settings, version=versions[name])
     except TableNotFoundError:
         return None
     if optional_columns:
@@ -271,7 +299,9 @@ def _run_quarantine_rows(quarantine: pa.Table | None, run_id: str | None) -> dic
     return {"rows": rows[:MAX_QUARANTINE_ROWS], "total": len(rows)}
 
 
-def _model_reports(lake: str, predictions: pa.Table | None, settings: Settings, *, top: int) -> list[ModelReport]:
+def _model_reports(
+    lake: str, predictions: pa.Table | None, settings: Settings, *, top: int, tensors_version: int | None
+) -> list[ModelReport]:
     """Per model: identity, per-pathology histograms and the top images per finding."""
     import numpy as np
     import pyarrow.compute as pc
@@ -318,7 +348,7 @@ def _model_reports(lake: str, predictions: pa.Table | None, settings: Settings, 
             report.findings.append(finding)
             wanted.setdefault(model_id, []).append((finding, _top_k(score_ids, scores, top)))
         models.append(report)
-    _attach_thumbs(lake, wanted, settings)
+    _attach_thumbs(lake, wanted, settings, tensors_version)
     return models
 
 
@@ -335,7 +365,10 @@ def _top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[str, float
 
 
 def _attach_thumbs(
-    lake: str, wanted: dict[str, list[tuple[Finding, list[tuple[str, float]]]]], settings: Settings
+    lake: str,
+    wanted: dict[str, list[tuple[Finding, list[tuple[str, float]]]]],
+    settings: Settings,
+    tensors_version: int | None,
 ) -> None:
     """Read only the tensors of the images shown and attach one thumbnail per (finding, image)."""
     import pyarrow.compute as pc
@@ -347,7 +380,7 @@ def _attach_thumbs(
         return
     import pyarrow as pa
 
-    dataset = open_table(lake, TENSORS, settings).to_pyarrow_dataset()
+    dataset = open_table(lake, TENSORS, settings, version=tensors_version).to_pyarrow_dataset()
     wanted_ids = pa.array(ids)
     parts = []
     # sha256 ids defeat min/max pruning: look at each file's small image_id column first and read the

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Literal
 
 from lakehouse.config import Settings
 from lakehouse.errors import QueryError
-from lakehouse.storage import is_s3, normalize_uri, table_uri
+from lakehouse.publish import NothingPublishedError, reader_versions
+from lakehouse.storage import is_s3, normalize_uri, published_manifest_uri
 from lakehouse.tables import PATHOLOGY_COLUMNS, SPECS, TABLE_NAMES
 
 if TYPE_CHECKING:
@@ -283,15 +284,21 @@ def athena_saved_query_sql(name: str, *, database: str = "cxr", params: Mapping[
 
 
 def athena_ddl(lakehouse_uri: str, *, database: str = "cxr") -> list[str]:
-    """Glue/Athena DDL registering the lakehouse's Delta tables (Athena reads their schema from the log).
+    """Glue/Athena DDL declaring each table over its published version (write-audit-publish).
+
+    Each table is a Parquet table over the symlink manifest the publish step writes
+    (``<lakehouse>/_published/<table>/manifest``: the data files of the audited Delta version), so Athena
+    reads only what passed the audits, and moves to the next audited version when the manifest is replaced.
+    The columns come from the table contract; a table is dropped and declared again so that its columns
+    follow the contract (dropping an external table deletes no data).
 
     Args:
         lakehouse_uri: an ``s3://bucket/prefix`` lakehouse.
         database: the Glue database to create the tables in.
 
     Returns:
-        ``CREATE DATABASE IF NOT EXISTS`` followed by one ``CREATE EXTERNAL TABLE IF NOT EXISTS`` per table
-        (statements without trailing semicolons; Athena runs one statement per call).
+        ``CREATE DATABASE IF NOT EXISTS``, then per table ``DROP TABLE IF EXISTS`` and ``CREATE EXTERNAL
+        TABLE`` (statements without trailing semicolons; Athena runs one statement per call).
 
     Raises:
         QueryError: the lakehouse is not on S3, or the database name is not valid.
@@ -301,32 +308,38 @@ def athena_ddl(lakehouse_uri: str, *, database: str = "cxr") -> list[str]:
         raise QueryError(f"Athena reads tables on S3 only: {lakehouse_uri!r} is not an s3://bucket/prefix lakehouse")
     statements = [f"CREATE DATABASE IF NOT EXISTS `{db}`"]
     for name in TABLE_NAMES:
-        location = table_uri(lakehouse_uri, name)
+        location = published_manifest_uri(lakehouse_uri, name).rsplit("/", 1)[0] + "/"
         if "'" in location:
             raise QueryError(f"cannot write an Athena LOCATION for {location!r}: it contains a quote")
+        columns = ",\n".join(f"  `{c.name}` {c.type}" for c in SPECS[name].columns)
+        statements.append(f"DROP TABLE IF EXISTS `{db}`.`{name}`")
         statements.append(
-            f"CREATE EXTERNAL TABLE IF NOT EXISTS `{db}`.`{name}`\n"
-            f"LOCATION '{location}'\n"
-            "TBLPROPERTIES ('table_type'='DELTA')"
+            f"CREATE EXTERNAL TABLE `{db}`.`{name}` (\n{columns}\n)\n"
+            "ROW FORMAT SERDE 'org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe'\n"
+            "STORED AS INPUTFORMAT 'org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat'\n"
+            "OUTPUTFORMAT 'org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat'\n"
+            f"LOCATION '{location}'"
         )
     return statements
 
 
 # --- running queries locally -------------------------------------------------------------------------
-def connect(lakehouse_uri: str, *, settings: Settings) -> duckdb.DuckDBPyConnection:
+def connect(lakehouse_uri: str, *, settings: Settings, published: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the lakehouse's tables registered as lazy Arrow datasets.
 
-    Tables absent from the lakehouse are not registered.
+    Each table is opened at its published (audited) version (``lakehouse.publish``); tables absent from
+    the lakehouse or never published are not registered. ``published=False`` opens the latest versions.
 
     Args:
         lakehouse_uri: a folder or ``s3://bucket/prefix``.
         settings: for the S3 endpoint.
+        published: False: the latest, unaudited versions.
 
     Returns:
         The connection; ``SHOW TABLES`` lists the tables present.
 
     Raises:
-        QueryError: when no lakehouse is given or it holds no table at all.
+        QueryError: when no lakehouse is given, it holds no table at all, or nothing is published yet.
     """
     import duckdb
     from deltalake.exceptions import TableNotFoundError
@@ -335,13 +348,17 @@ def connect(lakehouse_uri: str, *, settings: Settings) -> duckdb.DuckDBPyConnect
 
     if not lakehouse_uri:
         raise QueryError("give --lakehouse (or set CXR_LAKEHOUSE_URI)")
+    try:
+        versions = reader_versions(lakehouse_uri, settings, published=published)
+    except NothingPublishedError as exc:
+        raise QueryError(str(exc)) from None
     con = duckdb.connect(":memory:")
     con.execute("SET python_enable_replacements = false")  # never resolve a table name to a Python variable
     con.execute("SET TimeZone = 'UTC'")
     present = []
-    for name in TABLE_NAMES:
+    for name, version in versions.items():
         try:
-            dataset = open_table(lakehouse_uri, SPECS[name], settings).to_pyarrow_dataset()
+            dataset = open_table(lakehouse_uri, SPECS[name], settings, version=version).to_pyarrow_dataset()
         except TableNotFoundError:
             log.debug("no %s table under %s", name, lakehouse_uri)
             continue
@@ -388,6 +405,7 @@ def query(
     settings: Settings,
     params: Mapping[str, object] | None = None,
     limit: int | None = None,
+    published: bool = True,
 ) -> pa.Table:
     """Run SQL with DuckDB over the lakehouse's tables (``tensors``, ``quarantine``, ``predictions``).
 
@@ -397,6 +415,7 @@ def query(
         settings: for the S3 endpoint.
         params: values bound to ``$name`` placeholders in the SQL (by DuckDB, never pasted into the text).
         limit: return at most this many rows (applied inside DuckDB, so memory stays bounded).
+        published: False reads the latest, unaudited versions instead of the published ones.
 
     Returns:
         The result as an Arrow table.
@@ -404,7 +423,7 @@ def query(
     Raises:
         QueryError: bad SQL, an unknown table or column, no lakehouse.
     """
-    con = connect(lakehouse_uri, settings=settings)
+    con = connect(lakehouse_uri, settings=settings, published=published)
     try:
         return _run(con, sql, params, limit)
     finally:
@@ -418,6 +437,7 @@ def run_saved(
     settings: Settings,
     params: Mapping[str, object] | None = None,
     limit: int | None = None,
+    published: bool = True,
 ) -> pa.Table:
     """Run a saved query locally.
 
@@ -426,6 +446,8 @@ def run_saved(
         name: a key of :data:`SAVED_QUERIES`.
         settings: for the S3 endpoint.
         params: parameter values (defaults fill the rest).
+        limit: return at most this many rows.
+        published: False reads the latest, unaudited versions.
 
     Returns:
         The result as an Arrow table.
@@ -433,7 +455,8 @@ def run_saved(
     Raises:
         QueryError: unknown query, bad parameters, a table the query needs is absent, no lakehouse.
     """
-    return query(lakehouse_uri, saved_query_sql(name, params=params), settings=settings, limit=limit)
+    sql = saved_query_sql(name, params=params)
+    return query(lakehouse_uri, sql, settings=settings, limit=limit, published=published)
 
 
 def _cell(value: object, arrow_type: pa.DataType, *, fmt: OutputFormat) -> object:

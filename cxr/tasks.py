@@ -87,28 +87,59 @@ def validate_stage(
     return summary
 
 
-def publish_stage(lakehouse_uri: str, *, run_id: str, database: str = "cxr") -> dict[str, Any]:
-    """Publish step (after both audits passed): record the validated table versions in
-    ``<lakehouse>/reports/published.json`` and, on s3://, return the Athena DDL the AWS profile runs.
+def publish_stage(
+    lakehouse_uri: str, *, run_id: str, infer_run_id: str | None = None, database: str = "cxr"
+) -> dict[str, Any]:
+    """Publish step (after every audit passed): move the published pointers of all tables to their
+    current versions (``lakehouse.publish``: ``reports/published.json`` for DuckDB, the report and the
+    notebook; one symlink manifest per table for Athena) and, on s3://, return the Athena DDL.
 
-    Readers that want only audited data read the versions named there (Delta time travel).
+    A failed audit fails its task, so this never runs for unaudited data: readers stay on the previous
+    published version.
     """
-    from datetime import UTC, datetime
+    from lakehouse.publish import publish
+    from lakehouse.storage import is_s3, published_uri
 
-    from lakehouse import delta_rs, storage
-
-    settings = load_settings()
-    versions = {t.name: int(delta_rs.open_table(lakehouse_uri, t, settings).version()) for t in (TENSORS, PREDICTIONS)}
-    record = {"run_id": run_id, "published_at": datetime.now(UTC).isoformat(), "versions": versions}
-    uri = storage.published_uri(lakehouse_uri)
-    storage.write_text(uri, json.dumps(record, indent=2, sort_keys=True), settings, content_type="application/json")
-    log.info("published %s -> %s", versions, uri)
+    record = publish(lakehouse_uri, load_settings(), run_id=run_id, infer_run_id=infer_run_id or None)
     ddl: list[str] = []
-    if storage.is_s3(lakehouse_uri):
+    if is_s3(lakehouse_uri):
         from cxr.sql import athena_ddl
 
         ddl = athena_ddl(lakehouse_uri, database=database)
-    return {**record, "uri": uri, "athena_ddl": ddl}
+    return {**record.to_dict(), "uri": published_uri(lakehouse_uri), "athena_ddl": ddl}
+
+
+def drift_stage(lakehouse_uri: str, *, run_id: str) -> dict[str, Any]:
+    """Drift of the inference run against the reference run -> ``drift`` rows (gated by validate_predictions)."""
+    from cxr.drift import compute_drift
+
+    result = compute_drift(lakehouse_uri, settings=load_settings(), run_id=run_id)
+    return {
+        "reference_run_id": result.reference_run_id,
+        "rows": result.rows,
+        "failed": result.failed,
+        "insufficient": result.insufficient,
+    }
+
+
+def evaluate_stage(lakehouse_uri: str, *, labels_uri: str = "", key: str = "file_name", run_id: str) -> dict[str, Any]:
+    """With a ``labels_uri``: evaluate the inference run's predictions against it (``evaluation`` rows),
+    then audit the evaluation table (an AirflowFailException stops the run before publish). Without one:
+    nothing to do (the task succeeds, saying so)."""
+    from airflow.exceptions import AirflowFailException
+
+    from cxr.evaluate import evaluate
+    from expectations.runner import validate_lakehouse
+
+    if not labels_uri:
+        log.info("no labels_uri given: nothing to evaluate")
+        return {"evaluated": False}
+    settings = load_settings()
+    summary = evaluate(lakehouse_uri, labels_uri, settings=settings, key=key, run_id=run_id)  # type: ignore[arg-type]
+    report = validate_lakehouse(lakehouse_uri, settings=settings, tables=["evaluation"])
+    if not report.success:
+        raise AirflowFailException(f"the evaluation table failed its audit: see {report.data_docs_uri}")
+    return {"evaluated": True, **summary.to_dict()}
 
 
 def athena_ddl_stage(lakehouse_uri: str, *, database: str = "cxr") -> list[str]:

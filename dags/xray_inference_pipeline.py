@@ -1,7 +1,7 @@
 """Airflow DAG ``xray_inference_pipeline``: wiring only.
 
-wait for new images -> preprocess (Spark) -> validate tensors -> infer -> validate predictions ->
-publish (Athena DDL on AWS) -> report -> maintain. ``CXR_PROFILE=local|aws`` (``SETTINGS.profile``) picks the
+wait for new images -> preprocess (Spark) -> validate tensors -> infer -> drift -> validate predictions
+(drift gate) -> evaluate (with labels) -> publish (Athena DDL on AWS) -> report -> maintain. ``CXR_PROFILE=local|aws`` (``SETTINGS.profile``) picks the
 operators (``cxr.operators.stage_tasks``); what each task runs lives in ``cxr.tasks``, imported at run time.
 """
 
@@ -22,14 +22,15 @@ DOC = """
 
 Images (folder or `s3://`) -> **preprocess** (Spark: decode, normalise, crop, resize; Delta `tensors`,
 failures to `quarantine`) -> **validate tensors** (Great Expectations; quarantine share gate) ->
-**infer** (TorchXRayVision; Delta `predictions`) -> **validate predictions** -> **publish** (audited
-versions recorded; Athena tables on AWS) -> **report** (HTML) -> **maintain** (orphan data files
+**infer** (TorchXRayVision; Delta `predictions`) -> **drift** (PSI/KS against the reference run) ->
+**validate predictions** (GX; the drift gate) -> **evaluate** (only with `labels_uri`: AUROC with CIs,
+thresholds) -> **publish** (the audited versions become what every reader sees; Athena manifests on AWS) -> **report** (HTML) -> **maintain** (orphan data files
 older than a day deleted, small files compacted). A failed validation stops the run (no
 inference on failing tensors, nothing published, no report). Every stage is idempotent: a retry or
 rerun adds no duplicates.
 
 Params: `input_uri`, `lakehouse_uri`, `models`, `allow_untrained` (a random-init stand-in, marked in
-every row), `weights_dir`. Profile: `CXR_PROFILE=local` (spark-submit + a local process or Docker) or
+every row), `weights_dir`, `labels_uri` and `labels_key` (optional evaluation). Profile: `CXR_PROFILE=local` (spark-submit + a local process or Docker) or
 `aws` (EMR Serverless or an EMR cluster, ECS, Athena). See README "Airflow".
 """
 
@@ -67,6 +68,12 @@ with DAG(
         "models": Param(list(tasks.DEFAULT_MODELS), type="array", description="TorchXRayVision weights names"),
         "allow_untrained": Param(False, type="boolean", description="random-init stand-in when no weights"),
         "weights_dir": Param("", type="string", description="folder in xrv's cache layout (air-gapped)"),
+        "labels_uri": Param("", type="string", description="labels file: evaluate the run against it (optional)"),
+        "labels_key": Param(
+            "file_name",
+            enum=["file_name", "image_id", "sop_instance_uid"],
+            description="what the labels' key column holds",
+        ),
     },
 ) as dag:
     t = operators.stage_tasks(
@@ -74,7 +81,8 @@ with DAG(
         tensors=Asset(name="cxr_tensors", uri="cxr://lakehouse/tensors"),
         predictions=Asset(name="cxr_predictions", uri="cxr://lakehouse/predictions"),
     )
-    t.wait >> t.preprocess >> t.validate_tensors >> t.infer >> t.validate_predictions >> t.publish
+    t.wait >> t.preprocess >> t.validate_tensors >> t.infer >> t.drift >> t.validate_predictions
+    t.validate_predictions >> t.evaluate >> t.publish
     if t.athena is not None:  # aws: the Athena tables are (re)declared before the report
         t.publish >> t.athena >> t.report
     else:

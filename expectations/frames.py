@@ -307,3 +307,22 @@ def coverage_frame(predictions: pa.Table, tensor_ids: Sequence[str], models: Seq
             "has_prediction": [(i, m) in done for i, m in pairs],
         }
     )
+
+
+def drift_frame(drift: pa.Table, run_id: str | None) -> pd.DataFrame:
+    """The drift rows of inference run ``run_id`` (every run when None) and ``gated_psi``: the PSI value of
+    the rows the gate checks (status pass or fail), null elsewhere."""
+    frame = drift.select(["run_id", "model_id", "column", "metric", "value", "status"]).to_pandas()
+    if run_id is not None:
+        frame = frame[frame["run_id"] == run_id].reset_index(drop=True)
+    gated = (frame["metric"] == "psi") & frame["status"].isin(["pass", "fail"])
+    frame["gated_psi"] = frame["value"].where(gated)
+    return frame
+
+
+def evaluation_frame(evaluation: pa.Table) -> pd.DataFrame:
+    """``evaluation`` without the label URIs, plus ``null_explained`` (a null AUROC has a null_reason)."""
+    cols = [c for c in evaluation.column_names if c not in ("labels_uri",)]
+    frame = evaluation.select(cols).to_pandas()
+    frame["null_explained"] = frame["auroc"].notna() | frame["null_reason"].notna()
+    return frame

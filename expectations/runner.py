@@ -28,7 +28,17 @@ from typing import TYPE_CHECKING, Any
 from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError, CxrError, StorageError
-from lakehouse.tables import DIRECT_IDENTIFIERS, FILES, PREDICTIONS, QUARANTINE, TABLE_NAMES, TENSORS, spec
+from lakehouse.tables import (
+    DIRECT_IDENTIFIERS,
+    DRIFT,
+    EVALUATION,
+    FILES,
+    PREDICTIONS,
+    QUARANTINE,
+    TABLE_NAMES,
+    TENSORS,
+    spec,
+)
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -50,6 +60,8 @@ _INDEX_COLUMNS: dict[str, list[str]] = {
     "files": ["path_key"],
     "predictions": ["image_id", "model_id"],
     "predictions_coverage": ["image_id", "model_id"],
+    "drift": ["model_id", "column", "metric"],
+    "evaluation": ["evaluation_id", "model_id", "pathology", "slice", "slice_value"],
 }
 
 
@@ -264,6 +276,12 @@ def _build_batches(
         wanted = frames.coverage_models(predictions, models=models, run_id=run_id)
         coverage = frames.coverage_frame(predictions, tensor_ids, wanted)
         out.append(_Batch("predictions", "predictions_coverage", suites.predictions_coverage_suite, coverage))
+    if "drift" in chosen:
+        drift = frames.drift_frame(read_arrow(lake, DRIFT, settings), run_id)
+        out.append(_Batch("drift", "drift", partial(suites.drift_suite, max_psi=settings.drift_max_psi), drift))
+    if "evaluation" in chosen:
+        evaluation = frames.evaluation_frame(read_arrow(lake, EVALUATION, settings))
+        out.append(_Batch("evaluation", "evaluation", suites.evaluation_suite, evaluation))
     return out
 
 

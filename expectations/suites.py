@@ -202,3 +202,57 @@ def predictions_coverage_suite() -> gx.ExpectationSuite:
     suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column="has_prediction"))
     suite.add_expectation(gx.expectations.ExpectColumnValuesToBeInSet(column="has_prediction", value_set=[True]))
     return suite
+
+
+def drift_suite(*, max_psi: float) -> gx.ExpectationSuite:
+    """The drift gate over one inference run's ``drift`` rows: every gated PSI within ``max_psi``.
+
+    The frame (``expectations.frames.drift_frame``) holds the run's rows; ``gated`` marks the PSI rows
+    with a reference and enough images (the others are reported, not gated).
+
+    Args:
+        max_psi: the largest acceptable population stability index.
+
+    Returns:
+        The suite ``drift``.
+    """
+    import great_expectations as gx
+
+    from lakehouse.tables import DRIFT_STATUSES
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="drift", meta={"max_psi": max_psi})
+    suite.add_expectation(
+        E.ExpectTableRowCountToBeBetween(min_value=1, meta={"notes": "the drift step ran for this inference run"})
+    )
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="status", value_set=list(DRIFT_STATUSES)))
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeBetween(
+            column="gated_psi",
+            min_value=0.0,
+            max_value=max_psi,
+            meta={"notes": "PSI against the reference run (null: not gated: no reference or too few images)"},
+        )
+    )
+    return suite
+
+
+def evaluation_suite() -> gx.ExpectationSuite:
+    """Row checks of ``evaluation``: metrics in range, counts consistent, unique key."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="evaluation")
+    suite.add_expectation(
+        E.ExpectCompoundColumnsToBeUnique(column_list=["evaluation_id", "model_id", "pathology", "slice", "slice_value"])
+    )
+    for col in ("auroc", "auroc_ci_low", "auroc_ci_high", "auprc", "ece", "sensitivity", "specificity", "ppv", "npv"):
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=col, min_value=0.0, max_value=1.0))
+    for col in ("n_pos", "n_neg", "n_unlabeled"):
+        suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=col, min_value=0))
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeInSet(
+            column="null_explained", value_set=[True], meta={"notes": "a null AUROC carries its reason"}
+        )
+    )
+    return suite

@@ -140,6 +140,13 @@ class Settings:
     commit_every_s: float = 300.0
     #: one file's decode is stopped (and the file quarantined as DecodeTimeout) after this long.
     decode_timeout_s: float = 60.0
+    #: the drift gate: publishing fails when a PSI (a probability, or an input statistic) exceeds this.
+    drift_max_psi: float = 0.25
+    #: runs scoring fewer images are not gated on drift (status ``insufficient``): a PSI of a few dozen
+    #: images is noise (two samples of 30 from one distribution give ~0.6 with 10 bins).
+    drift_min_images: int = 100
+    #: the inference run drift is measured against; empty: the first published inference run.
+    drift_reference_run: str = ""
     spark: SparkSettings = field(default_factory=SparkSettings)
     airflow: AirflowSettings = field(default_factory=AirflowSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
@@ -188,6 +195,8 @@ class Settings:
             raise ConfigError("the modality allowlist is empty: name at least one (e.g. CR,DX,RG)")
         if not 0.0 <= self.max_quarantine_share <= 1.0:
             raise ConfigError(f"max quarantine share must be within [0, 1] (got {self.max_quarantine_share})")
+        if not self.drift_max_psi > 0 or self.drift_min_images < 1:
+            raise ConfigError("the drift PSI limit must be positive and the minimum images at least 1")
         for name in ("retry_delay_s", "poke_interval_s", "wait_timeout_s"):
             if getattr(self.airflow, name) < 0:
                 raise ConfigError(f"airflow {name} must be 0 or more (got {getattr(self.airflow, name)})")
@@ -271,6 +280,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CXR_COMMIT_EVERY_IMAGES", "commit_every_images", _int),
     Variable("CXR_COMMIT_EVERY_S", "commit_every_s", _float),
     Variable("CXR_DECODE_TIMEOUT_S", "decode_timeout_s", _float),
+    Variable("CXR_DRIFT_MAX_PSI", "drift_max_psi", _float),
+    Variable("CXR_DRIFT_MIN_IMAGES", "drift_min_images", _int),
+    Variable("CXR_DRIFT_REFERENCE_RUN", "drift_reference_run"),
     Variable("CXR_SPARK_DRIVER_MEMORY", "spark.driver_memory"),
     Variable("CXR_SPARK_UI", "spark.ui", _bool),
     Variable("CXR_SHUFFLE_PARTITIONS", "spark.shuffle_partitions", _int),

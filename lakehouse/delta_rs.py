@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from lakehouse import storage
 from lakehouse.config import Settings
+from lakehouse.errors import StorageError
 from lakehouse.storage import delta_storage_options, table_uri
 from lakehouse.tables import TableSpec, arrow_schema
 
@@ -37,11 +38,15 @@ def open_table(lakehouse_uri: str, spec: TableSpec, settings: Settings, *, versi
 
 
 def ensure_table(lakehouse_uri: str, spec: TableSpec, settings: Settings) -> DeltaTable:
-    """Open the table of ``spec``, creating it empty (with the contract's properties) when missing."""
+    """Open the table of ``spec``, creating it empty (with the contract's properties) when missing.
+
+    A table made by an earlier release that lacks columns the contract added since (nullable ones) gets
+    them added (one schema commit; old rows read them as null).
+    """
     from deltalake import DeltaTable
 
     uri = table_uri(lakehouse_uri, spec)
-    return DeltaTable.create(
+    dt = DeltaTable.create(
         uri,
         schema=arrow_schema(spec),
         mode="ignore",
@@ -49,6 +54,25 @@ def ensure_table(lakehouse_uri: str, spec: TableSpec, settings: Settings) -> Del
         configuration=dict(spec.properties),
         storage_options=delta_storage_options(uri, settings),
     )
+    return _add_missing_columns(dt, spec)
+
+
+def _add_missing_columns(dt: DeltaTable, spec: TableSpec) -> DeltaTable:
+    from deltalake.schema import Field
+
+    have = set(dt.schema().to_arrow().names)
+    missing = [f for f in arrow_schema(spec) if f.name not in have]
+    if not missing:
+        return dt
+    if any(not f.nullable for f in missing):
+        raise StorageError(
+            f"{spec.name}: the table lacks required columns {[f.name for f in missing if not f.nullable]}; "
+            "it was made by an incompatible release"
+        )
+    dt.alter.add_columns([Field.from_arrow(f) for f in missing])
+    logging.getLogger(__name__).info("%s: added columns %s", spec.name, ", ".join(f.name for f in missing))
+    dt.update_incremental()
+    return dt
 
 
 #: table property recording the fingerprint of the key the table's patient pseudonyms were made with

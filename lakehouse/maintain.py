@@ -27,6 +27,7 @@ from urllib.parse import unquote
 from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError
+from lakehouse.publish import published_versions
 from lakehouse.tables import FILES, PREDICTIONS, QUARANTINE, SPECS, TableSpec
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def maintain(
     if older_than_hours < 0 or retain_hours < 0:
         raise ConfigError(f"ages must be 0 or more hours (got {older_than_hours} and {retain_hours})")
     result = MaintainResult(storage.normalize_uri(lakehouse_uri), older_than_hours, retain_hours)
-    published = _published_versions(lakehouse_uri, settings)
+    published = published_versions(lakehouse_uri, settings)
     for spec in SPECS.values():
         upkeep = TableUpkeep(spec.name)
         try:
@@ -185,15 +186,6 @@ def _note(out: LogPaths, action: dict[str, object]) -> None:
             if kind == "remove" and body.get("deletionTimestamp") is not None:
                 ts = int(body["deletionTimestamp"])  # type: ignore[call-overload]
                 out.removed_at[path] = max(ts, out.removed_at.get(path, 0))
-
-
-def _published_versions(lakehouse_uri: str, settings: Settings) -> dict[str, int]:
-    """The table versions ``reports/published.json`` names (the audited ones), by table."""
-    uri = storage.published_uri(lakehouse_uri)
-    if not storage.exists(uri, settings):
-        return {}
-    versions = json.loads(storage.read_text(uri, settings)).get("versions", {})
-    return {str(t): int(v) for t, v in versions.items()}
 
 
 def _active_paths(lakehouse_uri: str, spec: TableSpec, settings: Settings, version: int | None) -> set[str]:

@@ -127,6 +127,17 @@ def published_uri(lakehouse_uri: str) -> str:
     return join(reports_uri(lakehouse_uri), "published.json")
 
 
+def evaluation_summary_uri(lakehouse_uri: str, evaluation_id: str) -> str:
+    """What one ``cxr evaluate`` matched, counted and left out: ``<lakehouse>/reports/evaluations/<id>.json``."""
+    return join(reports_uri(lakehouse_uri), "evaluations", f"{evaluation_id}.json")
+
+
+def published_manifest_uri(lakehouse_uri: str, table: str) -> str:
+    """The symlink manifest of a table's published version (Athena reads its folder):
+    ``<lakehouse>/_published/<table>/manifest``."""
+    return join(lakehouse_uri, "_published", table, "manifest")
+
+
 # --- object store clients --------------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def _s3_client(endpoint_url: str, region: str, max_attempts: int = 5) -> Any:

@@ -1,5 +1,6 @@
 """Table contracts: columns, keys and Delta table properties of ``tensors``, ``quarantine``,
-``predictions`` and ``files`` (the ledger of every file a run judged), defined once and rendered as Arrow (delta-rs, DuckDB), Spark, Athena DDL and GX column
+``predictions``, ``files`` (the ledger of every file a run judged), ``evaluation``, ``thresholds`` and
+``drift``, defined once and rendered as Arrow (delta-rs, DuckDB), Spark, Athena DDL and GX column
 checks; and the tensor byte format every stage reads and writes (:func:`encode_tensor` / :func:`decode_tensor`).
 
 Tables stay readable by Athena engine v3 and by delta-rs: reader version 1, writer version 2, no
@@ -186,12 +187,104 @@ PREDICTIONS = TableSpec(
         Column("device", "string", False, "cpu or cuda device name"),
         Column("torch_version", "string", False),
         Column("xrv_version", "string", False),
+
+        *(
+            Column(d, "boolean", True, f"{c} >= the site threshold; null without thresholds (cxr infer --thresholds)")
+            for c, d in {c: f"positive_{c}" for c in PATHOLOGY_COLUMNS.values()}.items()
+        ),
+        Column("thresholds_version", "bigint", True, "Delta version of thresholds applied; null: none"),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+
+#: the decision column of each pathology (``positive_<pathology>``) when inference applies thresholds
+DECISION_COLUMNS: dict[str, str] = {c: f"positive_{c}" for c in PATHOLOGY_COLUMNS.values()}
+
+EVALUATION = TableSpec(
+    name="evaluation",
+    key=("evaluation_id", "model_id", "pathology", "slice", "slice_value"),
+    columns=(
+        Column("evaluation_id", "string", False, "one `cxr evaluate` call"),
+        Column("run_id", "string", True, "the inference run evaluated; null: every run's predictions"),
+        Column("model_id", "string", False),
+        Column("pathology", "string", False, "TorchXRayVision target name, e.g. Effusion"),
+        Column("column", "string", False, "the predictions column, e.g. effusion"),
+        Column("slice", "string", False, "'all', or the tensors/predictions column sliced by"),
+        Column("slice_value", "string", False, "'all', or the slice's value ('null' for missing)"),
+        Column("n_pos", "bigint", False, "labelled positive images with a prediction"),
+        Column("n_neg", "bigint", False, "labelled negative images with a prediction"),
+        Column("n_unlabeled", "bigint", False, "images with a prediction but no label for this pathology"),
+        Column("auroc", "double", True, "Mann-Whitney AUROC (ties count half); null with null_reason"),
+        Column("auroc_ci_low", "double", True, "percentile bootstrap CI (fixed seed)"),
+        Column("auroc_ci_high", "double", True),
+        Column("auprc", "double", True, "average precision"),
+        Column("ece", "double", True, "expected calibration error, 10 equal-width bins"),
+        Column("threshold", "double", True, "operating point from threshold_rule"),
+        Column("threshold_rule", "string", False, "youden, or sensitivity=<target>"),
+        Column("sensitivity", "double", True, "at threshold (positive: probability >= threshold)"),
+        Column("specificity", "double", True),
+        Column("ppv", "double", True),
+        Column("npv", "double", True),
+        Column("null_reason", "string", True, "why auroc is null (one class only, no labels)"),
+        Column("n_bootstrap", "int", False),
+        Column("labels_uri", "string", False),
+        Column("labels_sha256", "string", False),
+        Column("labels_key", "string", False, "image_id, file_name or sop_instance_uid"),
+        Column("uncertain", "string", False, "how CheXpert-style -1 labels were taken: ignore, positive, negative"),
+        Column("predictions_version", "bigint", False, "Delta version of predictions read"),
+        Column("evaluated_at", "timestamp", False),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+
+THRESHOLDS = TableSpec(
+    name="thresholds",
+    key=("model_id", "pathology"),
+    columns=(
+        Column("model_id", "string", False),
+        Column("pathology", "string", False, "TorchXRayVision target name"),
+        Column("column", "string", False, "the predictions column"),
+        Column("threshold", "double", False, "positive when probability >= threshold"),
+        Column("rule", "string", False, "youden, or sensitivity=<target>"),
+        Column("evaluation_id", "string", False, "the evaluation the threshold was calibrated on"),
+        Column("labels_sha256", "string", False),
+        Column("n_pos", "bigint", False),
+        Column("n_neg", "bigint", False),
+        Column("sensitivity", "double", True, "on the calibration labels"),
+        Column("specificity", "double", True),
+        Column("calibrated_at", "timestamp", False),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+
+#: drift verdicts (``drift.status``): fail gates publishing
+DriftStatus = Literal["pass", "fail", "info", "insufficient", "no_reference"]
+DRIFT_STATUSES: tuple[str, ...] = get_args(DriftStatus)
+
+DRIFT = TableSpec(
+    name="drift",
+    key=("run_id", "model_id", "column", "metric"),
+    columns=(
+        Column("run_id", "string", False, "the inference run checked"),
+        Column("reference_run_id", "string", True, "the inference run compared with; null: none yet"),
+        Column("model_id", "string", False, "'' for input statistics (from tensors)"),
+        Column("column", "string", False, "a prediction column, or input.<statistic> / input.<lineage column>"),
+        Column("metric", "string", False, "psi, ks, positive_rate, mean, std, p05, p50, p95"),
+        Column("value", "double", True, "on this run"),
+        Column("reference_value", "double", True, "the same metric on the reference run"),
+        Column("threshold", "double", True, "the gate (psi only); null: informational"),
+        Column("status", "string", False, ", ".join(DRIFT_STATUSES)),
+        Column("n", "bigint", False, "images of this run"),
+        Column("n_reference", "bigint", False, "images of the reference sample"),
+        Column("computed_at", "timestamp", False),
     ),
     properties=READABLE_PROTOCOL,
 )
 
 #: every table of the lakehouse by name: the one list of table names (``TABLE_NAMES``) derives from it
-SPECS: dict[str, TableSpec] = {s.name: s for s in (TENSORS, QUARANTINE, PREDICTIONS, FILES)}
+SPECS: dict[str, TableSpec] = {
+    s.name: s for s in (TENSORS, QUARANTINE, PREDICTIONS, FILES, EVALUATION, THRESHOLDS, DRIFT)
+}
 TABLE_NAMES: tuple[str, ...] = tuple(SPECS)
 
 
