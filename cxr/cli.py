@@ -143,6 +143,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             commit_every=args.commit_every,
             run_id=args.run_id,
             progress=not args.no_progress,
+            thresholds=args.thresholds,
         )
 
     models = [m.strip() for arg in (args.model or list(DEFAULT_MODELS)) for m in arg.split(",") if m.strip()]
@@ -319,6 +320,69 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """``cxr evaluate``: labels joined to predictions -> evaluation (and thresholds with --calibrate)."""
+    from cxr.evaluate import evaluate
+
+    settings = load_settings()
+    summary = evaluate(
+        _lakehouse(args, settings),
+        args.labels,
+        settings=settings,
+        key=args.key,
+        models=[m.strip() for arg in args.model or [] for m in arg.split(",") if m.strip()] or None,
+        run_id=args.run_id,
+        slices=[s.strip() for arg in args.slice or [] for s in arg.split(",") if s.strip()],
+        n_bootstrap=args.bootstrap,
+        rule=args.calibrate or args.rule,
+        calibrate=bool(args.calibrate),
+        uncertain=args.uncertain,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
+        return 0
+    s = summary
+    lines = [
+        f"evaluation {s.evaluation_id}: {s.rows_written} rows ({', '.join(s.models)}; rule {s.rule})",
+        f"labels: {s.labels_format} style, {s.label_rows} rows, {s.label_keys} keys: {s.matched_keys} matched, "
+        f"{s.unmatched_keys} match no image, {s.ambiguous_keys} match several (left out)",
+        f"images: {s.images_predicted} with predictions, {s.images_labelled} labelled; "
+        f"{s.conflicting_labels} conflicting labels left out",
+    ]
+    if s.unmapped:
+        lines.append("labels no model predicts: " + ", ".join(f"{k} ({v})" for k, v in sorted(s.unmapped.items())))
+    if s.uncertain:
+        lines.append(f"uncertain (-1) labels: {s.uncertain} ({s.uncertain_dropped} ignored)")
+    if s.null_auroc:
+        lines.append("no AUROC: " + ", ".join(f"{k} ({v} rows)" for k, v in sorted(s.null_auroc.items())))
+    if s.thresholds_version is not None:
+        lines.append(f"thresholds: {s.thresholds_written} written, thresholds version {s.thresholds_version}")
+    lines.append("see: cxr query --unpublished --saved evaluation_summary (published after the next audit)")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_drift(args: argparse.Namespace) -> int:
+    """``cxr drift``: compare an inference run with the reference run; 1 when a PSI exceeds the limit."""
+    from cxr.drift import compute_drift
+
+    settings = load_settings()
+    result = compute_drift(
+        _lakehouse(args, settings),
+        settings=settings,
+        run_id=args.run_id,
+        reference_run_id=args.reference_run_id,
+        max_psi=args.max_psi,
+    )
+    verdict = "FAIL" if result.failed else ("no reference" if result.reference_run_id is None else "pass")
+    sys.stdout.write(
+        f"drift of {result.run_id} against {result.reference_run_id or '-'}: {verdict} ({result.rows} rows)\n"
+    )
+    for line in result.failed:
+        sys.stdout.write(f"  {line}\n")
+    return 1 if result.failed else 0
+
+
 def _cmd_publish(args: argparse.Namespace) -> int:
     """``cxr publish``: the DAG's audit and publish steps, for a lakehouse built with the CLI."""
     from expectations.runner import validate_lakehouse
@@ -331,7 +395,9 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     )
     _print_validation(preprocess)
     after = [t for t in _present(lakehouse_uri, settings, TABLE_NAMES) if t not in _PRE_TABLES]
-    inferred = validate_lakehouse(lakehouse_uri, settings=settings, tables=after, run_id=args.infer_run_id) if after else None
+    inferred = (
+        validate_lakehouse(lakehouse_uri, settings=settings, tables=after, run_id=args.infer_run_id) if after else None
+    )
     if inferred is not None:
         _print_validation(inferred)
     if not preprocess.success or (inferred is not None and not inferred.success):
@@ -496,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--shard", help="i/N: score only shard i of N (disjoint, together complete)")
     inf.add_argument("--commit-every", type=int, default=1024, help="MERGE results every N images")
     inf.add_argument("--run-id", help="run id recorded in every row (default: generated)")
+    inf.add_argument(
+        "--thresholds",
+        help="latest or a thresholds table version: add positive_<pathology> decisions (cxr evaluate --calibrate)",
+    )
     inf.add_argument("--no-progress", action="store_true")
     inf.add_argument("--json", action="store_true", help="print the summaries as JSON")
     inf.set_defaults(func=_cmd_infer)
@@ -534,6 +604,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the latest table versions, audited or not (default: the published, audited versions)",
     )
     qry.set_defaults(func=_cmd_query)
+
+    ev = sub.add_parser("evaluate", help="labels joined to predictions -> evaluation (AUROC with CI, thresholds)")
+    ev.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    ev.add_argument("--labels", required=True, help="labels: CSV (.csv.gz), Parquet or Delta; tidy, NIH or CheXpert")
+    ev.add_argument("--key", required=True, choices=["image_id", "file_name", "sop_instance_uid"])
+    ev.add_argument("--model", action="append", help="models to evaluate (default: every model predicted)")
+    ev.add_argument("--run-id", help="evaluate only this inference run's predictions")
+    ev.add_argument("--slice", action="append", help="lineage column to slice by (repeatable), e.g. view_position")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUROC CI (default 1000)")
+    ev.add_argument("--rule", default="youden", help="operating point: youden (default) or sensitivity=0.9")
+    ev.add_argument("--calibrate", metavar="RULE", help="write site thresholds by RULE (youden | sensitivity=T)")
+    ev.add_argument(
+        "--uncertain", choices=["ignore", "positive", "negative"], default="ignore", help="CheXpert -1 labels"
+    )
+    ev.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    dr = sub.add_parser("drift", help="PSI/KS of an inference run against the reference run; exit 1 on drift")
+    dr.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    dr.add_argument("--run-id", required=True, help="the inference run to check")
+    dr.add_argument("--reference-run-id", help="compare with this run (default: the first published inference run)")
+    dr.add_argument("--max-psi", type=float, help="the gate (default CXR_DRIFT_MAX_PSI, 0.25)")
+    dr.set_defaults(func=_cmd_drift)
 
     pub = sub.add_parser(
         "publish", help="audit every table (GX, drift gate), then publish their versions to readers; exit 1 on failure"

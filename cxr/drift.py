@@ -8,9 +8,11 @@ source format, view position, modality, bits stored and photometric interpretati
 The reference is ``CXR_DRIFT_REFERENCE_RUN`` when set, else the first inference run ever published
 (``lakehouse.publish``); its rows are sampled to at most :data:`REFERENCE_SAMPLE` images (the lowest
 image ids: a hash-random sample, the same every day). PSI rows are the gate: ``status`` is ``fail``
-when the PSI exceeds ``CXR_DRIFT_MAX_PSI`` (0.25), ``insufficient`` when the run scored fewer than
-``CXR_DRIFT_MIN_IMAGES`` images (not gated), ``no_reference`` on the first run; other metrics are
-``info``. The GX suite ``drift`` (``expectations.suites.drift_suite``) checks the PSI values of the run,
+when the PSI exceeds its ``threshold``: ``CXR_DRIFT_MAX_PSI`` (0.25), raised to the PSI that sampling
+noise alone exceeds once in a thousand at the run's and the reference's sizes (so that a run of 40
+images does not fail on noise: :func:`cxr.metrics.null_psi_quantile`); ``insufficient`` when the run
+scored fewer than ``CXR_DRIFT_MIN_IMAGES`` images (not gated), ``no_reference`` on the first run; other
+metrics are ``info``. The GX suite ``drift`` (``expectations.suites.drift_suite``) checks the PSI values of the run,
 so a drifted run fails validation and publishes nothing.
 """
 
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 REFERENCE_SAMPLE = 5000
 #: the operating point of the positive-rate rows (xrv's outputs are calibrated so that 0.5 is it)
 POSITIVE_AT = 0.5
+#: quantile bins of the numeric PSIs (the reference's deciles)
+PSI_BINS = 10
 #: per-image intensity statistics compared (``input.<name>``)
 INPUT_STATS = ("mean", "std", "p05", "p50", "p95")
 #: lineage columns whose mix is compared (``input.<column>``)
@@ -119,26 +123,39 @@ def compute_drift(
     now = datetime.now(UTC)
     rows: list[dict[str, Any]] = []
 
-    def add(model_id: str, column: str, metric: str, value: float | None, ref: float | None, gated: bool, n: int, n_ref: int) -> None:
-        if gated:
-            if reference_id is None:
-                status = "no_reference"
-            elif n < minimum:
-                status = "insufficient"
-            else:
-                status = "fail" if value is not None and value > limit else "pass"
-        else:
+    def add(
+        model_id: str,
+        feature: str,
+        metric: str,
+        value: float | None,
+        ref: float | None,
+        n: int,
+        n_ref: int,
+        *,
+        df: int | None = None,
+    ) -> None:
+        """One row; ``df`` (degrees of freedom of a PSI) makes it a gated row."""
+        threshold = None
+        if df is None:
             status = "info"
+        elif reference_id is None or n_ref == 0:
+            status = "no_reference"
+        elif n < minimum:
+            status = "insufficient"
+        else:
+            # above the limit AND above what sampling noise gives at these sizes (p = 0.999)
+            threshold = max(limit, metrics.null_psi_quantile(n_ref, n, df=max(df, 1)))
+            status = "fail" if value is not None and value > threshold else "pass"
         rows.append(
             {
                 "run_id": run_id,
                 "reference_run_id": reference_id,
                 "model_id": model_id,
-                "column": column,
+                "feature": feature,
                 "metric": metric,
                 "value": value,
                 "reference_value": ref,
-                "threshold": limit if gated else None,
+                "threshold": threshold,
                 "status": status,
                 "n": n,
                 "n_reference": n_ref,
@@ -153,36 +170,31 @@ def compute_drift(
             if len(c) == 0:
                 continue
             r = ref[column].dropna().to_numpy(dtype="float64")
-            add(model_id, column, "psi", metrics.psi(r, c) if len(r) else None, None, True, len(c), len(r))
-            add(model_id, column, "ks", metrics.ks_statistic(r, c) if len(r) else None, None, False, len(c), len(r))
-            add(
-                model_id,
-                column,
-                "positive_rate",
-                float((c >= POSITIVE_AT).mean()),
-                float((r >= POSITIVE_AT).mean()) if len(r) else None,
-                False,
-                len(c),
-                len(r),
-            )
+            m, nc, nr = str(model_id), len(c), len(r)
+            add(m, column, "psi", metrics.psi(r, c, bins=PSI_BINS) if nr else None, None, nc, nr, df=PSI_BINS - 1)
+            add(m, column, "ks", metrics.ks_statistic(r, c) if nr else None, None, nc, nr)
+            rate_ref = float((r >= POSITIVE_AT).mean()) if nr else None
+            add(m, column, "positive_rate", float((c >= POSITIVE_AT).mean()), rate_ref, nc, nr)
     cur_inputs = _input_frame(lake, settings, sorted(set(current["image_id"])))
     ref_inputs = _input_frame(lake, settings, sorted(set(reference["image_id"]))) if len(reference) else None
     n, n_ref = len(cur_inputs), (len(ref_inputs) if ref_inputs is not None else 0)
     for stat in INPUT_STATS:
         c = cur_inputs[stat].to_numpy(dtype="float64")
         r = ref_inputs[stat].to_numpy(dtype="float64") if ref_inputs is not None else None
-        column = f"input.{stat}"
-        add("", column, "psi", metrics.psi(r, c) if r is not None else None, None, True, n, n_ref)
-        add("", column, "ks", metrics.ks_statistic(r, c) if r is not None else None, None, False, n, n_ref)
-        add("", column, "mean", float(c.mean()), float(r.mean()) if r is not None else None, False, n, n_ref)
+        feature = f"input.{stat}"
+        psi = metrics.psi(r, c, bins=PSI_BINS) if r is not None and len(r) else None
+        add("", feature, "psi", psi, None, n, n_ref, df=PSI_BINS - 1)
+        add("", feature, "ks", metrics.ks_statistic(r, c) if r is not None and len(r) else None, None, n, n_ref)
+        add("", feature, "mean", float(c.mean()), float(r.mean()) if r is not None and len(r) else None, n, n_ref)
     for mix in MIX_COLUMNS:
         c_values = [None if pd.isna(v) else str(v) for v in cur_inputs[mix]]
-        r_values = [None if pd.isna(v) else str(v) for v in ref_inputs[mix]] if ref_inputs is not None else None
-        value = metrics.psi_categorical(r_values, c_values) if r_values is not None else None
-        add("", f"input.{mix}", "psi", value, None, True, n, n_ref)
+        r_values = [None if pd.isna(v) else str(v) for v in ref_inputs[mix]] if ref_inputs is not None else []
+        value = metrics.psi_categorical(r_values, c_values) if r_values else None
+        categories = len(set(c_values) | set(r_values))
+        add("", f"input.{mix}", "psi", value, None, n, n_ref, df=categories - 1)
 
     _replace_run_rows(lake, settings, run_id, rows)
-    failed = [f"{r['model_id'] or 'input'}:{r['column']} psi={r['value']:.3f}" for r in rows if r["status"] == "fail"]
+    failed = [f"{r['model_id'] or 'input'}:{r['feature']} psi={r['value']:.3f}" for r in rows if r["status"] == "fail"]
     insufficient = any(r["status"] == "insufficient" for r in rows)
     if failed:
         log.warning("drift against %s: %d PSI above %.2f: %s", reference_id, len(failed), limit, ", ".join(failed[:8]))

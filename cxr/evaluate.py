@@ -255,7 +255,7 @@ def evaluate(
                         **row,
                         "model_id": model_id,
                         "pathology": pathology,
-                        "column": column,
+                        "prediction_column": column,
                         "slice": slice_name,
                         "slice_value": slice_value,
                     }
@@ -302,7 +302,9 @@ def _read_predictions(
     if models:
         frame = frame[frame["model_id"].isin(list(models))]
     if frame.empty:
-        what = " and ".join(x for x in (f"run {run_id}" if run_id else "", f"models {list(models or [])}" if models else "") if x)
+        what = " and ".join(
+            x for x in (f"run {run_id}" if run_id else "", f"models {list(models or [])}" if models else "") if x
+        )
         raise CxrError(f"no predictions to evaluate in {lake}" + (f" for {what}" if what else ""))
     return frame.reset_index(drop=True), int(dt.version())
 
@@ -427,7 +429,7 @@ def _write_thresholds(lake: str, settings: Settings, rows: list[dict[str, Any]],
         {
             "model_id": r["model_id"],
             "pathology": r["pathology"],
-            "column": r["column"],
+            "prediction_column": r["prediction_column"],
             "threshold": r["threshold"],
             "rule": r["threshold_rule"],
             "evaluation_id": r["evaluation_id"],

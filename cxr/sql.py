@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from lakehouse.config import Settings
 from lakehouse.errors import QueryError
-from lakehouse.publish import NothingPublishedError, reader_versions
+from lakehouse.publish import NothingPublishedError, current_versions, reader_versions
 from lakehouse.storage import is_s3, normalize_uri, published_manifest_uri
 from lakehouse.tables import PATHOLOGY_COLUMNS, SPECS, TABLE_NAMES
 
@@ -179,6 +179,40 @@ LIMIT {{limit}}""",
             Param("pathology", "string", None, "prediction column, e.g. cardiomegaly", choices=_PATHOLOGIES),
             Param("limit", "integer", 10, "rows at most", minimum=1),
         ),
+    ),
+    SavedQuery(
+        "decisions",
+        "Per model and pathology: images scored, the site threshold (latest calibration in thresholds) and the "
+        "images at or above it, next to the count at a fixed threshold for comparison.",
+        f"""SELECT l.model_id, l.pathology, th.threshold, th.rule,
+  COUNT(*) AS scored,
+  COUNT(CASE WHEN l.probability >= th.threshold THEN 1 END) AS positive_at_site_threshold,
+  COUNT(CASE WHEN l.probability >= {{threshold}} THEN 1 END) AS positive_at_fixed_threshold
+FROM ({_LONG_PREDICTIONS}) AS l
+JOIN {{thresholds}} AS th ON th.model_id = l.model_id AND th.prediction_column = l.pathology
+WHERE l.probability IS NOT NULL
+GROUP BY l.model_id, l.pathology, th.threshold, th.rule
+ORDER BY l.model_id, l.pathology""",
+        (_THRESHOLD,),
+    ),
+    SavedQuery(
+        "evaluation_summary",
+        "The latest evaluation over all images: per model and pathology AUROC with its CI, AUPRC, ECE and the "
+        "operating point (highest AUROC first).",
+        """SELECT e.model_id, e.pathology, e.n_pos, e.n_neg, e.n_unlabeled, e.auroc, e.auroc_ci_low, e.auroc_ci_high,
+  e.auprc, e.ece, e.threshold, e.threshold_rule, e.sensitivity, e.specificity, e.null_reason
+FROM {evaluation} AS e
+WHERE e.slice = 'all' AND e.evaluation_id = (SELECT MAX(evaluation_id) FROM {evaluation})
+ORDER BY e.auroc DESC NULLS LAST, e.model_id, e.pathology""",
+    ),
+    SavedQuery(
+        "drift_latest",
+        "The drift rows of the latest inference run checked, gated ones (PSI) first.",
+        """SELECT d.run_id, d.reference_run_id, d.model_id, d.feature, d.metric, d.value, d.reference_value,
+  d.threshold, d.status, d.n, d.n_reference
+FROM {drift} AS d
+WHERE d.computed_at = (SELECT MAX(computed_at) FROM {drift})
+ORDER BY CASE d.status WHEN 'fail' THEN 0 WHEN 'pass' THEN 1 ELSE 2 END, d.model_id, d.feature, d.metric""",
     ),
 )
 
@@ -351,7 +385,9 @@ def connect(lakehouse_uri: str, *, settings: Settings, published: bool = True) -
     try:
         versions = reader_versions(lakehouse_uri, settings, published=published)
     except NothingPublishedError as exc:
-        raise QueryError(str(exc)) from None
+        if current_versions(lakehouse_uri, settings):
+            raise QueryError(str(exc)) from None
+        versions = {}  # no table at all: said below
     con = duckdb.connect(":memory:")
     con.execute("SET python_enable_replacements = false")  # never resolve a table name to a Python variable
     con.execute("SET TimeZone = 'UTC'")

@@ -7,13 +7,11 @@ the operators that call these are built in :mod:`cxr.operators`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lakehouse.config import load_settings
-from lakehouse.tables import PREDICTIONS, TENSORS
 
 log = logging.getLogger(__name__)
 

@@ -310,11 +310,14 @@ def coverage_frame(predictions: pa.Table, tensor_ids: Sequence[str], models: Seq
 
 
 def drift_frame(drift: pa.Table, run_id: str | None) -> pd.DataFrame:
-    """The drift rows of inference run ``run_id`` (every run when None) and ``gated_psi``: the PSI value of
+    """The drift rows of inference run ``run_id`` (the latest run checked when None) and ``gated_psi``: the PSI value of
     the rows the gate checks (status pass or fail), null elsewhere."""
-    frame = drift.select(["run_id", "model_id", "column", "metric", "value", "status"]).to_pandas()
-    if run_id is not None:
-        frame = frame[frame["run_id"] == run_id].reset_index(drop=True)
+    frame = drift.select(
+        ["run_id", "model_id", "feature", "metric", "value", "threshold", "status", "computed_at"]
+    ).to_pandas()
+    if run_id is None and len(frame):  # the latest run checked: earlier runs' verdicts stay with them
+        run_id = str(frame.sort_values("computed_at")["run_id"].iloc[-1])
+    frame = frame[frame["run_id"] == run_id].drop(columns=["computed_at"]).reset_index(drop=True)
     gated = (frame["metric"] == "psi") & frame["status"].isin(["pass", "fail"])
     frame["gated_psi"] = frame["value"].where(gated)
     return frame

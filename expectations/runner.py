@@ -60,7 +60,7 @@ _INDEX_COLUMNS: dict[str, list[str]] = {
     "files": ["path_key"],
     "predictions": ["image_id", "model_id"],
     "predictions_coverage": ["image_id", "model_id"],
-    "drift": ["model_id", "column", "metric"],
+    "drift": ["model_id", "feature", "metric"],
     "evaluation": ["evaluation_id", "model_id", "pathology", "slice", "slice_value"],
 }
 

@@ -205,7 +205,8 @@ def predictions_coverage_suite() -> gx.ExpectationSuite:
 
 
 def drift_suite(*, max_psi: float) -> gx.ExpectationSuite:
-    """The drift gate over one inference run's ``drift`` rows: every gated PSI within ``max_psi``.
+    """The drift gate over one inference run's ``drift`` rows: every gated PSI within its threshold
+    (``max_psi`` or more, see :mod:`cxr.drift`).
 
     The frame (``expectations.frames.drift_frame``) holds the run's rows; ``gated`` marks the PSI rows
     with a reference and enough images (the others are reported, not gated).
@@ -227,11 +228,15 @@ def drift_suite(*, max_psi: float) -> gx.ExpectationSuite:
     )
     suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="status", value_set=list(DRIFT_STATUSES)))
     suite.add_expectation(
-        E.ExpectColumnValuesToBeBetween(
-            column="gated_psi",
-            min_value=0.0,
-            max_value=max_psi,
-            meta={"notes": "PSI against the reference run (null: not gated: no reference or too few images)"},
+        E.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="threshold",
+            column_B="gated_psi",
+            or_equal=True,
+            ignore_row_if="either_value_is_missing",
+            meta={
+                "notes": "PSI against the reference run within its threshold (max of the configured limit and "
+                "the sampling-noise PSI); rows without a reference or with too few images are not gated"
+            },
         )
     )
     return suite
@@ -244,7 +249,9 @@ def evaluation_suite() -> gx.ExpectationSuite:
     E = gx.expectations
     suite = gx.ExpectationSuite(name="evaluation")
     suite.add_expectation(
-        E.ExpectCompoundColumnsToBeUnique(column_list=["evaluation_id", "model_id", "pathology", "slice", "slice_value"])
+        E.ExpectCompoundColumnsToBeUnique(
+            column_list=["evaluation_id", "model_id", "pathology", "slice", "slice_value"]
+        )
     )
     for col in ("auroc", "auroc_ci_low", "auroc_ci_high", "auprc", "ece", "sensitivity", "specificity", "ppv", "npv"):
         suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=col, min_value=0.0, max_value=1.0))

@@ -30,10 +30,12 @@ from lakehouse.errors import CxrError, WeightsNotFoundError
 from lakehouse.progress import progress_bar
 from lakehouse.runs import InferRun, new_run_id, write_summary
 from lakehouse.tables import (
+    DECISION_COLUMNS,
     NUMPY_DTYPES,
     PATHOLOGY_COLUMNS,
     PREDICTIONS,
     TENSORS,
+    THRESHOLDS,
     UNTRAINED_SUFFIX,
     arrow_schema,
     decode_tensor,
@@ -256,8 +258,13 @@ def run_infer(
     commit_every: int = 1024,
     run_id: str | None = None,
     progress: bool = True,
+    thresholds: str | None = None,
 ) -> InferRun:
     """Score every tensor that lacks a prediction for ``model_id`` and MERGE the results.
+
+    With ``thresholds`` (``latest`` or a Delta version of the ``thresholds`` table), each row also gets
+    ``positive_<pathology>`` = probability >= the model's site threshold, and ``thresholds_version``;
+    without, those columns are null.
 
     Raises:
         WeightsNotFoundError: no weights and no ``allow_untrained``.
@@ -321,6 +328,8 @@ def run_infer(
         "xrv_version": xrv.__version__,
     }
     summary.extra.update(graph=predictor.graph, malloc_tuned=malloc_tuned)
+    cutoffs, thresholds_version = load_thresholds(lakehouse_uri, settings, predictor.model_id, thresholds)
+    summary.extra.update(thresholds_version=thresholds_version)
     schema = arrow_schema(PREDICTIONS)
     pending: list[dict[str, list[Any]]] = []
     pending_rows = 0
@@ -334,6 +343,8 @@ def run_infer(
         now = datetime.now(UTC)
         cols.update({k: [v] * n for k, v in constants.items()})
         cols["predicted_at"] = [now] * n
+        cols.update(decide(cols, cutoffs))
+        cols["thresholds_version"] = [thresholds_version] * n
         summary.predicted += delta_rs.merge_insert_new(
             lakehouse_uri, PREDICTIONS, pa.Table.from_pydict(cols, schema=schema), settings
         )
@@ -384,6 +395,57 @@ def run_infer(
     summary.extra.update(data_wait_s=round(data_wait, 3), compute_s=round(compute, 3))
     _write_summary(lakehouse_uri, summary, settings, shard=shard)
     return summary
+
+
+def load_thresholds(
+    lakehouse_uri: str, settings: Settings, model_id: str, which: str | None
+) -> tuple[dict[str, float], int | None]:
+    """The model's site thresholds by prediction column, and the ``thresholds`` version they come from.
+
+    Args:
+        lakehouse_uri: folder or ``s3://bucket/prefix``.
+        settings: storage endpoint.
+        model_id: the model scored.
+        which: ``latest``, a version number, or None/empty (no thresholds: ``({}, None)``).
+
+    Raises:
+        CxrError: no thresholds table, an unknown version, or no threshold for this model in it.
+    """
+    from deltalake.exceptions import DeltaError, TableNotFoundError
+
+    from lakehouse import delta_rs
+
+    if not which:
+        return {}, None
+    if which != "latest" and not which.isdigit():
+        raise CxrError(f"--thresholds {which!r}: give latest or a version number of the thresholds table")
+    try:
+        dt = delta_rs.open_table(lakehouse_uri, THRESHOLDS, settings, version=None if which == "latest" else int(which))
+    except TableNotFoundError:
+        raise CxrError(
+            f"no thresholds table under {lakehouse_uri}: calibrate first (cxr evaluate ... --calibrate youden)"
+        ) from None
+    except DeltaError as exc:
+        raise CxrError(f"thresholds version {which} cannot be read: {str(exc).splitlines()[0]}") from None
+    rows = [
+        r
+        for r in dt.to_pyarrow_table(columns=["model_id", "prediction_column", "threshold"]).to_pylist()
+        if r["model_id"] == model_id
+    ]
+    if not rows:
+        raise CxrError(f"thresholds v{dt.version()} hold no threshold for {model_id}: calibrate it with cxr evaluate")
+    return {str(r["prediction_column"]): float(r["threshold"]) for r in rows}, int(dt.version())
+
+
+def decide(cols: dict[str, list[Any]], cutoffs: dict[str, float]) -> dict[str, list[bool | None]]:
+    """``positive_<pathology>`` columns: probability >= threshold; null without a threshold or a probability."""
+    n = len(cols["image_id"])
+    out: dict[str, list[bool | None]] = {}
+    for column, decision in DECISION_COLUMNS.items():
+        cut = cutoffs.get(column)
+        values = cols.get(column, [None] * n)
+        out[decision] = [None if cut is None or v is None else bool(v >= cut) for v in values]
+    return out
 
 
 def _write_summary(lakehouse_uri: str, summary: InferRun, settings: Settings, *, shard: Shard) -> None:

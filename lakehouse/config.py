@@ -142,9 +142,9 @@ class Settings:
     decode_timeout_s: float = 60.0
     #: the drift gate: publishing fails when a PSI (a probability, or an input statistic) exceeds this.
     drift_max_psi: float = 0.25
-    #: runs scoring fewer images are not gated on drift (status ``insufficient``): a PSI of a few dozen
-    #: images is noise (two samples of 30 from one distribution give ~0.6 with 10 bins).
-    drift_min_images: int = 100
+    #: runs scoring fewer images are not gated on drift (status ``insufficient``); above it, the gate also
+    #: allows for sampling noise at the run's size (``cxr.drift``).
+    drift_min_images: int = 20
     #: the inference run drift is measured against; empty: the first published inference run.
     drift_reference_run: str = ""
     spark: SparkSettings = field(default_factory=SparkSettings)

@@ -187,7 +187,6 @@ PREDICTIONS = TableSpec(
         Column("device", "string", False, "cpu or cuda device name"),
         Column("torch_version", "string", False),
         Column("xrv_version", "string", False),
-
         *(
             Column(d, "boolean", True, f"{c} >= the site threshold; null without thresholds (cxr infer --thresholds)")
             for c, d in {c: f"positive_{c}" for c in PATHOLOGY_COLUMNS.values()}.items()
@@ -208,7 +207,7 @@ EVALUATION = TableSpec(
         Column("run_id", "string", True, "the inference run evaluated; null: every run's predictions"),
         Column("model_id", "string", False),
         Column("pathology", "string", False, "TorchXRayVision target name, e.g. Effusion"),
-        Column("column", "string", False, "the predictions column, e.g. effusion"),
+        Column("prediction_column", "string", False, "the predictions column, e.g. effusion"),
         Column("slice", "string", False, "'all', or the tensors/predictions column sliced by"),
         Column("slice_value", "string", False, "'all', or the slice's value ('null' for missing)"),
         Column("n_pos", "bigint", False, "labelled positive images with a prediction"),
@@ -243,7 +242,7 @@ THRESHOLDS = TableSpec(
     columns=(
         Column("model_id", "string", False),
         Column("pathology", "string", False, "TorchXRayVision target name"),
-        Column("column", "string", False, "the predictions column"),
+        Column("prediction_column", "string", False, "the predictions column"),
         Column("threshold", "double", False, "positive when probability >= threshold"),
         Column("rule", "string", False, "youden, or sensitivity=<target>"),
         Column("evaluation_id", "string", False, "the evaluation the threshold was calibrated on"),
@@ -263,16 +262,16 @@ DRIFT_STATUSES: tuple[str, ...] = get_args(DriftStatus)
 
 DRIFT = TableSpec(
     name="drift",
-    key=("run_id", "model_id", "column", "metric"),
+    key=("run_id", "model_id", "feature", "metric"),
     columns=(
         Column("run_id", "string", False, "the inference run checked"),
         Column("reference_run_id", "string", True, "the inference run compared with; null: none yet"),
         Column("model_id", "string", False, "'' for input statistics (from tensors)"),
-        Column("column", "string", False, "a prediction column, or input.<statistic> / input.<lineage column>"),
+        Column("feature", "string", False, "a prediction column, or input.<statistic> / input.<lineage column>"),
         Column("metric", "string", False, "psi, ks, positive_rate, mean, std, p05, p50, p95"),
         Column("value", "double", True, "on this run"),
         Column("reference_value", "double", True, "the same metric on the reference run"),
-        Column("threshold", "double", True, "the gate (psi only); null: informational"),
+        Column("threshold", "double", True, "the gate: max(CXR_DRIFT_MAX_PSI, sampling-noise PSI); null: not gated"),
         Column("status", "string", False, ", ".join(DRIFT_STATUSES)),
         Column("n", "bigint", False, "images of this run"),
         Column("n_reference", "bigint", False, "images of the reference sample"),

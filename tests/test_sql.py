@@ -26,7 +26,19 @@ from cxr.sql import (
 )
 from lakehouse.config import Settings, load_settings
 from lakehouse.errors import QueryError
-from lakehouse.tables import PATHOLOGY_COLUMNS, PREDICTIONS, QUARANTINE, TENSORS, arrow_schema
+from lakehouse.publish import publish
+from lakehouse.tables import (
+    DRIFT,
+    EVALUATION,
+    PATHOLOGY_COLUMNS,
+    PREDICTIONS,
+    QUARANTINE,
+    TABLE_NAMES,
+    TENSORS,
+    THRESHOLDS,
+    arrow_schema,
+    spec,
+)
 from tests.conftest import make_bucket, upload_dir
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -114,6 +126,93 @@ def _prediction_row(model_id: str, image_id: str) -> dict[str, Any]:
     return row
 
 
+# (model_id, prediction column) -> site threshold
+THRESHOLD_ROWS = {(M1, "atelectasis"): 0.45, (M1, "cardiomegaly"): 0.95, (M2, "atelectasis"): 0.1}
+
+
+def _threshold_row(model_id: str, column: str, threshold: float) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "pathology": column.capitalize(),
+        "prediction_column": column,
+        "threshold": threshold,
+        "rule": "youden",
+        "evaluation_id": "ev-2",
+        "labels_sha256": "f" * 64,
+        "n_pos": 3,
+        "n_neg": 5,
+        "sensitivity": 1.0,
+        "specificity": 0.8,
+        "calibrated_at": NOW,
+    }
+
+
+# (evaluation_id, model_id, pathology, slice, slice_value, auroc, null_reason)
+EVALUATION_ROWS = [
+    ("ev-1", M1, "Atelectasis", "all", "all", 0.55, None),
+    ("ev-2", M1, "Atelectasis", "all", "all", 0.75, None),
+    ("ev-2", M1, "Atelectasis", "view_position", "PA", 1.0, None),
+    ("ev-2", M1, "Cardiomegaly", "all", "all", None, "one class only (0 positive, 4 negative)"),
+    ("ev-2", M2, "Atelectasis", "all", "all", 0.9, None),
+]
+
+
+def _evaluation_row(
+    ev: str, model_id: str, pathology: str, slice_: str, value: str, auroc: float | None, reason: str | None
+) -> dict[str, Any]:
+    return {
+        "evaluation_id": ev,
+        "model_id": model_id,
+        "pathology": pathology,
+        "prediction_column": pathology.lower(),
+        "slice": slice_,
+        "slice_value": value,
+        "n_pos": 2 if auroc is not None else 0,
+        "n_neg": 2 if auroc is not None else 4,
+        "n_unlabeled": 0,
+        "auroc": auroc,
+        "threshold_rule": "youden",
+        "null_reason": reason,
+        "n_bootstrap": 0,
+        "labels_uri": "labels.csv",
+        "labels_sha256": "f" * 64,
+        "labels_key": "image_id",
+        "uncertain": "ignore",
+        "predictions_version": 1,
+        "evaluated_at": NOW,
+    }
+
+
+# (run_id, model_id, feature, metric, value, status, computed_at)
+LATER = datetime(2026, 1, 3, tzinfo=UTC)
+DRIFT_ROWS = [
+    ("inf-0", M1, "atelectasis", "psi", 0.9, "fail", NOW),
+    ("inf-1", M1, "atelectasis", "psi", 0.1, "pass", LATER),
+    ("inf-1", M1, "atelectasis", "positive_rate", 0.5, "info", LATER),
+    ("inf-1", "", "input.mean", "psi", 0.4, "fail", LATER),
+]
+
+
+def _drift_row(
+    run: str, model_id: str, feature: str, metric: str, value: float, status: str, at: datetime
+) -> dict[str, Any]:
+    gated = metric == "psi"
+    return {
+        "run_id": run,
+        "reference_run_id": "inf-0" if run != "inf-0" else None,
+        "model_id": model_id,
+        "feature": feature,
+        "metric": metric,
+        "value": value,
+        "reference_value": None,
+        "threshold": 0.25 if gated else None,
+        "status": status,
+        "n": 100,
+        "n_reference": 200,
+        "computed_at": at,
+    }
+
+
 def _write(lake: Path, spec: Any, rows: list[dict[str, Any]], settings: Settings) -> None:
     import pyarrow as pa
     from deltalake import write_deltalake
@@ -129,6 +228,9 @@ def _build(lake: Path, *, with_predictions: bool = True, with_quarantine: bool =
     _write(lake, TENSORS, [_tensor_row(i) for i in TENSOR_ROWS], settings)
     if with_predictions:
         _write(lake, PREDICTIONS, [_prediction_row(m, i) for m, i in PREDICTION_ROWS], settings)
+        _write(lake, THRESHOLDS, [_threshold_row(m, c, t) for (m, c), t in THRESHOLD_ROWS.items()], settings)
+        _write(lake, EVALUATION, [_evaluation_row(*r) for r in EVALUATION_ROWS], settings)
+        _write(lake, DRIFT, [_drift_row(*r) for r in DRIFT_ROWS], settings)
     if with_quarantine:
         rows = [
             {
@@ -144,6 +246,7 @@ def _build(lake: Path, *, with_predictions: bool = True, with_quarantine: bool =
             for uri, cls, run in QUARANTINE_ROWS
         ]
         _write(lake, QUARANTINE, rows, settings)
+    publish(str(lake), settings, run_id="test")
     return lake
 
 
@@ -292,6 +395,95 @@ EXPECTED: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = {
     ],
 }
 
+
+def _decision(model: str, pathology: str, threshold: float, scored: int, site: int, fixed: int) -> dict[str, Any]:
+    return {
+        "model_id": model,
+        "pathology": pathology,
+        "threshold": threshold,
+        "rule": "youden",
+        "scored": scored,
+        "positive_at_site_threshold": site,
+        "positive_at_fixed_threshold": fixed,
+    }
+
+
+def _summary(model: str, pathology: str, auroc: float | None, reason: str | None) -> dict[str, Any]:
+    row = _evaluation_row("ev-2", model, pathology, "all", "all", auroc, reason)
+    keep = ("model_id", "pathology", "n_pos", "n_neg", "n_unlabeled", "auroc")
+    out = {k: row[k] for k in keep}
+    out.update(auroc_ci_low=None, auroc_ci_high=None, auprc=None, ece=None, threshold=None, threshold_rule="youden")
+    out.update(sensitivity=None, specificity=None, null_reason=reason)
+    return out
+
+
+def _drift(model: str, feature: str, metric: str, value: float, status: str) -> dict[str, Any]:
+    row = _drift_row("inf-1", model, feature, metric, value, status, LATER)
+    return {
+        k: row[k]
+        for k in (
+            "run_id",
+            "reference_run_id",
+            "model_id",
+            "feature",
+            "metric",
+            "value",
+            "reference_value",
+            "threshold",
+            "status",
+            "n",
+            "n_reference",
+        )
+    }
+
+
+EXPECTED.update(
+    {
+        # M1 atelectasis 0.5, 0.49, 0.7, 0.1 at 0.45 -> 3; cardiomegaly 0.9, 0.6, 0.5, 0.1 at 0.95 -> 0;
+        # M2 atelectasis 0.8, 0.2 at 0.1 -> 2; edema has no threshold: not listed
+        "decisions": [
+            (
+                {},
+                [
+                    _decision(M1, "atelectasis", 0.45, 4, 3, 2),
+                    _decision(M1, "cardiomegaly", 0.95, 4, 0, 3),
+                    _decision(M2, "atelectasis", 0.1, 2, 2, 1),
+                ],
+            ),
+            (
+                {"threshold": 0.8},
+                [
+                    _decision(M1, "atelectasis", 0.45, 4, 3, 0),
+                    _decision(M1, "cardiomegaly", 0.95, 4, 0, 1),
+                    _decision(M2, "atelectasis", 0.1, 2, 2, 1),
+                ],
+            ),
+        ],
+        # the latest evaluation (ev-2), slice all only, highest AUROC first and null last
+        "evaluation_summary": [
+            (
+                {},
+                [
+                    _summary(M2, "Atelectasis", 0.9, None),
+                    _summary(M1, "Atelectasis", 0.75, None),
+                    _summary(M1, "Cardiomegaly", None, "one class only (0 positive, 4 negative)"),
+                ],
+            )
+        ],
+        # the latest run checked (inf-1): failed rows first
+        "drift_latest": [
+            (
+                {},
+                [
+                    _drift("", "input.mean", "psi", 0.4, "fail"),
+                    _drift(M1, "atelectasis", "psi", 0.1, "pass"),
+                    _drift(M1, "atelectasis", "positive_rate", 0.5, "info"),
+                ],
+            )
+        ],
+    }
+)
+
 CASES = [(name, params, rows) for name, cases in EXPECTED.items() for params, rows in cases]
 
 
@@ -320,12 +512,14 @@ def test_athena_sql_of_saved_queries_gives_the_same_answers(
 ) -> None:
     """The Athena rendering, run in DuckDB against views in a schema named like the Glue database."""
     sql = athena_saved_query_sql(name, database="cxr_test", params=params)
-    assert re.search(r"\b(FROM|JOIN)\s+(tensors|quarantine|predictions)\b", sql) is None  # every table qualified
+    tables = "|".join(TABLE_NAMES)
+    assert re.search(rf"\b(FROM|JOIN)\s+({tables})\b", sql) is None  # every table qualified
     con = connect(str(lake), settings=Settings())
     try:
         con.execute("CREATE SCHEMA cxr_test")
-        for t in ("tensors", "quarantine", "predictions"):
-            con.execute(f"CREATE VIEW cxr_test.{t} AS SELECT * FROM {t}")
+        for t in TABLE_NAMES:
+            if t != "files":  # the ledger is not in this lakehouse
+                con.execute(f"CREATE VIEW cxr_test.{t} AS SELECT * FROM {t}")
         assert _rows(con.sql(sql).to_arrow_table()) == expected
     finally:
         con.close()
@@ -365,22 +559,25 @@ def test_athena_saved_query_sql_text() -> None:
 
 
 def test_athena_ddl_statements() -> None:
-    assert athena_ddl("s3://bucket/lake/", database="radiology") == [
-        "CREATE DATABASE IF NOT EXISTS `radiology`",
-        "CREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`tensors`\n"
-        "LOCATION 's3://bucket/lake/tensors'\n"
-        "TBLPROPERTIES ('table_type'='DELTA')",
-        "CREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`quarantine`\n"
-        "LOCATION 's3://bucket/lake/quarantine'\n"
-        "TBLPROPERTIES ('table_type'='DELTA')",
-        "CREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`predictions`\n"
-        "LOCATION 's3://bucket/lake/predictions'\n"
-        "TBLPROPERTIES ('table_type'='DELTA')",
-        "CREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`files`\n"
-        "LOCATION 's3://bucket/lake/files'\n"
-        "TBLPROPERTIES ('table_type'='DELTA')",
-    ]
-    assert athena_ddl("s3a://bucket")[1].splitlines()[1] == "LOCATION 's3://bucket/tensors'"
+    """Each table is declared over its published manifest, with the contract's columns (write-audit-publish)."""
+    statements = athena_ddl("s3://bucket/lake/", database="radiology")
+    assert statements[0] == "CREATE DATABASE IF NOT EXISTS `radiology`"
+    assert len(statements) == 1 + 2 * len(TABLE_NAMES)
+    for k, name in enumerate(TABLE_NAMES):
+        drop, create = statements[1 + 2 * k], statements[2 + 2 * k]
+        assert drop == f"DROP TABLE IF EXISTS `radiology`.`{name}`"
+        lines = create.splitlines()
+        assert lines[0] == f"CREATE EXTERNAL TABLE `radiology`.`{name}` ("
+        columns = [line.strip().rstrip(",") for line in lines[1 : lines.index(")")]]
+        assert columns == [f"`{c.name}` {c.type}" for c in spec(name).columns]
+        assert lines[lines.index(")") + 1 :] == [
+            "ROW FORMAT SERDE 'org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe'",
+            "STORED AS INPUTFORMAT 'org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat'",
+            "OUTPUTFORMAT 'org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat'",
+            f"LOCATION 's3://bucket/lake/_published/{name}/'",
+        ]
+    assert "`tensor_shape` array<int>" in statements[2] and "`ingested_at` timestamp" in statements[2]
+    assert athena_ddl("s3a://bucket")[2].endswith("LOCATION 's3://bucket/_published/tensors/'")
 
 
 @pytest.mark.parametrize(
@@ -549,10 +746,11 @@ def test_cli_athena_ddl(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = _cli(capsys, "--lakehouse", "s3://bucket/lake", "--athena-ddl", "--database", "radiology")
     assert rc == 0
     assert out.startswith(
-        "CREATE DATABASE IF NOT EXISTS `radiology`;\n\nCREATE EXTERNAL TABLE IF NOT EXISTS `radiology`.`tensors`\n"
+        "CREATE DATABASE IF NOT EXISTS `radiology`;\n\nDROP TABLE IF EXISTS `radiology`.`tensors`;\n\n"
+        "CREATE EXTERNAL TABLE `radiology`.`tensors` (\n"
     )
-    assert out.count(";\n") == 5  # the database and four tables
-    assert out.endswith("LOCATION 's3://bucket/lake/files'\nTBLPROPERTIES ('table_type'='DELTA');\n\n")
+    assert out.count(";\n") == 1 + 2 * len(TABLE_NAMES)  # the database, then a drop and a create per table
+    assert out.endswith("LOCATION 's3://bucket/lake/_published/drift/';\n\n")
 
 
 @pytest.mark.parametrize(
@@ -642,3 +840,46 @@ def test_query_over_s3_lakehouse(
     )
     rc, _, err = _cli(capsys, "--lakehouse", make_bucket(settings, "cxr-sql") + "/nothing-here", "SELECT 1")
     assert rc == 2 and "no Delta tables under s3://cxr-sql/nothing-here" in err
+
+
+# --- write-audit-publish -------------------------------------------------------------------------------
+def _count(lake: Path, *, published: bool = True) -> int:
+    return int(
+        query(str(lake), "SELECT COUNT(*) AS n FROM tensors", settings=Settings(), published=published)["n"][0].as_py()
+    )
+
+
+def test_readers_see_only_the_published_versions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A write after the publish (not audited yet) is invisible to queries and to Athena's manifest until
+    the next publish; --unpublished shows it."""
+    from deltalake import DeltaTable
+
+    settings = Settings()
+    lake = _build(tmp_path / "lake")
+    manifest = tmp_path / "lake" / "_published" / "tensors" / "manifest"
+    published_files = manifest.read_text().split()
+    assert published_files == sorted(DeltaTable(str(lake / "tensors")).file_uris()) and len(published_files) == 1
+    _write(lake, TENSORS, [{**_tensor_row("ia"), "image_id": "ie"}], settings)  # a stage writes, unaudited
+
+    assert _count(lake) == 4 and _count(lake, published=False) == 5
+    rc, out, _ = _cli(capsys, "--lakehouse", str(lake), "SELECT COUNT(*) AS n FROM tensors", "--format", "csv")
+    assert (rc, out) == (0, "n\n4\n")
+    rc, out, _ = _cli(
+        capsys, "--lakehouse", str(lake), "--unpublished", "SELECT COUNT(*) AS n FROM tensors", "--format", "csv"
+    )
+    assert (rc, out) == (0, "n\n5\n")
+    assert manifest.read_text().split() == published_files  # Athena is still on the audited version
+
+    record = publish(str(lake), settings, run_id="second")
+    assert record.versions["tensors"] == DeltaTable(str(lake / "tensors")).version()
+    assert _count(lake) == 5
+    assert manifest.read_text().split() == sorted(DeltaTable(str(lake / "tensors")).file_uris())
+    assert len(manifest.read_text().split()) == 2
+
+
+def test_nothing_published_is_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings()
+    _write(tmp_path / "lake", TENSORS, [_tensor_row("ia")], settings)
+    with pytest.raises(QueryError, match="nothing is published in .* yet"):
+        query(str(tmp_path / "lake"), "SELECT 1", settings=settings)
+    assert _count(tmp_path / "lake", published=False) == 1
