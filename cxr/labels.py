@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 from lakehouse import storage
-from lakehouse.errors import CxrError
+from lakehouse.errors import CxrError, SourceReadError
 from lakehouse.tables import PATHOLOGY_COLUMNS
 
 if TYPE_CHECKING:
@@ -375,8 +375,8 @@ def read_labels(
         The labels, with the counts of unmapped, uncertain and blank labels.
 
     Raises:
-        LabelsError: a missing or empty file, an unknown layout, a missing key column, labels other than
-            0/1/-1/blank, or one (key, pathology) labelled both 0 and 1.
+        LabelsError: a missing, unreadable or empty file, an unknown layout, a missing key column, labels
+            other than 0/1/-1/blank, or one (key, pathology) labelled both 0 and 1.
         StorageError: when an s3:// location cannot be asked.
     """
     if uncertain not in UNCERTAIN_RULES:
@@ -387,7 +387,10 @@ def read_labels(
     frame, sha256, where = _load(uri, settings)
     if frame.empty:
         raise LabelsError(f"{where}: no label rows (columns {list(frame.columns)})")
-    fmt = detect_format(list(frame.columns))
+    try:
+        fmt = detect_format(list(frame.columns))
+    except LabelsError as exc:
+        raise LabelsError(f"{where}: {exc}") from None
     key = _key_column(frame, fmt, key_column, where)
     keys = frame[key]
     if keys.isna().any():
@@ -451,18 +454,24 @@ def _load(uri: str, settings: Settings | None) -> tuple[pd.DataFrame, str, str]:
     if not is_file:
         frame, sha256 = _read_delta(where, settings)
     else:
-        data = storage.read_bytes(where, settings)
+        try:
+            data = storage.read_bytes(where, settings)
+        except SourceReadError as exc:  # an input error elsewhere; here the stage cannot run
+            raise LabelsError(f"cannot read the labels: {exc}") from exc
         frame, sha256 = _parse(data, where), _sha256(data)
     return frame.reset_index(drop=True), sha256, where
 
 
 def _sha256(data: bytes) -> str:
+    """Hex sha256 of bytes."""
     return hashlib.sha256(data).hexdigest()
 
 
 def _parse(data: bytes, where: str) -> pd.DataFrame:
     """CSV (plain, gzip or zip) or Parquet bytes -> a frame; CSV cells are read as text."""
+    import gzip
     import zipfile
+    import zlib
 
     import pandas as pd
 
@@ -474,7 +483,9 @@ def _parse(data: bytes, where: str) -> pd.DataFrame:
             import pyarrow.parquet as pq
 
             return pq.read_table(pa.BufferReader(data)).to_pandas()
-        compression = "gzip" if data[:2] == b"\x1f\x8b" else "zip" if data[:4] == b"PK\x03\x04" else None
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)  # here, not in pandas: a truncated file raises instead of reading short
+        compression = "zip" if data[:4] == b"PK\x03\x04" else None
         return pd.read_csv(
             io.BytesIO(data),
             compression=compression,
@@ -485,7 +496,15 @@ def _parse(data: bytes, where: str) -> pd.DataFrame:
         )
     except pd.errors.EmptyDataError:
         raise LabelsError(f"{where} has no header and no rows: expected a CSV or Parquet labels file") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except (
+        pd.errors.ParserError,
+        UnicodeDecodeError,
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+    ) as exc:
         raise LabelsError(f"{where}: cannot read it as CSV or Parquet: {exc}") from exc
 
 
@@ -564,6 +583,7 @@ def _apply_uncertain(numbers: pd.Series, blank: pd.Series, rule: Uncertain, tall
 
 
 def _part(keys: pd.Series, pathology: str, labels: pd.Series | np.ndarray) -> pd.DataFrame:
+    """Rows of one target: the keys and their 0/1 labels."""
     import pandas as pd
 
     return pd.DataFrame(
