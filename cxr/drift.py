@@ -41,6 +41,10 @@ REFERENCE_SAMPLE = 5000
 POSITIVE_AT = 0.5
 #: quantile bins of the numeric PSIs (the reference's deciles)
 PSI_BINS = 10
+#: added to every bin's count (Jeffreys): a bin a small run leaves empty by chance does not fake drift.
+#: Numeric PSIs also have a bin below the reference's minimum and one above its maximum (``tails``):
+#: values outside everything the reference saw (inverted images, a new scanner's range) count fully.
+PSEUDO_COUNT = 0.5
 #: per-image intensity statistics compared (``input.<name>``)
 INPUT_STATS = ("mean", "std", "p05", "p50", "p95")
 #: lineage columns whose mix is compared (``input.<column>``)
@@ -171,7 +175,16 @@ def compute_drift(
                 continue
             r = ref[column].dropna().to_numpy(dtype="float64")
             m, nc, nr = str(model_id), len(c), len(r)
-            add(m, column, "psi", metrics.psi(r, c, bins=PSI_BINS) if nr else None, None, nc, nr, df=PSI_BINS - 1)
+            add(
+                m,
+                column,
+                "psi",
+                metrics.psi(r, c, bins=PSI_BINS, pseudo_count=PSEUDO_COUNT, tails=True) if nr else None,
+                None,
+                nc,
+                nr,
+                df=PSI_BINS + 1,
+            )
             add(m, column, "ks", metrics.ks_statistic(r, c) if nr else None, None, nc, nr)
             rate_ref = float((r >= POSITIVE_AT).mean()) if nr else None
             add(m, column, "positive_rate", float((c >= POSITIVE_AT).mean()), rate_ref, nc, nr)
@@ -182,14 +195,18 @@ def compute_drift(
         c = cur_inputs[stat].to_numpy(dtype="float64")
         r = ref_inputs[stat].to_numpy(dtype="float64") if ref_inputs is not None else None
         feature = f"input.{stat}"
-        psi = metrics.psi(r, c, bins=PSI_BINS) if r is not None and len(r) else None
-        add("", feature, "psi", psi, None, n, n_ref, df=PSI_BINS - 1)
+        psi = (
+            metrics.psi(r, c, bins=PSI_BINS, pseudo_count=PSEUDO_COUNT, tails=True)
+            if r is not None and len(r)
+            else None
+        )
+        add("", feature, "psi", psi, None, n, n_ref, df=PSI_BINS + 1)
         add("", feature, "ks", metrics.ks_statistic(r, c) if r is not None and len(r) else None, None, n, n_ref)
         add("", feature, "mean", float(c.mean()), float(r.mean()) if r is not None and len(r) else None, n, n_ref)
     for mix in MIX_COLUMNS:
         c_values = [None if pd.isna(v) else str(v) for v in cur_inputs[mix]]
         r_values = [None if pd.isna(v) else str(v) for v in ref_inputs[mix]] if ref_inputs is not None else []
-        value = metrics.psi_categorical(r_values, c_values) if r_values else None
+        value = metrics.psi_categorical(r_values, c_values, pseudo_count=PSEUDO_COUNT) if r_values else None
         categories = len(set(c_values) | set(r_values))
         add("", f"input.{mix}", "psi", value, None, n, n_ref, df=categories - 1)
 
@@ -197,13 +214,15 @@ def compute_drift(
     failed = [f"{r['model_id'] or 'input'}:{r['feature']} psi={r['value']:.3f}" for r in rows if r["status"] == "fail"]
     insufficient = any(r["status"] == "insufficient" for r in rows)
     if failed:
-        log.warning("drift against %s: %d PSI above %.2f: %s", reference_id, len(failed), limit, ", ".join(failed[:8]))
+        log.warning(
+            "drift against %s: %d PSI above their thresholds: %s", reference_id, len(failed), ", ".join(failed[:8])
+        )
     elif reference_id is None:
         log.info("drift: no reference run yet (the first published inference run becomes it)")
     elif insufficient:
         log.info("drift: %d images scored, fewer than %d: reported, not gated", n, minimum)
     else:
-        log.info("drift against %s: every PSI within %.2f", reference_id, limit)
+        log.info("drift against %s: every PSI within its threshold (at least %.2f)", reference_id, limit)
     return DriftResult(run_id, reference_id, len(rows), failed, insufficient)
 
 

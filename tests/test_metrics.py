@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from cxr import metrics
 from cxr.metrics import (
     auprc,
     auroc,
@@ -410,3 +411,63 @@ def test_expected_null_psi_matches_simulated_same_distribution_psi() -> None:
         assert value is not None
         values.append(value)
     assert np.mean(values) == pytest.approx(expected_null_psi(200, 500), rel=0.15)
+
+
+# --- small-sample PSI: pseudo counts, tails, the noise quantile ------------------------------------------
+def test_psi_pseudo_count_smooths_an_empty_bin() -> None:
+    ref = np.arange(10.0)  # deciles: one value per bin
+    cur = np.array([1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])  # bin 0 empty, bin 1 doubled
+    ref_share, cur_share = np.full(10, 0.1), np.array([0.0, 0.2, *[0.1] * 8])
+    assert metrics.psi(ref, cur) == pytest.approx(
+        float(np.sum((np.maximum(cur_share, 1e-4) - ref_share) * np.log(np.maximum(cur_share, 1e-4) / ref_share)))
+    )
+    ref_s, cur_s = np.full(10, 1.5 / 15), np.array([0.5, 2.5, *[1.5] * 8]) / 15
+    assert metrics.psi(ref, cur, pseudo_count=0.5) == pytest.approx(
+        float(np.sum((cur_s - ref_s) * np.log(cur_s / ref_s)))
+    )
+    assert metrics.psi(ref, cur, pseudo_count=0.5) < metrics.psi(ref, cur)  # type: ignore[operator]
+    with pytest.raises(ValueError, match="pseudo_count"):
+        metrics.psi(ref, cur, pseudo_count=-1)
+
+
+def test_psi_tails_count_values_outside_the_reference_range() -> None:
+    ref = np.arange(10.0)
+    inside = np.arange(10.0)
+    outside = np.array([*range(7), 100.0, 200.0, 300.0])  # 3 values above everything the reference saw
+    assert metrics.psi(ref, inside, tails=True) == pytest.approx(0.0)
+    # without tails the three land in the open top decile with 9; with tails they have a bin of their own
+    ref_t = np.array([0.0, *[0.1] * 10, 0.0])
+    cur_t = np.array([0.0, *[0.1] * 7, 0.0, 0.0, 0.0, 0.3])
+    floor = np.maximum
+    expected = float(
+        np.sum((floor(cur_t, 1e-4) - floor(ref_t, 1e-4)) * np.log(floor(cur_t, 1e-4) / floor(ref_t, 1e-4)))
+    )
+    assert metrics.psi(ref, outside, tails=True) == pytest.approx(expected)
+    assert metrics.psi(ref, outside, tails=True) > 2 * metrics.psi(ref, outside)  # type: ignore[operator]
+    # a value equal to the reference maximum is inside the range
+    assert metrics.psi(ref, np.array([*range(9), 9.0]), tails=True) == pytest.approx(0.0)
+
+
+def test_psi_categorical_pseudo_count() -> None:
+    got = metrics.psi_categorical(["a", "a", "b"], ["a", "c"], pseudo_count=0.5)
+    ref = np.array([2.5, 1.5, 0.5]) / 4.5
+    cur = np.array([1.5, 0.5, 1.5]) / 3.5
+    assert got == pytest.approx(float(np.sum((cur - ref) * np.log(cur / ref))))
+
+
+@pytest.mark.parametrize(("df", "chi2_999"), [(9, 27.877), (11, 31.264), (3, 16.266)])
+def test_null_psi_quantile_is_the_scaled_chi_square_quantile(df: int, chi2_999: float) -> None:
+    # chi-square 0.999 quantiles from tables; Wilson-Hilferty is within 2% for df >= 3 (1% from df 9)
+    assert metrics.null_psi_quantile(10**12, 1, df=df) == pytest.approx(chi2_999, rel=0.02)
+    assert metrics.null_psi_quantile(100, 50, df=df) == pytest.approx(
+        metrics.null_psi_quantile(10**12, 1, df=df) * (1 / 100 + 1 / 50)
+    )
+    with pytest.raises(ValueError):
+        metrics.null_psi_quantile(0, 5, df=df)
+
+
+def test_null_psi_quantile_bounds_simulated_noise() -> None:
+    rng = np.random.default_rng(7)
+    q = metrics.null_psi_quantile(150, 60, df=11, p=0.99)
+    sims = [metrics.psi(rng.normal(size=150), rng.normal(size=60), pseudo_count=0.5, tails=True) for _ in range(400)]
+    assert np.mean(np.array(sims) > q) < 0.03  # about 1% by construction; the approximation is not exact
