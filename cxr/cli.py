@@ -501,6 +501,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         models=args.model or list(DEFAULT_MODELS),
         allow_untrained=args.allow_untrained,
         weights_dir=args.weights_dir,
+        labels_uri=args.labels,
+        labels_key=args.labels_key,
         capture=not args.verbose,  # `cxr -v run`: Airflow's and the tasks' output on the terminal too
     )
     sys.stdout.write("".join(f"{line}\n" for line in summary_lines(result, lakehouse_uri=lakehouse_uri)))
@@ -655,6 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights-dir", help="folder in xrv's cache layout holding the weights files")
     run.add_argument(
         "--allow-untrained", action="store_true", help="without weights, a random-init stand-in (marked in every row)"
+    )
+    run.add_argument("--labels", help="a labels file: evaluate the run against it before publishing (cxr evaluate)")
+    run.add_argument(
+        "--labels-key",
+        default="file_name",
+        choices=["file_name", "image_id", "sop_instance_uid"],
+        help="the labels' key",
     )
     run.set_defaults(func=_cmd_run)
 

@@ -406,6 +406,18 @@ def _metrics_row(g: pd.DataFrame, column: str, rule: Rule, *, n_bootstrap: int, 
     )
     threshold = rule.threshold(y, s) if not row["null_reason"] else None
     at = metrics.confusion_at(y, s, threshold) if threshold is not None else {}
+    curve = metrics.roc_on_grid(y, s) if auroc is not None else None
+    band = metrics.bootstrap_roc_band(y, s, n_boot=n_bootstrap, seed=seed) if curve is not None else None
+    predicted, observed, counts = metrics.calibration_bins(y, s) if len(y) else (None, None, None)
+    row.update(
+        roc_fpr=metrics.ROC_GRID.tolist() if curve is not None else None,
+        roc_tpr=curve.tolist() if curve is not None else None,
+        roc_tpr_low=band[0].tolist() if band is not None else None,
+        roc_tpr_high=band[1].tolist() if band is not None else None,
+        calibration_predicted=predicted,
+        calibration_observed=observed,
+        calibration_count=counts,
+    )
     row.update(
         auroc=auroc,
         auroc_ci_low=low,

@@ -25,9 +25,12 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
+    "ROC_GRID",
     "auprc",
     "auroc",
     "bootstrap_auroc_ci",
+    "bootstrap_roc_band",
+    "calibration_bins",
     "confusion_at",
     "ece",
     "expected_null_psi",
@@ -35,6 +38,7 @@ __all__ = [
     "null_psi_quantile",
     "psi",
     "psi_categorical",
+    "roc_on_grid",
     "sensitivity_threshold",
     "youden_threshold",
 ]
@@ -473,3 +477,85 @@ def null_psi_quantile(n_ref: int, n_cur: int, *, df: int, p: float = 0.999) -> f
     h = 2.0 / (9.0 * df)
     chi2 = df * (1.0 - h + z * math.sqrt(h)) ** 3
     return chi2 * (1.0 / n_ref + 1.0 / n_cur)
+
+
+# --- curves for the report: ROC on a fixed FPR grid with a bootstrap band, calibration bins -------------
+#: the false-positive rates ROC curves are stored at (``evaluation.roc_fpr``)
+ROC_GRID: FloatArray = np.linspace(0.0, 1.0, 51)
+
+
+def _tpr_on_grid(pos: FloatArray, neg: FloatArray, grid: FloatArray) -> FloatArray:
+    """TPR at each false-positive rate of ``grid`` from per-distinct-score counts (ascending scores): the
+    highest TPR of a threshold whose FPR does not exceed it (the ROC step function, ties as one step)."""
+    tp = np.concatenate([[0.0], np.cumsum(pos[::-1])])
+    fp = np.concatenate([[0.0], np.cumsum(neg[::-1])])
+    fpr, tpr = fp / fp[-1], tp / tp[-1]
+    return tpr[np.searchsorted(fpr, grid + 1e-12, side="right") - 1]
+
+
+def roc_on_grid(y: ArrayLike, s: ArrayLike, *, grid: ArrayLike = ROC_GRID) -> FloatArray | None:
+    """TPR at each false-positive rate of ``grid`` (decision ``s >= threshold``); None when a class is empty.
+
+    At a false-positive rate x the value is the highest TPR of any threshold whose FPR is at most x, so
+    tied scores move the curve in one step (no interpolation between thresholds).
+    """
+    positive, s_arr = _labels_scores(y, s)
+    if positive.all() or not positive.any():
+        return None
+    _, _, pos, neg = _group_counts(positive, s_arr)
+    return _tpr_on_grid(pos.astype(float), neg.astype(float), np.asarray(grid, dtype=float))
+
+
+def bootstrap_roc_band(
+    y: ArrayLike, s: ArrayLike, *, grid: ArrayLike = ROC_GRID, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[FloatArray, FloatArray] | None:
+    """Pointwise percentile bootstrap band of :func:`roc_on_grid` (resamples with one class skipped).
+
+    Returns:
+        (low, high) TPR at each grid point; None when a class is empty, ``n_boot`` is 0, or fewer than
+        half the resamples hold both classes.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    positive, s_arr = _labels_scores(y, s)
+    n, n_pos = len(positive), int(positive.sum())
+    if n_boot <= 0 or n_pos == 0 or n_pos == n:
+        return None
+    grid_arr = np.asarray(grid, dtype=float)
+    _, inverse, _, _ = _group_counts(positive, s_arr)
+    n_groups = int(inverse.max()) + 1
+    key = 2 * inverse + positive.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n_boot):
+        counts = np.bincount(key[rng.integers(0, n, size=n)], minlength=2 * n_groups).astype(float)
+        pos, neg = counts[1::2], counts[0::2]
+        if pos.sum() and neg.sum():
+            curves.append(_tpr_on_grid(pos, neg, grid_arr))
+    if len(curves) < n_boot / 2:
+        return None
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(np.stack(curves), [alpha, 1.0 - alpha], axis=0)
+    return low, high
+
+
+def calibration_bins(
+    y: ArrayLike, p: ArrayLike, *, bins: int = 10
+) -> tuple[list[float | None], list[float | None], list[int]]:
+    """Per equal-width probability bin (the bins of :func:`ece`): mean predicted probability, observed
+    positive rate (None for an empty bin) and the number of images."""
+    positive, p_arr = _labels_scores(y, p, "p")
+    if ((p_arr < 0) | (p_arr > 1)).any():
+        raise ValueError("probabilities must lie within [0, 1]")
+    edges = np.arange(bins + 1) / bins
+    which = np.clip(np.searchsorted(edges, p_arr, side="right") - 1, 0, bins - 1)
+    predicted: list[float | None] = []
+    observed: list[float | None] = []
+    counts: list[int] = []
+    for b in range(bins):
+        in_bin = which == b
+        c = int(in_bin.sum())
+        counts.append(c)
+        predicted.append(float(p_arr[in_bin].mean()) if c else None)
+        observed.append(float(positive[in_bin].mean()) if c else None)
+    return predicted, observed, counts

@@ -71,6 +71,9 @@ class Finding:
     mean: float
     histogram: Markup
     thumbs: list[Thumb] = field(default_factory=list)
+    #: the site threshold (``thresholds`` table) and the images at or above it, when calibrated
+    site_threshold: float | None = None
+    site_positive: int | None = None
 
 
 @dataclass
@@ -149,7 +152,10 @@ def build_report(
     run = _pick_run(preprocess_runs, run_id, lake)
     selected_id = run.run_id if run else None
 
-    models = _model_reports(lake, predictions, settings, top=max(top, 0), tensors_version=versions.get("tensors"))
+    cutoffs = _thresholds(lake, settings, versions)
+    models = _model_reports(
+        lake, predictions, settings, top=max(top, 0), tensors_version=versions.get("tensors"), cutoffs=cutoffs
+    )
     untrained = sorted({m.model_id for m in models if m.untrained} | {r.model_id for r in infer_runs if r.untrained})
     context = {
         "title": f"cxr run report: {selected_id or 'lakehouse'}",
@@ -177,6 +183,8 @@ def build_report(
         "data_docs": _data_docs_link(lake, out, settings),
         "banner_rgb": "#{:02x}{:02x}{:02x}".format(*BANNER_RGB),
         "table_versions": {"published": published, "versions": versions},
+        "evaluation": _evaluation_section(lake, settings, versions),
+        "drift": _drift_section(lake, settings, versions, predictions),
     }
     return _render(context)
 
@@ -300,7 +308,13 @@ def _run_quarantine_rows(quarantine: pa.Table | None, run_id: str | None) -> dic
 
 
 def _model_reports(
-    lake: str, predictions: pa.Table | None, settings: Settings, *, top: int, tensors_version: int | None
+    lake: str,
+    predictions: pa.Table | None,
+    settings: Settings,
+    *,
+    top: int,
+    tensors_version: int | None,
+    cutoffs: dict[tuple[str, str], float] | None = None,
 ) -> list[ModelReport]:
     """Per model: identity, per-pathology histograms and the top images per finding."""
     import numpy as np
@@ -337,13 +351,16 @@ def _model_reports(
                 report.not_predicted.append(name)
                 continue
             scores, score_ids = values[ok], ids[ok]
+            site = (cutoffs or {}).get((model_id, col))
             finding = Finding(
                 name=name,
                 column=col,
                 count=int(ok.sum()),
                 positive=int((scores >= 0.5).sum()),
                 mean=float(scores.mean()),
-                histogram=_histogram_svg(scores, title=f"{name} ({model_id})"),
+                histogram=_histogram_svg(scores, title=f"{name} ({model_id})", site_threshold=site),
+                site_threshold=site,
+                site_positive=int((scores >= site).sum()) if site is not None else None,
             )
             report.findings.append(finding)
             wanted.setdefault(model_id, []).append((finding, _top_k(score_ids, scores, top)))
@@ -494,8 +511,9 @@ def _basename(uri: str) -> str:
 
 
 # --- rendering ----------------------------------------------------------------------------------------
-def _histogram_svg(scores: np.ndarray, *, title: str) -> Markup:
-    """An inline SVG histogram of scores on [0, 1] with the 0.5 operating point marked."""
+def _histogram_svg(scores: np.ndarray, *, title: str, site_threshold: float | None = None) -> Markup:
+    """An inline SVG histogram of scores on [0, 1] with the 0.5 operating point marked (dashed) and the
+    site threshold, when calibrated (red)."""
     import numpy as np
     from markupsafe import Markup, escape
 
@@ -522,6 +540,12 @@ def _histogram_svg(scores: np.ndarray, *, title: str) -> Markup:
         f'<line x1="{left}" y1="{top_pad}" x2="{left}" y2="{base}" stroke="#555"/>'
         f'<line x1="{mid:.1f}" y1="{top_pad}" x2="{mid:.1f}" y2="{base}" stroke="#999" stroke-dasharray="3,3"/>'
         + "".join(bars)
+        + (
+            f'<line class="site-threshold" x1="{left + plot_w * site_threshold:.1f}" y1="{top_pad}" '
+            f'x2="{left + plot_w * site_threshold:.1f}" y2="{base}" stroke="#c0392b" stroke-width="1.5"/>'
+            if site_threshold is not None
+            else ""
+        )
         + f'<text x="{left}" y="{height - 4}" font-size="10" text-anchor="middle">0</text>'
         f'<text x="{mid:.1f}" y="{height - 4}" font-size="10" text-anchor="middle">0.5</text>'
         f'<text x="{left + plot_w}" y="{height - 4}" font-size="10" text-anchor="end">1</text>'
@@ -530,6 +554,118 @@ def _histogram_svg(scores: np.ndarray, *, title: str) -> Markup:
         "</svg>"
     )
     return Markup(svg)  # built from numbers and escaped text only
+
+
+def _thresholds(lake: str, settings: Settings, versions: dict[str, int | None]) -> dict[tuple[str, str], float]:
+    """(model_id, prediction column) -> the site threshold of the published ``thresholds`` version."""
+    table = _read_table(lake, "thresholds", settings, ["model_id", "prediction_column", "threshold"], versions)
+    if table is None:
+        return {}
+    return {(r["model_id"], r["prediction_column"]): float(r["threshold"]) for r in table.to_pylist()}
+
+
+def _evaluation_section(lake: str, settings: Settings, versions: dict[str, int | None]) -> dict[str, Any] | None:
+    """The latest published evaluation: per model and pathology (slice all) its metrics, ROC curve with the
+    bootstrap band and calibration plot, highest AUROC first; the other slices as rows."""
+    from cxr.charts import calibration_svg, roc_svg
+
+    table = _read_table(lake, "evaluation", settings, [c.name for c in spec("evaluation").columns], versions)
+    if table is None or table.num_rows == 0:
+        return None
+    latest = max(table.column("evaluation_id").to_pylist())
+    rows = [r for r in table.to_pylist() if r["evaluation_id"] == latest]
+    overall = sorted(
+        (r for r in rows if r["slice"] == "all"),
+        key=lambda r: (r["auroc"] is None, -(r["auroc"] or 0.0), r["model_id"], r["pathology"]),
+    )
+    for r in overall:
+        title = f"{r['pathology']} ({r['model_id']})"
+        r["roc"] = (
+            roc_svg(r["roc_fpr"], r["roc_tpr"], low=r["roc_tpr_low"], high=r["roc_tpr_high"], title=f"ROC {title}")
+            if r["roc_tpr"]
+            else None
+        )
+        r["calibration"] = (
+            calibration_svg(
+                r["calibration_predicted"],
+                r["calibration_observed"],
+                r["calibration_count"],
+                title=f"calibration {title}",
+            )
+            if r["calibration_count"]
+            else None
+        )
+    slices = sorted(
+        (r for r in rows if r["slice"] != "all"),
+        key=lambda r: (r["model_id"], r["pathology"], r["slice"], r["slice_value"]),
+    )
+    first = rows[0]
+    return {
+        "evaluation_id": latest,
+        "labels_uri": first["labels_uri"],
+        "labels_sha256": first["labels_sha256"],
+        "rule": first["threshold_rule"],
+        "run_id": first["run_id"],
+        "predictions_version": first["predictions_version"],
+        "overall": overall,
+        "slices": slices,
+    }
+
+
+def _drift_section(
+    lake: str, settings: Settings, versions: dict[str, int | None], predictions: pa.Table | None
+) -> dict[str, Any] | None:
+    """The latest published drift verdict: PSI bars, and this run's probabilities against the reference's."""
+    import pyarrow.compute as pc
+
+    from cxr.charts import overlay_histogram_svg, psi_bars_svg
+
+    table = _read_table(lake, "drift", settings, [c.name for c in spec("drift").columns], versions)
+    if table is None or table.num_rows == 0:
+        return None
+    latest = pc.max(table.column("computed_at")).as_py()
+    rows = [r for r in table.to_pylist() if r["computed_at"] == latest]
+    run_id, reference = rows[0]["run_id"], rows[0]["reference_run_id"]
+    psi = [r for r in rows if r["metric"] == "psi" and r["value"] is not None]
+    psi.sort(key=lambda r: (r["model_id"] != "", r["model_id"], -r["value"]))
+    bars = [
+        (
+            f"{'input' if not r['model_id'] else 'p'}: {r['feature'].removeprefix('input.')}",
+            r["value"],
+            r["threshold"],
+            r["status"],
+        )
+        for r in psi
+    ]
+    histograms = []
+    if predictions is not None and reference and "run_id" in predictions.column_names:
+        runs = predictions.column("run_id")
+        current, before = predictions.filter(pc.equal(runs, run_id)), predictions.filter(pc.equal(runs, reference))
+        for name, col in PATHOLOGY_COLUMNS.items():
+            if col not in predictions.column_names:
+                continue
+            a = [v for v in current.column(col).to_pylist() if v is not None]
+            b = [v for v in before.column(col).to_pylist() if v is not None]
+            if a and b:
+                histograms.append(
+                    {
+                        "name": name,
+                        "column": col,
+                        "svg": overlay_histogram_svg(a, b, title=f"{name}: {run_id} vs {reference}"),
+                    }
+                )
+    statuses = [r["status"] for r in rows]
+    verdict = "fail" if "fail" in statuses else "pass" if "pass" in statuses else statuses[0]
+    return {
+        "run_id": run_id,
+        "reference_run_id": reference,
+        "verdict": verdict,
+        "bars": psi_bars_svg(bars, title=f"PSI of {run_id} against {reference}") if bars else None,
+        "failed": [r for r in psi if r["status"] == "fail"],
+        "histograms": histograms,
+        "n": rows[0]["n"],
+        "n_reference": rows[0]["n_reference"],
+    }
 
 
 def _render(context: dict[str, Any]) -> str:

@@ -178,3 +178,30 @@ def publish(
     )
     log.info("published %s", ", ".join(f"{t}@v{v}" for t, v in sorted(chosen.items())))
     return record
+
+
+def read_table(
+    lakehouse_uri: str,
+    name: str,
+    settings: Settings,
+    *,
+    columns: list[str] | None = None,
+    published: bool = True,
+) -> Any:
+    """A table (some columns) as Arrow, at its published version (the latest with ``published=False``).
+
+    Raises:
+        NothingPublishedError: ``published`` and the table has no published version.
+    """
+    from lakehouse.delta_rs import open_table
+
+    version: int | None = None
+    if published:
+        versions = published_versions(lakehouse_uri, settings)
+        if name not in versions:
+            raise NothingPublishedError(
+                f"{name} has no published version in {storage.normalize_uri(lakehouse_uri)} yet "
+                "(the publish step records it after the audits)"
+            )
+        version = versions[name]
+    return open_table(lakehouse_uri, spec(name), settings, version=version).to_pyarrow_table(columns=columns)

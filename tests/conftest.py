@@ -251,8 +251,11 @@ def built_lakehouse(
 ) -> Path:  # type: ignore[no-untyped-def]
     """A lakehouse made by the real stages: every valid and invalid sample kind preprocessed with Spark
     (run id ``pre-test``), then scored by the inference job (run id ``inf-test``) with the random-init
-    checkpoint loaded through the weights-dir path. Read-only: copy it before changing it."""
+    checkpoint loaded through the weights-dir path, then published (the publish step without the audits:
+    a third of the sample set is invalid on purpose, above the quarantine gate). Read-only: copy it
+    before changing it."""
     from inference.job import run_infer
+    from lakehouse.publish import publish
     from transforms.preprocess import run_preprocess
 
     lake = tmp_path_factory.mktemp("built") / "lake"
@@ -265,4 +268,5 @@ def built_lakehouse(
         run_id="inf-test",
         progress=False,
     )
+    publish(str(lake), settings, run_id="pre-test", infer_run_id="inf-test")
     return lake

@@ -98,7 +98,15 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
     assert info["heavy"] == [], f"parsing imported {info['heavy']}"
     assert {"cxr", "inference", "profile:local"} <= set(info["tags"])
     assert info["doc_md"]
-    assert info["params"] == ["allow_untrained", "input_uri", "lakehouse_uri", "models", "weights_dir"]
+    assert info["params"] == [
+        "allow_untrained",
+        "input_uri",
+        "labels_key",
+        "labels_uri",
+        "lakehouse_uri",
+        "models",
+        "weights_dir",
+    ]
     tasks = info["tasks"]
     order = DAG_TASKS
     assert sorted(tasks) == sorted(order)
@@ -119,7 +127,9 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
     assert callables == {
         "wait_for_images": "cxr.tasks.new_images_waiting",
         "validate_tensors": "cxr.tasks.validate_stage",
+        "drift": "cxr.tasks.drift_stage",
         "validate_predictions": "cxr.tasks.validate_stage",
+        "evaluate": "cxr.tasks.evaluate_stage",
         "publish": "cxr.tasks.publish_stage",
         "report": "cxr.tasks.report_stage",
         "maintain": "cxr.tasks.maintain_stage",
@@ -151,9 +161,9 @@ INJECT = textwrap.dedent(
 )
 
 
-def _cxr_run(tmp_path: Path, input_uri: str, lake: str, env: dict[str, str], weights: Path) -> str:
+def _cxr_run(tmp_path: Path, input_uri: str, lake: str, env: dict[str, str], weights: Path, *more: str) -> str:
     out = subprocess.run(
-        [CXR, "run", "--input", input_uri, "--lakehouse", lake, "--model", MODEL, "--weights-dir", str(weights)],
+        [CXR, "run", "--input", input_uri, "--lakehouse", lake, "--model", MODEL, "--weights-dir", str(weights), *more],
         env=env,
         capture_output=True,
         text=True,
@@ -234,6 +244,8 @@ def test_local_dag_end_to_end_with_a_failed_infer_attempt(tmp_path: Path, sample
 def test_local_dag_on_the_local_s3_server(
     tmp_path: Path, settings: Settings, samples_dir: Path, checkpoint: Path
 ) -> None:
+    from lakehouse.storage import write_text
+
     bucket = make_bucket(settings, "dag-e2e")
     valid = tmp_path / "valid"
     valid.mkdir()
@@ -243,13 +255,22 @@ def test_local_dag_on_the_local_s3_server(
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(p.read_bytes())
     n = upload_dir(settings, valid, f"{bucket}/in")
+    # labels on S3 (tidy, keyed by file name): the DAG evaluates the run before publishing it
+    files = sorted(p for p in valid.rglob("*") if p.is_file())
+    labels = "file_name,pathology,label\n" + "".join(f"{p.name},Cardiomegaly,{k % 2}\n" for k, p in enumerate(files))
+    labels += "not-here.png,Cardiomegaly,1\n"
+    write_text(f"{bucket}/labels/labels.csv", labels, settings)
     env = _airflow_env(tmp_path, CXR_S3_ENDPOINT_URL=settings.s3_endpoint_url)
     env.pop("CXR_MAX_QUARANTINE_SHARE")
-    stdout = _cxr_run(tmp_path, f"{bucket}/in", f"{bucket}/lake", env, checkpoint.parent)
+    stdout = _cxr_run(
+        tmp_path, f"{bucket}/in", f"{bucket}/lake", env, checkpoint.parent, "--labels", f"{bucket}/labels/labels.csv"
+    )
     assert "  maintain               success" in stdout, stdout  # upkeep of an s3:// lakehouse
+    assert f"{n}/{n + 1} labels matched" in stdout, stdout
 
     from lakehouse.delta_rs import read_arrow
     from lakehouse.storage import read_text
+    from lakehouse.tables import EVALUATION
 
     tensors = read_arrow(f"{bucket}/lake", TENSORS, settings, columns=["image_id"])
     preds = read_arrow(f"{bucket}/lake", PREDICTIONS, settings, columns=["image_id", "model_id"])
@@ -258,7 +279,15 @@ def test_local_dag_on_the_local_s3_server(
     assert "<html" in read_text(f"{bucket}/lake/reports/report.html", settings).lower()
     assert "Data Docs" in read_text(f"{bucket}/lake/reports/data_docs/index.html", settings)
     published = json.loads(read_text(f"{bucket}/lake/reports/published.json", settings))
-    assert set(published["versions"]) == {"tensors", "predictions"}
+    assert set(published["versions"]) == {"tensors", "quarantine", "files", "predictions", "drift", "evaluation"}
+    assert published["reference_infer_run_id"] == published["infer_run_id"]  # the first run is the reference
+    evaluation = read_arrow(f"{bucket}/lake", EVALUATION, settings).to_pandas()
+    cardio = evaluation[(evaluation["pathology"] == "Cardiomegaly") & (evaluation["slice"] == "all")].iloc[0]
+    assert (cardio["n_pos"], cardio["n_neg"]) == (sum(k % 2 for k in range(n)), n - sum(k % 2 for k in range(n)))
+    assert cardio["labels_uri"] == f"{bucket}/labels/labels.csv" and cardio["run_id"] == published["infer_run_id"]
+    # Athena's manifests list the published versions' data files on S3
+    manifest = read_text(f"{bucket}/lake/_published/predictions/manifest", settings).split()
+    assert manifest and all(u.startswith(f"{bucket}/lake/predictions/") for u in manifest)
 
 
 def test_infer_runs_in_the_container_when_docker_is_chosen(tmp_path: Path) -> None:

@@ -49,8 +49,8 @@ PREPROCESS_ARGS = [
 INFER_ARGS = ["--lakehouse", "s3://lake-bucket/lake", "--run-id", f"inf-{SAFE}", "--no-progress", "--model=a,b"]
 
 CHAIN = [
-    *("validate_tensors", "infer", "validate_predictions", "publish", "athena_ddl", "athena_publish", "report"),
-    "maintain",
+    *("validate_tensors", "infer", "drift", "validate_predictions", "evaluate", "publish"),
+    *("athena_ddl", "athena_publish", "report", "maintain"),
 ]
 EDGES = {
     "serverless": {("wait_for_images", "preprocess"), ("preprocess", "validate_tensors")},
@@ -129,11 +129,13 @@ def rendered(dag: Any, task_id: str, ctx: dict[str, Any] | None = None) -> Any:
 
 
 def ddl(db: str, lake: str = "s3://lake-bucket/lake") -> list[str]:
-    tables = [
-        f"CREATE EXTERNAL TABLE IF NOT EXISTS `{db}`.`{t}`\nLOCATION '{lake}/{t}'\nTBLPROPERTIES ('table_type'='DELTA')"
-        for t in TABLE_NAMES  # every table of the contract
-    ]
-    return [f"CREATE DATABASE IF NOT EXISTS `{db}`", *tables]
+    """The DDL of the rendered database and lakehouse (its text is checked in tests/test_sql.py)."""
+    from cxr.sql import athena_ddl
+
+    statements = athena_ddl(lake, database=db)
+    assert statements[0] == f"CREATE DATABASE IF NOT EXISTS `{db}`" and len(statements) == 1 + 2 * len(TABLE_NAMES)
+    assert statements[2].endswith(f"LOCATION '{lake}/_published/tensors/'")  # the published manifest
+    return statements
 
 
 # --- parsing: graph, retries, operators --------------------------------------------------------------
@@ -157,7 +159,8 @@ def test_aws_task_graph_retries_and_operators(aws_env: pytest.MonkeyPatch, mode:
         "wait_for_images": PythonSensor,
         "infer": EcsRunTaskOperator,
         **dict.fromkeys(
-            ["validate_tensors", "validate_predictions", "publish", "athena_ddl", "report"], PythonOperator
+            ["validate_tensors", "drift", "validate_predictions", "evaluate", "publish", "athena_ddl", "report"],
+            PythonOperator,
         ),
     }
     if mode == "serverless":
@@ -312,12 +315,12 @@ def test_rendered_sensor_key_and_athena_ddl(aws_env: pytest.MonkeyPatch) -> None
     ctx = context(dag)
     assert rendered(dag, "athena_ddl", ctx).execute(ctx) == ddl("cxr_prod")
 
-    athena = dag.get_task("athena_publish").unmap({"query": ddl("cxr_prod")[1]})
+    athena = dag.get_task("athena_publish").unmap({"query": ddl("cxr_prod")[2]})
     athena.render_template_fields(ctx)
     assert (athena.output_location, athena.database, athena.query) == (
         "s3://athena-results/cxr/",
         "default",
-        ddl("cxr_prod")[1],
+        ddl("cxr_prod")[2],
     )
 
 

@@ -94,3 +94,6 @@ def test_a_drifted_run_fails_the_gate_and_publishes_nothing(
     assert _count(lake, "predictions", settings, published=False) == 270
     html = build_report(str(lake), settings=settings)
     assert 'data-total="predictions">210<' in html
+    # the report's drift section is day 2's published verdict, with this run's probabilities over the reference's
+    assert 'data-drift-verdict="pass"' in html and "inf-day3" not in html
+    assert html.count('data-drift-hist="') == 18

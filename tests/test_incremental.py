@@ -413,8 +413,8 @@ def test_maintain_compacts_and_expires_removed_files_but_keeps_published_version
 
     first = maintain_json("--retain-hours", "0")
     assert first["predictions"]["files_compacted"] >= 8 and first["files"]["files_compacted"] >= 8
-    # the ledger's compacted-away files are expired at once; the predictions' ones belong to the published version
-    assert first["files"]["expired_deleted"] == first["files"]["files_compacted"]
+    # the compacted-away files belong to the published versions (every table is published): all kept
+    assert first["files"]["expired_deleted"] == 0
     assert first["predictions"]["expired_deleted"] == 0
     old = DeltaTable(str(lake / "predictions"), version=published["predictions"]).to_pyarrow_table()
     assert old.sort_by("image_id").equals(rows_at_publish)
@@ -425,10 +425,9 @@ def test_maintain_compacts_and_expires_removed_files_but_keeps_published_version
     publish_stage(str(lake), run_id="small-batches")
     assert maintain_json()["predictions"]["expired_deleted"] == 0
     # with none, they go; every file left is referenced, and the tables read the same
-    assert (
-        maintain_json("--retain-hours", "0")["predictions"]["expired_deleted"]
-        == first["predictions"]["files_compacted"]
-    )
+    last = maintain_json("--retain-hours", "0")
+    assert last["predictions"]["expired_deleted"] == first["predictions"]["files_compacted"]
+    assert last["files"]["expired_deleted"] == first["files"]["files_compacted"]
     for spec in (TENSORS, FILES):
         root = lake / spec.name
         left = {str(p.relative_to(root)) for p in root.rglob("*.parquet") if "_delta_log" not in p.parts}

@@ -471,3 +471,56 @@ def test_null_psi_quantile_bounds_simulated_noise() -> None:
     q = metrics.null_psi_quantile(150, 60, df=11, p=0.99)
     sims = [metrics.psi(rng.normal(size=150), rng.normal(size=60), pseudo_count=0.5, tails=True) for _ in range(400)]
     assert np.mean(np.array(sims) > q) < 0.03  # about 1% by construction; the approximation is not exact
+
+
+# --- curves: ROC on a grid, its bootstrap band, calibration bins ---------------------------------------
+def _brute_roc_at(y: np.ndarray, s: np.ndarray, x: float) -> float:
+    """The highest TPR over every threshold (each distinct score, and +inf) whose FPR is at most x."""
+    best = 0.0
+    for t in [*np.unique(s), np.inf]:
+        pred = s >= t
+        fpr = (pred & (y == 0)).sum() / (y == 0).sum()
+        if fpr <= x + 1e-12:
+            best = max(best, (pred & (y == 1)).sum() / (y == 1).sum())
+    return float(best)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_on_grid_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=40)
+    s = np.round(rng.random(40) + 0.3 * y, 1)  # rounded: many ties
+    curve = metrics.roc_on_grid(y, s)
+    assert curve is not None and len(curve) == len(metrics.ROC_GRID) == 51
+    assert curve.tolist() == pytest.approx([_brute_roc_at(y, s, x) for x in metrics.ROC_GRID])
+    assert curve[-1] == 1.0 and np.all(np.diff(curve) >= 0)
+
+
+def test_roc_on_grid_hand_computed_and_one_class() -> None:
+    curve = metrics.roc_on_grid([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert curve is not None
+    assert (curve[0], curve[24], curve[25], curve[50]) == (0.5, 0.5, 1.0, 1.0)  # FPR 0, 0.48, 0.5, 1
+    assert metrics.roc_on_grid([1, 1], [0.2, 0.3]) is None
+    assert metrics.bootstrap_roc_band([1, 1], [0.2, 0.3]) is None
+
+
+def test_bootstrap_roc_band_is_deterministic_and_brackets_the_curve() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=200)
+    s = rng.random(200) + 0.5 * y
+    band = metrics.bootstrap_roc_band(y, s, n_boot=300, seed=4)
+    again = metrics.bootstrap_roc_band(y, s, n_boot=300, seed=4)
+    assert band is not None and again is not None
+    assert band[0].tolist() == again[0].tolist() and band[1].tolist() == again[1].tolist()
+    curve = metrics.roc_on_grid(y, s)
+    assert curve is not None
+    inner = slice(5, 46)  # away from the ends, where the band may touch the curve
+    assert np.all(band[0][inner] <= curve[inner]) and np.all(curve[inner] <= band[1][inner])
+    assert np.all(band[1] - band[0] >= 0) and (band[1] - band[0])[inner].mean() > 0.02
+
+
+def test_calibration_bins_hand_computed() -> None:
+    predicted, observed, counts = metrics.calibration_bins([0, 1, 1, 0, 1], [0.05, 0.15, 0.1, 0.95, 1.0], bins=10)
+    assert counts == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert predicted[0] == pytest.approx(0.05) and predicted[1] == pytest.approx(0.125) and predicted[2] is None
+    assert observed[:2] == [0.0, 1.0] and observed[9] == pytest.approx(0.5) and predicted[9] == pytest.approx(0.975)

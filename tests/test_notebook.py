@@ -41,7 +41,7 @@ def test_notebook_goes_through_the_package() -> None:
     source = "\n".join(c.source for c in _read().cells if c.cell_type == "code")
     for forbidden in ("import duckdb", "deltalake", "boto3", "matplotlib", "pyarrow.dataset", "DeltaTable"):
         assert forbidden not in source
-    for used in ("cxr.sql import", "run_saved(", "read_arrow(", "decode_tensor(", "read_bytes("):
+    for used in ("cxr.sql import", "run_saved(", "read_table(", "decode_tensor(", "read_bytes("):
         assert used in source
 
 
@@ -60,11 +60,38 @@ def _text(cell: Any) -> str:
     return "\n".join(parts)
 
 
+@pytest.fixture(scope="module")
+def evaluated_lakehouse(built_lakehouse: Path, tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Path:
+    """The built lakehouse after the DAG's drift and evaluate steps (labels by file name), published."""
+    import shutil
+
+    import pandas as pd
+
+    from cxr.drift import compute_drift
+    from cxr.evaluate import evaluate
+    from lakehouse.delta_rs import read_arrow
+    from lakehouse.publish import publish
+    from lakehouse.tables import TENSORS
+
+    lake = Path(shutil.copytree(built_lakehouse, tmp_path_factory.mktemp("notebook") / "lake"))
+    names = sorted(
+        u.rsplit("/", 1)[-1] for u in read_arrow(str(lake), TENSORS, settings).column("source_uri").to_pylist()
+    )
+    labels = pd.DataFrame(
+        {"file_name": names, "pathology": "Cardiomegaly", "label": [k % 2 for k in range(len(names))]}
+    )
+    labels.to_csv(lake.parent / "labels.csv", index=False)
+    evaluate(str(lake), str(lake.parent / "labels.csv"), settings=settings, key="file_name", n_bootstrap=50)
+    compute_drift(str(lake), settings=settings, run_id="inf-test")
+    publish(str(lake), settings, run_id="pre-test", infer_run_id="inf-test")
+    return lake
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["folder", "s3"])
 def test_notebook_executes_against_built_lakehouse(
     where: str,
-    built_lakehouse: Path,
+    evaluated_lakehouse: Path,
     samples_dir: Path,
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
@@ -74,6 +101,7 @@ def test_notebook_executes_against_built_lakehouse(
 
     from transforms.sample import INVALID_KINDS, VALID_KINDS
 
+    built_lakehouse = evaluated_lakehouse
     uri = str(built_lakehouse)
     if where == "s3":
         uri = make_bucket(settings, "cxr-notebook") + "/lake"
@@ -108,6 +136,10 @@ def test_notebook_executes_against_built_lakehouse(
     dist = _text(_cell(nb, "distributions"))
     assert f"{len(VALID_KINDS)} predictions from 1 model(s)" in dist
     assert MODEL in _text(_cell(nb, "positives"))
+
+    evaluation = _text(_cell(nb, "evaluation"))
+    assert "18 model x pathology rows in the latest evaluation" in evaluation and "Cardiomegaly" in evaluation
+    assert "drift of run inf-test: no_reference 28" in _text(_cell(nb, "drift"))
 
     quarantine = _text(_cell(nb, "quarantine"))
     for error_class, n in Counter(cls for _, _, cls in INVALID_KINDS.values()).items():

@@ -139,6 +139,7 @@ def report(lake: Path, settings: Settings) -> tuple[Path, Page, str]:
 def untrained(built_lakehouse: Path, tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> tuple[Path, Page]:
     """A copy where a second set of predictions comes from the untrained stand-in (no weights anywhere)."""
     from inference.job import run_infer
+    from lakehouse.publish import publish
 
     root = tmp_path_factory.mktemp("untrained")
     lake = _copy(built_lakehouse, root / "lake")
@@ -158,6 +159,7 @@ def untrained(built_lakehouse: Path, tmp_path_factory: pytest.TempPathFactory, s
             progress=False,
         )
     assert s.untrained and s.model_id == UNTRAINED
+    publish(str(lake), settings, run_id="pre-test", infer_run_id="inf-untrained")  # the DAG's next step
     uri = write_report(str(lake), settings=settings, top=TOP)
     return Path(uri), Page(Path(uri).read_text())
 
@@ -427,3 +429,60 @@ def test_report_on_s3(built_lakehouse: Path, settings: Settings) -> None:
     (link,) = page.find(id="data-docs-link")
     assert link["attrs"]["href"] == "data_docs/index.html"
     assert len([e for e in page.elements if e["tag"] == "img"]) > 0
+
+
+# --- evaluation, thresholds, drift, published versions --------------------------------------------------
+def test_evaluation_thresholds_and_drift_sections(built_lakehouse: Path, settings: Settings, tmp_path: Path) -> None:
+    """After the DAG's evaluate (with calibration) and drift steps and a publish: the evaluation table
+    sorted by AUROC with ROC and calibration charts, the site threshold beside 0.5, the drift verdict."""
+    import pandas as pd
+
+    from cxr.drift import compute_drift
+    from cxr.evaluate import evaluate
+    from lakehouse.publish import publish
+
+    lake = _copy(built_lakehouse, tmp_path / "lake")
+    ids = sorted(_table(lake, "tensors", ["image_id"]).column("image_id").to_pylist())
+    rows = [
+        {"image_id": i, "pathology": p, "label": (k + j) % 2}
+        for k, i in enumerate(ids)
+        for j, p in enumerate(("Cardiomegaly", "Effusion"))
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    summary = evaluate(
+        str(lake), str(tmp_path / "labels.csv"), settings=settings, key="image_id", n_bootstrap=100, calibrate=True
+    )
+    compute_drift(str(lake), settings=settings, run_id="inf-test")
+    # before the publish nothing of it is shown; --unpublished shows it, marked
+    before = Page(build_report(str(lake), settings=settings))
+    assert "No published evaluation" in before.one(id="evaluation") and "No published drift" in before.one(id="drift")
+    unaudited = Page(build_report(str(lake), settings=settings, published=False))
+    assert "UNAUDITED" in unaudited.one(id="table-versions") and unaudited.find(data_auroc="Cardiomegaly")
+
+    publish(str(lake), settings, run_id="pre-test", infer_run_id="inf-test")
+    page = Page(build_report(str(lake), settings=settings))
+    evaluation = _table(
+        lake, "evaluation", ["pathology", "slice", "auroc", "auroc_ci_low", "auroc_ci_high"]
+    ).to_pylist()
+    overall = {r["pathology"]: r for r in evaluation if r["slice"] == "all"}
+    for pathology in ("Cardiomegaly", "Effusion"):
+        r = overall[pathology]
+        assert page.one(data_auroc=pathology) == f"{r['auroc']:.3f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})"
+    # sorted by AUROC, highest first, unlabelled pathologies (null AUROC) last
+    order = [e["attrs"]["data-evaluation"].split("|")[1] for e in page.find() if "data-evaluation" in e["attrs"]]
+    scored = sorted(("Cardiomegaly", "Effusion"), key=lambda p: -overall[p]["auroc"])
+    assert order[:2] == scored and len(order) == 18
+    assert summary.evaluation_id in page.one(id="evaluation")
+    assert len([e for e in page.elements if e["tag"] == "svg" and "ROC " in e["attrs"].get("aria-label", "")]) == 2
+    # the site threshold beside the 0.5 count, equal to the thresholds table
+    cut = {
+        r["prediction_column"]: r["threshold"]
+        for r in _table(lake, "thresholds", ["prediction_column", "threshold"]).to_pylist()
+    }
+    scores = _table(lake, "predictions", ["cardiomegaly"]).column("cardiomegaly").to_pylist()
+    expected = sum(1 for v in scores if v >= cut["cardiomegaly"])
+    assert page.one(data_site_positive="cardiomegaly") == f"≥site threshold {cut['cardiomegaly']:.3f}: {expected}"
+    assert len([e for e in page.elements if e["attrs"].get("class") == "site-threshold"]) == 2
+    # drift: the first run has no reference yet
+    assert page.one(data_drift_verdict="no_reference") == "no_reference"
+    assert "tensors" in page.one(id="table-versions") and "UNAUDITED" not in page.one(id="table-versions")

@@ -15,7 +15,7 @@ from tests.test_dag import CXR, _airflow_env
 from transforms.sample import INVALID_KINDS, SKIPPED_KINDS, VALID_KINDS
 
 ORDER = DAG_TASKS
-MAX_LINES = 40
+MAX_LINES = 46
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,16 @@ def test_cxr_run_prints_one_line_per_task_and_logs_to_files(tmp_path: Path, cli_
     assert re.search(
         r"tensors (\d+)/\1, quarantine (\d+)/\2, files (\d+)/\3 expectations passed", rows["validate_tensors"]
     )
-    assert re.search(r"predictions (\d+)/\1 expectations passed", rows["validate_predictions"])
+    assert re.search(r"predictions (\d+)/\1, drift (\d+)/\2 expectations passed", rows["validate_predictions"])
+    assert rows["drift"].endswith("no reference run yet (this run becomes it once published)")
+    assert rows["evaluate"].endswith("no labels_uri: skipped")
     # the real weights when they can be downloaded, else the stand-in (marked in its model id)
     assert re.search(
         rf"  {n_valid} predicted \(0 before\), densenet121-res224-all(\+untrained-random-init)?, \w+$", rows["infer"]
     )
-    assert rows["publish"].endswith("tensors v1, predictions v1")
+    assert re.search(r"tensors v1, quarantine v\d, predictions v1, files v1, drift v1$", rows["publish"]), rows[
+        "publish"
+    ]
     assert rows["report"].endswith(f"{lake}/reports/report.html")
     assert rows["maintain"].endswith("0 data files deleted (0 bytes freed)")
     for label in ("tables:", "data docs:", "report:", "task logs:"):
