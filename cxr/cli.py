@@ -337,6 +337,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         rule=args.calibrate or args.rule,
         calibrate=bool(args.calibrate),
         uncertain=args.uncertain,
+        published=not args.unpublished,
     )
     if args.json:
         sys.stdout.write(json.dumps(summary.to_dict(), indent=2, default=str) + "\n")
@@ -349,15 +350,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"images: {s.images_predicted} with predictions, {s.images_labelled} labelled; "
         f"{s.conflicting_labels} conflicting labels left out",
     ]
+    if s.keys_without_prediction:
+        lines.append(f"{s.keys_without_prediction} matched images have no prediction in scope (other runs or models)")
     if s.unmapped:
-        lines.append("labels no model predicts: " + ", ".join(f"{k} ({v})" for k, v in sorted(s.unmapped.items())))
+        lines.append(
+            "labels with no TorchXRayVision target: " + ", ".join(f"{k} ({v})" for k, v in sorted(s.unmapped.items()))
+        )
+    if s.not_predicted:
+        lines.append(
+            "labels of pathologies these models do not predict: "
+            + ", ".join(f"{k} ({v})" for k, v in sorted(s.not_predicted.items()))
+        )
     if s.uncertain:
         lines.append(f"uncertain (-1) labels: {s.uncertain} ({s.uncertain_dropped} ignored)")
     if s.null_auroc:
         lines.append("no AUROC: " + ", ".join(f"{k} ({v} rows)" for k, v in sorted(s.null_auroc.items())))
     if s.thresholds_version is not None:
         lines.append(f"thresholds: {s.thresholds_written} written, thresholds version {s.thresholds_version}")
-    lines.append("see: cxr query --unpublished --saved evaluation_summary (published after the next audit)")
+    lines.append("see: cxr query --unpublished --saved evaluation_summary (visible to readers after cxr publish)")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -384,26 +394,36 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    """``cxr publish``: the DAG's audit and publish steps, for a lakehouse built with the CLI."""
+    """``cxr publish``: the DAG's audit and publish steps, for a lakehouse built with the CLI.
+
+    The audits cover every run not published yet (and ``--run-id`` / ``--infer-run-id``); what is
+    published is exactly the versions they read.
+    """
     from expectations.runner import validate_lakehouse
     from lakehouse.publish import publish
 
     settings = load_settings()
     lakehouse_uri = _lakehouse(args, settings)
-    preprocess = validate_lakehouse(
-        lakehouse_uri, settings=settings, tables=_present(lakehouse_uri, settings, _PRE_TABLES), run_id=args.run_id
-    )
-    _print_validation(preprocess)
+    reports = []
+    before = _present(lakehouse_uri, settings, _PRE_TABLES)
+    if before:
+        reports.append(
+            validate_lakehouse(lakehouse_uri, settings=settings, tables=before, run_id=args.run_id, pending=True)
+        )
     after = [t for t in _present(lakehouse_uri, settings, TABLE_NAMES) if t not in _PRE_TABLES]
-    inferred = (
-        validate_lakehouse(lakehouse_uri, settings=settings, tables=after, run_id=args.infer_run_id) if after else None
-    )
-    if inferred is not None:
-        _print_validation(inferred)
-    if not preprocess.success or (inferred is not None and not inferred.success):
+    if after:
+        reports.append(
+            validate_lakehouse(lakehouse_uri, settings=settings, tables=after, run_id=args.infer_run_id, pending=True)
+        )
+    for report in reports:
+        _print_validation(report)
+    if not reports or not all(r.success for r in reports):
         log.error("an audit failed: nothing published; readers stay on the previous published versions")
         return 1
-    record = publish(lakehouse_uri, settings, run_id=args.run_id or "cli", infer_run_id=args.infer_run_id)
+    versions = {t: v for r in reports for t, v in r.versions.items()}
+    record = publish(
+        lakehouse_uri, settings, run_id=args.run_id or "cli", infer_run_id=args.infer_run_id, versions=versions
+    )
     sys.stdout.write("published " + ", ".join(f"{t}@v{v}" for t, v in sorted(record.versions.items())) + "\n")
     return 0
 
@@ -503,6 +523,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         weights_dir=args.weights_dir,
         labels_uri=args.labels,
         labels_key=args.labels_key,
+        thresholds=args.thresholds,
         capture=not args.verbose,  # `cxr -v run`: Airflow's and the tasks' output on the terminal too
     )
     sys.stdout.write("".join(f"{line}\n" for line in summary_lines(result, lakehouse_uri=lakehouse_uri)))
@@ -619,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--calibrate", metavar="RULE", help="write site thresholds by RULE (youden | sensitivity=T)")
     ev.add_argument(
         "--uncertain", choices=["ignore", "positive", "negative"], default="ignore", help="CheXpert -1 labels"
+    )
+    ev.add_argument(
+        "--unpublished", action="store_true", help="evaluate the latest, unaudited predictions (default: published)"
     )
     ev.add_argument("--json", action="store_true", help="print the summary as JSON")
     ev.set_defaults(func=_cmd_evaluate)

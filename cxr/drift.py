@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from cxr import metrics
 from lakehouse import storage
 from lakehouse.config import Settings
-from lakehouse.errors import CxrError
 from lakehouse.tables import DRIFT, PATHOLOGY_COLUMNS, PREDICTIONS, TENSORS, arrow_schema, decode_tensor
 
 if TYPE_CHECKING:
@@ -89,8 +88,7 @@ def compute_drift(
     Returns:
         The verdict; the rows are in ``drift``.
 
-    Raises:
-        CxrError: the run wrote no predictions.
+    A run that wrote no predictions (every new file a duplicate or quarantined) writes no rows and passes.
     """
     import pandas as pd
 
@@ -103,8 +101,10 @@ def compute_drift(
     predictions = delta_rs.open_table(lake, PREDICTIONS, settings)
     columns = ["image_id", "model_id", "run_id", *PATHOLOGY_COLUMNS.values()]
     current = _run_rows(predictions.to_pyarrow_table(columns=columns, filters=[("run_id", "=", run_id)]))
-    if current.empty:
-        raise CxrError(f"inference run {run_id!r} wrote no predictions in {lake}: nothing to compare")
+    if current.empty:  # every new file was a duplicate or quarantined: nothing scored, nothing to gate
+        delta_rs.ensure_table(lake, DRIFT, settings)
+        log.info("inference run %s wrote no predictions: no drift to measure", run_id)
+        return DriftResult(run_id, None, 0, [], False)
     published = read_published(lake, settings)
     reference_id = (
         reference_run_id

@@ -110,7 +110,11 @@ class EvaluationSummary:
     unmatched_keys: int = 0
     ambiguous_keys: int = 0
     conflicting_labels: int = 0
+    #: matched label keys whose image has no prediction in scope (other runs' images, --run-id / --model)
+    keys_without_prediction: int = 0
     unmapped: dict[str, int] = field(default_factory=dict)
+    #: label rows of pathologies none of the evaluated models predicts (model.targets), by pathology
+    not_predicted: dict[str, int] = field(default_factory=dict)
     uncertain: int = 0
     uncertain_dropped: int = 0
     blank: int = 0
@@ -140,6 +144,7 @@ def evaluate(
     calibrate: bool = False,
     uncertain: Literal["ignore", "positive", "negative"] = "ignore",
     seed: int = 0,
+    published: bool = True,
 ) -> EvaluationSummary:
     """Evaluate the predictions against a labels file; write ``evaluation`` (and ``thresholds``).
 
@@ -158,6 +163,8 @@ def evaluate(
             pathology: the table's Delta version is the thresholds version).
         uncertain: CheXpert-style -1 labels: ignore them, or take them as positive or negative.
         seed: bootstrap seed.
+        published: read the published (audited) versions of predictions, tensors and files (the
+            default); False reads the latest (the DAG's evaluate step: the run under audit).
 
     Returns:
         The summary (also written to ``reports/evaluations/<evaluation_id>.json``).
@@ -181,7 +188,10 @@ def evaluate(
     parsed_rule = Rule.parse(rule)
     lake = storage.normalize_uri(lakehouse_uri)
 
-    predictions, version = _read_predictions(lake, settings, models=models, run_id=run_id)
+    versions = _versions(lake, settings, published=published)
+    predictions, version = _read_predictions(
+        lake, settings, models=models, run_id=run_id, version=versions["predictions"]
+    )
     labels = read_labels(
         labels_uri, key_column=key, targets=list(PATHOLOGY_COLUMNS), uncertain=uncertain, settings=settings
     )
@@ -204,7 +214,7 @@ def evaluate(
     tidy = labels.table
     keys = pd.Series(tidy["key"].astype(str).unique())
     summary.label_keys = len(keys)
-    mapping, ambiguous = _key_to_image(lake, settings, key, keys)
+    mapping, ambiguous = _key_to_image(lake, settings, key, keys, versions)
     summary.ambiguous_keys = ambiguous
     summary.matched_keys = len(mapping)
     summary.unmatched_keys = summary.label_keys - summary.matched_keys - ambiguous
@@ -217,8 +227,13 @@ def evaluate(
     tidy, summary.conflicting_labels = _one_label_per_image(tidy)
     summary.images_labelled = int(tidy["image_id"].nunique())
     summary.images_predicted = int(predictions["image_id"].nunique())
+    in_scope = set(predictions["image_id"])
+    summary.keys_without_prediction = sum(1 for i in mapping.values() if i not in in_scope)
+    predicted = {p for p, c in PATHOLOGY_COLUMNS.items() if predictions[c].notna().any()}
+    counts = tidy.loc[~tidy["pathology"].isin(predicted), "pathology"].value_counts()
+    summary.not_predicted = {str(k): int(v) for k, v in counts.items()}
 
-    lineage = _slice_frame(lake, settings, predictions, slices)
+    lineage = _slice_frame(lake, settings, predictions, slices, versions)
     now = datetime.now(UTC)
     rows: list[dict[str, Any]] = []
     base = {
@@ -283,8 +298,23 @@ def evaluate(
 
 
 # --- steps ------------------------------------------------------------------------------------------
+def _versions(lake: str, settings: Settings, *, published: bool) -> dict[str, int | None]:
+    """The version of predictions, tensors and files to read: the published ones, or the latest (None)."""
+    from lakehouse.publish import published_versions
+
+    if not published:
+        return {"predictions": None, "tensors": None, "files": None}
+    pinned = published_versions(lake, settings)
+    if "predictions" not in pinned:
+        raise CxrError(
+            f"no published predictions in {lake}: evaluate after the publish step (cxr publish), "
+            "or pass published=False to evaluate the latest, unaudited predictions"
+        )
+    return {name: pinned.get(name) for name in ("predictions", "tensors", "files")}
+
+
 def _read_predictions(
-    lake: str, settings: Settings, *, models: Sequence[str] | None, run_id: str | None
+    lake: str, settings: Settings, *, models: Sequence[str] | None, run_id: str | None, version: int | None
 ) -> tuple[pd.DataFrame, int]:
     """The probabilities (image_id, model_id, one column per pathology) to evaluate, and the version read."""
     from deltalake.exceptions import TableNotFoundError
@@ -292,7 +322,7 @@ def _read_predictions(
     from lakehouse.delta_rs import open_table
 
     try:
-        dt = open_table(lake, PREDICTIONS, settings)
+        dt = open_table(lake, PREDICTIONS, settings, version=version)
     except TableNotFoundError:
         raise CxrError(f"no predictions table under {lake}: run `cxr infer` first") from None
     columns = ["image_id", "model_id", "run_id", "device", "weights_sha256", *PATHOLOGY_COLUMNS.values()]
@@ -309,18 +339,21 @@ def _read_predictions(
     return frame.reset_index(drop=True), int(dt.version())
 
 
-def _key_to_image(lake: str, settings: Settings, key: str, keys: pd.Series) -> tuple[dict[str, str], int]:
+def _key_to_image(
+    lake: str, settings: Settings, key: str, keys: pd.Series, versions: dict[str, int | None]
+) -> tuple[dict[str, str], int]:
     """Label key -> image_id, and the number of keys matching more than one image (left out)."""
     from lakehouse.delta_rs import read_arrow
 
+    v = versions.get("tensors")
     if key == "image_id":
-        ids = set(read_arrow(lake, TENSORS, settings, columns=["image_id"]).column("image_id").to_pylist())
+        ids = set(read_arrow(lake, TENSORS, settings, columns=["image_id"], version=v).column("image_id").to_pylist())
         return {k: k for k in keys if k in ids}, 0
     if key == "sop_instance_uid":
-        t = read_arrow(lake, TENSORS, settings, columns=["image_id", "sop_uid"]).to_pandas().dropna()
+        t = read_arrow(lake, TENSORS, settings, columns=["image_id", "sop_uid"], version=v).to_pandas().dropna()
         pairs = t.rename(columns={"sop_uid": "name"})
     else:
-        pairs = _paths(lake, settings)
+        pairs = _paths(lake, settings, versions)
         depth = {k.strip("/").count("/") + 1 for k in keys}
         frames = []
         for d in sorted(depth):
@@ -336,16 +369,22 @@ def _key_to_image(lake: str, settings: Settings, key: str, keys: pd.Series) -> t
     return dict(zip(unique["name"], unique["image_id"], strict=True)), len(ambiguous)
 
 
-def _paths(lake: str, settings: Settings) -> pd.DataFrame:
+def _paths(lake: str, settings: Settings, versions: dict[str, int | None]) -> pd.DataFrame:
     """Every (path, image_id) the lakehouse knows: the ledger's judged paths and tensors' first paths."""
     import pandas as pd
     from deltalake.exceptions import TableNotFoundError
 
     from lakehouse.delta_rs import read_arrow
 
-    parts = [read_arrow(lake, TENSORS, settings, columns=["source_uri", "image_id"]).to_pandas()]
+    parts = [
+        read_arrow(
+            lake, TENSORS, settings, columns=["source_uri", "image_id"], version=versions.get("tensors")
+        ).to_pandas()
+    ]
     try:
-        ledger = read_arrow(lake, FILES, settings, columns=["source_uri", "image_id", "outcome"]).to_pandas()
+        ledger = read_arrow(
+            lake, FILES, settings, columns=["source_uri", "image_id", "outcome"], version=versions.get("files")
+        ).to_pandas()
         parts.append(ledger[ledger["outcome"].isin(_IMAGE_OUTCOMES)].dropna(subset=["image_id"]))
     except TableNotFoundError:
         pass
@@ -368,14 +407,17 @@ def _one_label_per_image(tidy: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return tidy.drop_duplicates(subset=["image_id", "pathology"]), len(conflicting)
 
 
-def _slice_frame(lake: str, settings: Settings, predictions: pd.DataFrame, slices: Sequence[str]) -> pd.DataFrame:
+def _slice_frame(
+    lake: str, settings: Settings, predictions: pd.DataFrame, slices: Sequence[str], versions: dict[str, int | None]
+) -> pd.DataFrame:
     """(image_id, model_id, slice columns) for the predictions evaluated."""
     from lakehouse.delta_rs import read_arrow
 
     out = predictions[["image_id", "model_id", *[s for s in slices if s not in _TENSOR_SLICES]]]
     wanted = [s for s in slices if s in _TENSOR_SLICES]
     if wanted:
-        lineage = read_arrow(lake, TENSORS, settings, columns=["image_id", *wanted]).to_pandas()
+        version = versions.get("tensors")
+        lineage = read_arrow(lake, TENSORS, settings, columns=["image_id", *wanted], version=version).to_pandas()
         out = out.merge(lineage, on="image_id", how="left")
     return out
 

@@ -105,6 +105,7 @@ def run_local(
     weights_dir: str | None = None,
     labels_uri: str | None = None,
     labels_key: str = "file_name",
+    thresholds: str | None = None,
     airflow_home: Path | None = None,
     terminal: TextIO | None = None,
     capture: bool = True,
@@ -119,6 +120,7 @@ def run_local(
         weights_dir: a folder in xrv's cache layout.
         labels_uri: a labels file: the run is evaluated against it before it is published.
         labels_key: what the labels' key holds (``file_name``, ``image_id``, ``sop_instance_uid``).
+        thresholds: ``latest`` or a thresholds version: inference adds the decision columns.
         airflow_home: the Airflow home (default ``AIRFLOW_HOME`` or ``.airflow/`` in the repository).
         terminal: where the per-task lines go (default: this process's stdout as it was on entry).
         capture: False leaves Airflow's and the tasks' output on stdout/stderr (``cxr -v run``).
@@ -149,8 +151,9 @@ def run_local(
         "models": list(models),
         "allow_untrained": allow_untrained,
         "weights_dir": weights_dir or "",
-        "labels_uri": (labels_uri if not labels_uri or is_s3(labels_uri) else str(Path(labels_uri).resolve())),
+        "labels_uri": "" if not labels_uri else labels_uri if is_s3(labels_uri) else str(Path(labels_uri).resolve()),
         "labels_key": labels_key,
+        "thresholds": thresholds or "",
     }
     started = time.monotonic()
     with _output_to(run_log if capture else None, terminal) as (term, switch):

@@ -250,8 +250,8 @@ def _poll_until_timeout(task: Any) -> Any:
 def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
     """The inference image on ECS (MWAA workers have no Docker daemon).
 
-    The container's command is ``args`` and the models, plus ``--allow-untrained`` and ``--weights-dir``
-    when the run's params set them, as the local command passes them.
+    The container's command is ``args`` and the models, plus ``--allow-untrained``, ``--weights-dir`` and
+    ``--thresholds`` when the run's params set them, as the local command passes them.
 
     Airflow Variables: ``cxr_ecs_cluster``, ``cxr_ecs_task_definition`` (the image pushed to ECR, container
     name ``cxr-infer``), ``cxr_ecs_subnets`` and ``cxr_ecs_security_groups`` (comma-separated).
@@ -270,6 +270,8 @@ def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
             command.append("--allow-untrained")
         if params.get("weights_dir"):
             command += ["--weights-dir", str(params["weights_dir"])]
+        if params.get("thresholds"):
+            command += ["--thresholds", str(params["thresholds"])]
         return {"containerOverrides": [{"name": "cxr-infer", "command": command}]}
 
     task = EcsRunTaskOperator(
@@ -398,6 +400,7 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         "{% for m in params.models %} --model {{ m | shell_quote }}{% endfor %}"
         "{% if params.allow_untrained %} --allow-untrained{% endif %}"
         "{% if params.weights_dir %} --weights-dir {{ params.weights_dir | shell_quote }}{% endif %}"
+        "{% if params.thresholds %} --thresholds {{ params.thresholds | shell_quote }}{% endif %}"
     )
     if aws:
         infer_args = ["infer", "--lakehouse", lakehouse, "--run-id", inf_run_id, "--no-progress"]

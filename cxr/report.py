@@ -572,8 +572,9 @@ def _evaluation_section(lake: str, settings: Settings, versions: dict[str, int |
     table = _read_table(lake, "evaluation", settings, [c.name for c in spec("evaluation").columns], versions)
     if table is None or table.num_rows == 0:
         return None
-    latest = max(table.column("evaluation_id").to_pylist())
-    rows = [r for r in table.to_pylist() if r["evaluation_id"] == latest]
+    every = table.to_pylist()
+    latest = max(every, key=lambda r: (r["evaluated_at"], r["evaluation_id"]))["evaluation_id"]
+    rows = [r for r in every if r["evaluation_id"] == latest]
     overall = sorted(
         (r for r in rows if r["slice"] == "all"),
         key=lambda r: (r["auroc"] is None, -(r["auroc"] or 0.0), r["model_id"], r["pathology"]),
@@ -639,21 +640,20 @@ def _drift_section(
     ]
     histograms = []
     if predictions is not None and reference and "run_id" in predictions.column_names:
-        runs = predictions.column("run_id")
-        current, before = predictions.filter(pc.equal(runs, run_id)), predictions.filter(pc.equal(runs, reference))
-        for name, col in PATHOLOGY_COLUMNS.items():
-            if col not in predictions.column_names:
-                continue
-            a = [v for v in current.column(col).to_pylist() if v is not None]
-            b = [v for v in before.column(col).to_pylist() if v is not None]
-            if a and b:
-                histograms.append(
-                    {
-                        "name": name,
-                        "column": col,
-                        "svg": overlay_histogram_svg(a, b, title=f"{name}: {run_id} vs {reference}"),
-                    }
-                )
+        runs, models = predictions.column("run_id"), predictions.column("model_id")
+        for model_id in sorted({r["model_id"] for r in psi if r["model_id"]}):
+            of_model = pc.equal(models, model_id)
+            current = predictions.filter(pc.and_(of_model, pc.equal(runs, run_id)))
+            before = predictions.filter(pc.and_(of_model, pc.equal(runs, reference)))
+            for name, col in PATHOLOGY_COLUMNS.items():
+                if col not in predictions.column_names:
+                    continue
+                a = [v for v in current.column(col).to_pylist() if v is not None]
+                b = [v for v in before.column(col).to_pylist() if v is not None]
+                if a and b:
+                    title = f"{name} ({model_id}): {run_id} vs {reference}"
+                    svg = overlay_histogram_svg(a, b, title=title)
+                    histograms.append({"name": name, "model_id": model_id, "column": col, "svg": svg})
     statuses = [r["status"] for r in rows]
     verdict = "fail" if "fail" in statuses else "pass" if "pass" in statuses else statuses[0]
     return {

@@ -196,13 +196,29 @@ ORDER BY l.model_id, l.pathology""",
         (_THRESHOLD,),
     ),
     SavedQuery(
+        "decisions_by_image",
+        "One pathology's probabilities next to the site threshold and the decision it gives (positive when at or "
+        "above), per image and model with a threshold, highest probability first.",
+        f"""SELECT l.image_id, l.model_id, l.probability, th.threshold,
+  CASE WHEN l.probability >= th.threshold THEN TRUE ELSE FALSE END AS positive
+FROM ({_LONG_PREDICTIONS}) AS l
+JOIN {{thresholds}} AS th ON th.model_id = l.model_id AND th.prediction_column = l.pathology
+WHERE l.pathology = {{pathology}} AND l.probability IS NOT NULL
+ORDER BY l.probability DESC, l.image_id, l.model_id
+LIMIT {{limit}}""",
+        (
+            Param("pathology", "string", None, "prediction column, e.g. cardiomegaly", choices=_PATHOLOGIES),
+            Param("limit", "integer", 100, "rows at most", minimum=1),
+        ),
+    ),
+    SavedQuery(
         "evaluation_summary",
         "The latest evaluation over all images: per model and pathology AUROC with its CI, AUPRC, ECE and the "
         "operating point (highest AUROC first).",
         """SELECT e.model_id, e.pathology, e.n_pos, e.n_neg, e.n_unlabeled, e.auroc, e.auroc_ci_low, e.auroc_ci_high,
   e.auprc, e.ece, e.threshold, e.threshold_rule, e.sensitivity, e.specificity, e.null_reason
 FROM {evaluation} AS e
-WHERE e.slice = 'all' AND e.evaluation_id = (SELECT MAX(evaluation_id) FROM {evaluation})
+WHERE e.slice = 'all' AND e.evaluated_at = (SELECT MAX(evaluated_at) FROM {evaluation})
 ORDER BY e.auroc DESC NULLS LAST, e.model_id, e.pathology""",
     ),
     SavedQuery(

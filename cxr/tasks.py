@@ -68,13 +68,19 @@ def validate_stage(
 
         models = [str(m) for m in ast.literal_eval(models)] if models.strip() else None
     report = validate_lakehouse(
-        lakehouse_uri, settings=load_settings(), tables=list(tables), run_id=run_id, models=list(models or []) or None
+        lakehouse_uri,
+        settings=load_settings(),
+        tables=list(tables),
+        run_id=run_id,
+        models=list(models or []) or None,
+        pending=True,  # this run and every run not published yet: a failed run never rides along later
     )
     per_table = {name: bool(result.success) for name, result in report.tables.items()}
     summary: dict[str, Any] = {
         "success": report.success,
         "tables": per_table,
         "data_docs": report.data_docs_uri,
+        "versions": report.versions,  # what the publish step may publish
     }
     log.info("validation of %s: %s (Data Docs: %s)", ", ".join(tables), summary["tables"], report.data_docs_uri)
     if not report.success:
@@ -85,20 +91,40 @@ def validate_stage(
     return summary
 
 
-def publish_stage(
-    lakehouse_uri: str, *, run_id: str, infer_run_id: str | None = None, database: str = "cxr"
-) -> dict[str, Any]:
-    """Publish step (after every audit passed): move the published pointers of all tables to their
-    current versions (``lakehouse.publish``: ``reports/published.json`` for DuckDB, the report and the
-    notebook; one symlink manifest per table for Athena) and, on s3://, return the Athena DDL.
+#: the audit tasks whose validated table versions the publish step publishes
+AUDIT_TASKS = ("validate_tensors", "validate_predictions", "evaluate")
 
-    A failed audit fails its task, so this never runs for unaudited data: readers stay on the previous
-    published version.
+
+def publish_stage(
+    lakehouse_uri: str,
+    *,
+    run_id: str,
+    infer_run_id: str | None = None,
+    database: str = "cxr",
+    ti: Any = None,
+) -> dict[str, Any]:
+    """Publish step (after every audit passed): move the published pointers to the versions the audits
+    read (``lakehouse.publish``: ``reports/published.json`` for DuckDB, the report and the notebook; one
+    symlink manifest per table for Athena) and, on s3://, return the Athena DDL.
+
+    In the DAG the versions come from the audit tasks' results (``AUDIT_TASKS``), so a commit made after
+    an audit is never published by it; called without a task instance (tests, scripts) it publishes the
+    current version of every table. A failed audit fails its task, so this never runs for unaudited data.
     """
     from lakehouse.publish import publish
     from lakehouse.storage import is_s3, published_uri
 
-    record = publish(lakehouse_uri, load_settings(), run_id=run_id, infer_run_id=infer_run_id or None)
+    versions: dict[str, int] | None = None
+    if ti is not None:
+        versions = {}
+        for result in ti.xcom_pull(task_ids=list(AUDIT_TASKS)) or []:
+            if isinstance(result, dict):
+                versions.update({str(t): int(v) for t, v in (result.get("versions") or {}).items()})
+        if not versions:
+            raise RuntimeError("the audit tasks returned no validated versions: nothing to publish")
+    record = publish(
+        lakehouse_uri, load_settings(), run_id=run_id, infer_run_id=infer_run_id or None, versions=versions
+    )
     ddl: list[str] = []
     if is_s3(lakehouse_uri):
         from cxr.sql import athena_ddl
@@ -133,11 +159,12 @@ def evaluate_stage(lakehouse_uri: str, *, labels_uri: str = "", key: str = "file
         log.info("no labels_uri given: nothing to evaluate")
         return {"evaluated": False}
     settings = load_settings()
-    summary = evaluate(lakehouse_uri, labels_uri, settings=settings, key=key, run_id=run_id)  # type: ignore[arg-type]
+    # the run under audit is not published yet: evaluate the latest versions
+    summary = evaluate(lakehouse_uri, labels_uri, settings=settings, key=key, run_id=run_id, published=False)  # type: ignore[arg-type]
     report = validate_lakehouse(lakehouse_uri, settings=settings, tables=["evaluation"])
     if not report.success:
         raise AirflowFailException(f"the evaluation table failed its audit: see {report.data_docs_uri}")
-    return {"evaluated": True, **summary.to_dict()}
+    return {"evaluated": True, **summary.to_dict(), "versions": report.versions}
 
 
 def athena_ddl_stage(lakehouse_uri: str, *, database: str = "cxr") -> list[str]:

@@ -30,7 +30,8 @@ inference on failing tensors, nothing published, no report). Every stage is idem
 rerun adds no duplicates.
 
 Params: `input_uri`, `lakehouse_uri`, `models`, `allow_untrained` (a random-init stand-in, marked in
-every row), `weights_dir`, `labels_uri` and `labels_key` (optional evaluation). Profile: `CXR_PROFILE=local` (spark-submit + a local process or Docker) or
+every row), `weights_dir`, `labels_uri` and `labels_key` (optional evaluation), `thresholds` (`latest`: the
+published site thresholds decide `positive_<pathology>`). Profile: `CXR_PROFILE=local` (spark-submit + a local process or Docker) or
 `aws` (EMR Serverless or an EMR cluster, ECS, Athena). See README "Airflow".
 """
 
@@ -69,6 +70,11 @@ with DAG(
         "allow_untrained": Param(False, type="boolean", description="random-init stand-in when no weights"),
         "weights_dir": Param("", type="string", description="folder in xrv's cache layout (air-gapped)"),
         "labels_uri": Param("", type="string", description="labels file: evaluate the run against it (optional)"),
+        "thresholds": Param(
+            "",
+            type="string",
+            description="'latest' or a thresholds version: add positive_<pathology> decisions (cxr evaluate --calibrate)",
+        ),
         "labels_key": Param(
             "file_name",
             enum=["file_name", "image_id", "sop_instance_uid"],

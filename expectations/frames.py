@@ -132,11 +132,13 @@ _TENSOR_FRAME_COLUMNS = (
 )
 
 
-def read_tensors_frame(lakehouse_uri: str, settings: Settings, *, batch_size: int = 256) -> pd.DataFrame:
-    """Scan ``tensors`` in batches with delta-rs and build :func:`tensors_frame` (bounded memory)."""
+def read_tensors_frame(
+    lakehouse_uri: str, settings: Settings, *, batch_size: int = 256, version: int | None = None
+) -> pd.DataFrame:
+    """Scan ``tensors`` (at ``version``) in batches with delta-rs and build :func:`tensors_frame` (bounded memory)."""
     from lakehouse.delta_rs import open_table
 
-    dataset = open_table(lakehouse_uri, TENSORS, settings).to_pyarrow_dataset()
+    dataset = open_table(lakehouse_uri, TENSORS, settings, version=version).to_pyarrow_dataset()
     present = set(dataset.schema.names)
     columns = ["tensor", *(c for c in TENSOR_COLUMNS if c in present)]
     missing = [c for c in TENSOR_COLUMNS if c not in present]
@@ -203,7 +205,11 @@ def read_run_summaries(lakehouse_uri: str, settings: Settings) -> list[Preproces
 
 
 def quarantine_runs_frame(
-    quarantine: pa.Table, summaries: Sequence[PreprocessRun], *, run_id: str | None = None
+    quarantine: pa.Table,
+    summaries: Sequence[PreprocessRun],
+    *,
+    run_id: str | None = None,
+    pending: Iterable[str] | None = None,
 ) -> pd.DataFrame:
     """One row per preprocessing run: inputs discovered, inputs quarantined, and their share.
 
@@ -217,6 +223,8 @@ def quarantine_runs_frame(
         quarantine: the quarantine table (``run_id`` and ``stage`` are read).
         summaries: preprocessing run summaries (:func:`read_run_summaries`).
         run_id: check only this run when it names a preprocessing run; every run otherwise.
+        pending: write-audit-publish mode: check ``run_id`` and these runs (those not published yet), and
+            no other.
 
     Returns:
         Columns ``run_id``, ``discovered``, ``quarantined``, ``quarantine_share``.
@@ -230,7 +238,10 @@ def quarantine_runs_frame(
             rows_per_run[rid] = rows_per_run.get(rid, 0) + 1
     by_run = {s.run_id: s for s in summaries if s.run_id}
     run_ids = sorted(set(by_run) | set(rows_per_run))
-    if run_id is not None and run_id in by_run:
+    if pending is not None:
+        wanted = set(pending) | ({run_id} if run_id else set())
+        run_ids = [r for r in run_ids if r in wanted]
+    elif run_id is not None and run_id in by_run:
         run_ids = [run_id]
     elif run_id is not None:
         log.info("run %s has no preprocessing summary: checking the quarantine share of every run", run_id)
@@ -309,18 +320,40 @@ def coverage_frame(predictions: pa.Table, tensor_ids: Sequence[str], models: Seq
     )
 
 
-def drift_frame(drift: pa.Table, run_id: str | None) -> pd.DataFrame:
-    """The drift rows of inference run ``run_id`` (the latest run checked when None) and ``gated_psi``: the PSI value of
-    the rows the gate checks (status pass or fail), null elsewhere."""
-    frame = drift.select(
-        ["run_id", "model_id", "feature", "metric", "value", "threshold", "status", "computed_at"]
-    ).to_pandas()
-    if run_id is None and len(frame):  # the latest run checked: earlier runs' verdicts stay with them
-        run_id = str(frame.sort_values("computed_at")["run_id"].iloc[-1])
-    frame = frame[frame["run_id"] == run_id].drop(columns=["computed_at"]).reset_index(drop=True)
+def drift_frame(drift: pa.Table | None, run_id: str | None, pending: Iterable[str] | None = None) -> pd.DataFrame:
+    """The drift rows checked, with ``gated_psi`` (the PSI of rows the gate checks: status pass or fail;
+    null elsewhere) and ``checked`` (False on the one row added for a run that has no drift rows).
+
+    Args:
+        drift: the drift table (None: it does not exist yet).
+        run_id: the inference run checked (without ``pending`` and run id: the latest run checked).
+        pending: write-audit-publish mode: ``run_id`` and these inference runs (those not published yet),
+            each of which must have been checked.
+    """
+    import pandas as pd
+
+    cols = ["run_id", "model_id", "feature", "metric", "value", "threshold", "status", "computed_at"]
+    frame = drift.select(cols).to_pandas() if drift is not None else pd.DataFrame(columns=cols)
+    if pending is not None:
+        wanted = set(pending) | ({run_id} if run_id else set())
+    elif run_id is not None:
+        wanted = {run_id}
+    else:  # the latest run checked: earlier runs' verdicts stay with them
+        wanted = {str(frame.sort_values("computed_at")["run_id"].iloc[-1])} if len(frame) else set()
+    frame = frame[frame["run_id"].isin(wanted)].drop(columns=["computed_at"]).reset_index(drop=True)
+    frame["checked"] = True
+    missing = sorted(wanted - set(frame["run_id"])) if pending is not None else []
+    if missing:
+        blank = pd.DataFrame({"run_id": missing, "status": "missing", "checked": False})
+        frame = pd.concat([frame, blank], ignore_index=True)
     gated = (frame["metric"] == "psi") & frame["status"].isin(["pass", "fail"])
     frame["gated_psi"] = frame["value"].where(gated)
     return frame
+
+
+def thresholds_frame(thresholds: pa.Table) -> pd.DataFrame:
+    """``thresholds`` as validated (every column is small)."""
+    return thresholds.to_pandas()
 
 
 def evaluation_frame(evaluation: pa.Table) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from lakehouse.tables import (
     QUARANTINE,
     TABLE_NAMES,
     TENSORS,
+    THRESHOLDS,
     spec,
 )
 
@@ -62,6 +63,7 @@ _INDEX_COLUMNS: dict[str, list[str]] = {
     "predictions_coverage": ["image_id", "model_id"],
     "drift": ["model_id", "feature", "metric"],
     "evaluation": ["evaluation_id", "model_id", "pathology", "slice", "slice_value"],
+    "thresholds": ["model_id", "pathology"],
 }
 
 
@@ -116,6 +118,8 @@ class ValidationReport:
     data_docs_uri: str
     result_uris: dict[str, str]
     run_id: str | None = None
+    #: the Delta version of every table validated (what a publish after this audit may publish)
+    versions: dict[str, int] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:
@@ -130,6 +134,7 @@ class ValidationReport:
             "run_id": self.run_id,
             "data_docs_uri": self.data_docs_uri,
             "result_uris": self.result_uris,
+            "versions": self.versions,
             "tables": {name: t.to_dict() for name, t in self.tables.items()},
         }
 
@@ -154,8 +159,12 @@ def validate_lakehouse(
     run_id: str | None = None,
     models: Sequence[str] | None = None,
     max_quarantine_share: float | None = None,
+    pending: bool = False,
 ) -> ValidationReport:
     """Validate lakehouse tables with the Great Expectations suites and publish Data Docs.
+
+    Every table is read at one version, fixed when the call starts and returned in the report
+    (``versions``): the publish step publishes exactly what was audited.
 
     Args:
         lakehouse_uri: folder or ``s3://bucket/prefix`` holding the Delta tables.
@@ -165,6 +174,9 @@ def validate_lakehouse(
             and the inference run whose models every tensor must have a prediction for.
         models: models every tensor must have a prediction for (overrides ``run_id``'s models).
         max_quarantine_share: overrides ``settings.max_quarantine_share``.
+        pending: write-audit-publish mode: the run-scoped checks (quarantine share, drift) cover
+            ``run_id`` and every run not published yet (so a run that failed an audit keeps failing it
+            until fixed or accepted, and is never published by a later run), and no older run.
 
     Returns:
         The report: ``.success``, per-table results, where the Data Docs and result files are.
@@ -196,7 +208,18 @@ def validate_lakehouse(
             )
     if "predictions" in chosen and "tensors" not in present:
         raise CxrError(f"validating predictions needs the tensors table, which is missing under {lake}")
-    batches = _build_batches(lake, settings, chosen, run_id=run_id, models=models, max_share=share)
+    from lakehouse.publish import current_versions, pending_runs
+
+    versions = current_versions(lake, settings, chosen if "predictions" not in chosen else [*chosen, "tensors"])
+    runs: dict[str, set[str]] | None = None
+    if pending:
+        runs = {
+            "preprocess": pending_runs(lake, settings, ["tensors", "quarantine"]),
+            "infer": pending_runs(lake, settings, ["predictions"]),
+        }
+    batches = _build_batches(
+        lake, settings, chosen, run_id=run_id, models=models, max_share=share, versions=versions, pending=runs
+    )
     results = _run_gx(lake, settings, batches)
     result_uris: dict[str, str] = {}
     for name, result in results.items():
@@ -210,6 +233,7 @@ def validate_lakehouse(
         data_docs_uri=storage.data_docs_index_uri(lake),
         result_uris=result_uris,
         run_id=run_id,
+        versions={t: v for t, v in versions.items() if t in chosen},
     )
     log.info("validation %s; Data Docs: %s", "passed" if report.success else "FAILED", report.data_docs_uri)
     return report
@@ -240,48 +264,60 @@ def _build_batches(
     run_id: str | None,
     models: Sequence[str] | None,
     max_share: float,
+    versions: dict[str, int],
+    pending: dict[str, set[str]] | None = None,
 ) -> list[_Batch]:
-    """The (suite, frame) pairs of the chosen tables."""
+    """The (suite, frame) pairs of the chosen tables, each read at its version in ``versions``."""
     from expectations import frames, suites
     from lakehouse.delta_rs import open_table, read_arrow
 
+    def read(spec: Any, columns: list[str] | None = None) -> Any:
+        return read_arrow(lake, spec, settings, columns=columns, version=versions.get(spec.name))
+
     out: list[_Batch] = []
     if "tensors" in chosen:
-        tensors = frames.read_tensors_frame(lake, settings)
+        tensors = frames.read_tensors_frame(lake, settings, version=versions.get("tensors"))
         sizes = sorted({settings.resize_size, 224})
         out.append(_Batch("tensors", "tensors", partial(suites.tensors_suite, sizes=sizes), tensors))
-        names = open_table(lake, TENSORS, settings).schema().to_arrow().names
+        names = open_table(lake, TENSORS, settings, version=versions.get("tensors")).schema().to_arrow().names
         columns = frames.columns_frame(names)
         keys = frames.DIRECT_IDENTIFIER_KEYS
         out.append(
             _Batch("tensors", "tensors_columns", partial(suites.tensors_columns_suite, identifier_keys=keys), columns)
         )
     if "quarantine" in chosen:
-        quarantine = read_arrow(lake, QUARANTINE, settings)
+        quarantine = read(QUARANTINE)
+        runs = frames.quarantine_runs_frame(
+            quarantine,
+            frames.read_run_summaries(lake, settings),
+            run_id=run_id,
+            pending=pending["preprocess"] if pending is not None else None,
+        )
         out.append(_Batch("quarantine", "quarantine", suites.quarantine_suite, frames.quarantine_frame(quarantine)))
-        runs = frames.quarantine_runs_frame(quarantine, frames.read_run_summaries(lake, settings), run_id=run_id)
         out.append(
             _Batch("quarantine", "quarantine_runs", partial(suites.quarantine_runs_suite, max_share=max_share), runs)
         )
     if "files" in chosen:
-        ledger = read_arrow(
-            lake, FILES, settings, columns=["source_uri", "outcome", "run_id", "reason_class", "image_id"]
-        )
+        ledger = read(FILES, ["source_uri", "outcome", "run_id", "reason_class", "image_id"])
         out.append(_Batch("files", "files", suites.files_suite, frames.files_frame(ledger)))
     if "predictions" in chosen:
-        predictions = read_arrow(lake, PREDICTIONS, settings)
-        tensor_ids = read_arrow(lake, TENSORS, settings, columns=["image_id"]).column("image_id").to_pylist()
+        predictions = read(PREDICTIONS)
+        tensor_ids = read(TENSORS, ["image_id"]).column("image_id").to_pylist()
         rows = frames.predictions_frame(predictions, tensor_ids)
         out.append(_Batch("predictions", "predictions", suites.predictions_suite, rows))
         wanted = frames.coverage_models(predictions, models=models, run_id=run_id)
         coverage = frames.coverage_frame(predictions, tensor_ids, wanted)
         out.append(_Batch("predictions", "predictions_coverage", suites.predictions_coverage_suite, coverage))
     if "drift" in chosen:
-        drift = frames.drift_frame(read_arrow(lake, DRIFT, settings), run_id)
+        drift = frames.drift_frame(read(DRIFT), run_id, pending=pending["infer"] if pending is not None else None)
         out.append(_Batch("drift", "drift", partial(suites.drift_suite, max_psi=settings.drift_max_psi), drift))
     if "evaluation" in chosen:
-        evaluation = frames.evaluation_frame(read_arrow(lake, EVALUATION, settings))
+        evaluation = frames.evaluation_frame(read(EVALUATION))
         out.append(_Batch("evaluation", "evaluation", suites.evaluation_suite, evaluation))
+    if "thresholds" in chosen:
+        out.append(
+            _Batch("thresholds", "thresholds", suites.thresholds_suite, frames.thresholds_frame(read(THRESHOLDS)))
+        )
     return out
 
 

@@ -224,9 +224,13 @@ def drift_suite(*, max_psi: float) -> gx.ExpectationSuite:
     E = gx.expectations
     suite = gx.ExpectationSuite(name="drift", meta={"max_psi": max_psi})
     suite.add_expectation(
-        E.ExpectTableRowCountToBeBetween(min_value=1, meta={"notes": "the drift step ran for this inference run"})
+        E.ExpectColumnValuesToBeInSet(
+            column="checked",
+            value_set=[True],
+            meta={"notes": "every inference run about to be published was checked for drift (cxr drift)"},
+        )
     )
-    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="status", value_set=list(DRIFT_STATUSES)))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="status", value_set=[*DRIFT_STATUSES, "missing"]))
     suite.add_expectation(
         E.ExpectColumnPairValuesAToBeGreaterThanB(
             column_A="threshold",
@@ -262,4 +266,19 @@ def evaluation_suite() -> gx.ExpectationSuite:
             column="null_explained", value_set=[True], meta={"notes": "a null AUROC carries its reason"}
         )
     )
+    return suite
+
+
+def thresholds_suite() -> gx.ExpectationSuite:
+    """Row checks of ``thresholds``: one per model and pathology, a probability, a stated rule."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="thresholds")
+    suite.add_expectation(E.ExpectCompoundColumnsToBeUnique(column_list=["model_id", "pathology"]))
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="threshold", min_value=0.0, max_value=1.0))
+    suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column="threshold"))
+    suite.add_expectation(E.ExpectColumnValuesToMatchRegex(column="rule", regex=r"^(youden|sensitivity=(0?\.\d+|1))$"))
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_pos", min_value=1))
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_neg", min_value=1))
     return suite

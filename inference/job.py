@@ -406,7 +406,8 @@ def load_thresholds(
         lakehouse_uri: folder or ``s3://bucket/prefix``.
         settings: storage endpoint.
         model_id: the model scored.
-        which: ``latest``, a version number, or None/empty (no thresholds: ``({}, None)``).
+        which: ``latest`` (the latest *published* version: thresholds are used only once audited), a
+            version number, or None/empty (no thresholds: ``({}, None)``).
 
     Raises:
         CxrError: no thresholds table, an unknown version, or no threshold for this model in it.
@@ -419,8 +420,16 @@ def load_thresholds(
         return {}, None
     if which != "latest" and not which.isdigit():
         raise CxrError(f"--thresholds {which!r}: give latest or a version number of the thresholds table")
+    from lakehouse.publish import published_versions
+
+    version = published_versions(lakehouse_uri, settings).get("thresholds") if which == "latest" else int(which)
+    if which == "latest" and version is None:
+        raise CxrError(
+            f"no published thresholds under {lakehouse_uri}: calibrate (cxr evaluate ... --calibrate youden), "
+            "then publish (cxr publish) so that the thresholds are audited before they decide anything"
+        )
     try:
-        dt = delta_rs.open_table(lakehouse_uri, THRESHOLDS, settings, version=None if which == "latest" else int(which))
+        dt = delta_rs.open_table(lakehouse_uri, THRESHOLDS, settings, version=version)
     except TableNotFoundError:
         raise CxrError(
             f"no thresholds table under {lakehouse_uri}: calibrate first (cxr evaluate ... --calibrate youden)"

@@ -138,10 +138,15 @@ def check_key_fingerprint(lakehouse_uri: str, spec: TableSpec, settings: Setting
 
 
 def read_arrow(
-    lakehouse_uri: str, spec: TableSpec, settings: Settings, *, columns: list[str] | None = None
+    lakehouse_uri: str,
+    spec: TableSpec,
+    settings: Settings,
+    *,
+    columns: list[str] | None = None,
+    version: int | None = None,
 ) -> pa.Table:
-    """Read a whole table (or some of its columns) as Arrow; fine for small tables and tests."""
-    return open_table(lakehouse_uri, spec, settings).to_pyarrow_table(columns=columns)
+    """Read a whole table (or some of its columns) as Arrow, at ``version`` (default the latest)."""
+    return open_table(lakehouse_uri, spec, settings, version=version).to_pyarrow_table(columns=columns)
 
 
 def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settings) -> int:

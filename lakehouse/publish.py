@@ -205,3 +205,27 @@ def read_table(
             )
         version = versions[name]
     return open_table(lakehouse_uri, spec(name), settings, version=version).to_pyarrow_table(columns=columns)
+
+
+def pending_runs(lakehouse_uri: str, settings: Settings, tables: Iterable[str]) -> set[str]:
+    """Run ids with rows in the latest version of ``tables`` but not in their published version: the runs
+    the next publish would make visible, which its audits must therefore cover (a run that failed an
+    audit stays pending, and fails the audits again, until it is fixed or accepted)."""
+    import pyarrow.compute as pc
+    from deltalake.exceptions import TableNotFoundError
+
+    from lakehouse.delta_rs import open_table
+
+    published = published_versions(lakehouse_uri, settings)
+    out: set[str] = set()
+    for name in tables:
+        try:
+            latest = open_table(lakehouse_uri, spec(name), settings)
+        except TableNotFoundError:
+            continue
+        runs = {str(r) for r in pc.unique(latest.to_pyarrow_table(columns=["run_id"]).column("run_id")).to_pylist()}
+        if name in published:
+            seen = open_table(lakehouse_uri, spec(name), settings, version=published[name])
+            runs -= {str(r) for r in pc.unique(seen.to_pyarrow_table(columns=["run_id"]).column("run_id")).to_pylist()}
+        out |= runs
+    return out

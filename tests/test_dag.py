@@ -105,6 +105,7 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
         "labels_uri",
         "lakehouse_uri",
         "models",
+        "thresholds",
         "weights_dir",
     ]
     tasks = info["tasks"]

@@ -95,5 +95,19 @@ def test_a_drifted_run_fails_the_gate_and_publishes_nothing(
     html = build_report(str(lake), settings=settings)
     assert 'data-total="predictions">210<' in html
     # the report's drift section is day 2's published verdict, with this run's probabilities over the reference's
-    assert 'data-drift-verdict="pass"' in html and "inf-day3" not in html
-    assert html.count('data-drift-hist="') == 18
+    section = html[html.index('<section id="drift">') : html.index('<section id="top-images">')]
+    assert 'data-drift-verdict="pass"' in section and "inf-day2" in section and "inf-day3" not in section
+    assert section.count('data-drift-hist="') == 18
+
+    # day 4 is like day 1, but day 3 is still unpublished and failed: it does not ride along
+    assert run("day4", range(3000, 3060)) == (0, 1)
+    assert (lake / "reports" / "published.json").read_text() == record
+    assert _count(lake, "predictions", settings) == 210
+    # an operator accepts day 3's drift (a new scanner, say) by checking it again with a higher limit:
+    # the rows record the limit used, and the next publish makes days 3 and 4 visible
+    assert main(["drift", "--lakehouse", str(lake), "--run-id", "inf-day3", "--max-psi", "5"]) == 0
+    assert main(["publish", "--lakehouse", str(lake), "--run-id", "pre-day4", "--infer-run-id", "inf-day4"]) == 0
+    assert _count(lake, "predictions", settings) == 330
+    accepted = DeltaTable(str(lake / "drift")).to_pandas()
+    accepted = accepted[(accepted["run_id"] == "inf-day3") & (accepted["metric"] == "psi")]
+    assert set(accepted["status"]) == {"pass"} and (accepted["threshold"] >= 5).all()

@@ -239,6 +239,11 @@ def test_calibrated_thresholds_change_the_decision_columns_and_nothing_else(
     assert ((s >= cut["cardiomegaly"]) & (y == 1)).sum() / y.sum() >= 0.9  # the rule holds ...
     assert ((s > cut["cardiomegaly"]) & (y == 1)).sum() / y.sum() < 0.9  # ... at the highest such threshold
 
+    # thresholds decide nothing before they are audited and published
+    with pytest.raises(CxrError, match="no published thresholds"):
+        run_infer(str(lake), settings=settings, model_id=MODEL, weights_dir=str(checkpoint.parent), thresholds="latest")
+    assert main(["publish", "--lakehouse", str(lake)]) == 0  # audits (thresholds suite included), then publishes
+
     # the same tensors scored twice: with the thresholds and without
     with_t, without = (Path(shutil.copytree(lake, tmp_path / n)) for n in ("with", "without"))
     for where in (with_t, without):

@@ -160,6 +160,7 @@ EVALUATION_ROWS = [
 def _evaluation_row(
     ev: str, model_id: str, pathology: str, slice_: str, value: str, auroc: float | None, reason: str | None
 ) -> dict[str, Any]:
+    at = NOW if ev == "ev-2" else datetime(2025, 12, 31, tzinfo=UTC)  # ev-1 is the earlier evaluation
     return {
         "evaluation_id": ev,
         "model_id": model_id,
@@ -179,7 +180,7 @@ def _evaluation_row(
         "labels_key": "image_id",
         "uncertain": "ignore",
         "predictions_version": 1,
-        "evaluated_at": NOW,
+        "evaluated_at": at,
     }
 
 
@@ -459,6 +460,24 @@ EXPECTED.update(
                 ],
             ),
         ],
+        # cardiomegaly: M1 has a threshold (0.95), M2 predicts none; 0.9 < 0.95 is not positive
+        "decisions_by_image": [
+            (
+                {"pathology": "cardiomegaly"},
+                [
+                    {"image_id": i, "model_id": M1, "probability": f32(p), "threshold": 0.95, "positive": False}
+                    for i, p in (("ia", 0.9), ("ib", 0.6), ("ic", 0.5), ("id", 0.1))
+                ],
+            ),
+            (
+                {"pathology": "atelectasis", "limit": 3},
+                [
+                    {"image_id": "ia", "model_id": M2, "probability": f32(0.8), "threshold": 0.1, "positive": True},
+                    {"image_id": "ic", "model_id": M1, "probability": f32(0.7), "threshold": 0.45, "positive": True},
+                    {"image_id": "ia", "model_id": M1, "probability": f32(0.5), "threshold": 0.45, "positive": True},
+                ],
+            ),
+        ],
         # the latest evaluation (ev-2), slice all only, highest AUROC first and null last
         "evaluation_summary": [
             (
@@ -528,7 +547,8 @@ def test_athena_sql_of_saved_queries_gives_the_same_answers(
 @pytest.mark.parametrize("name", sorted(SAVED_QUERIES))
 def test_saved_queries_avoid_duckdb_only_syntax(name: str) -> None:
     """Saved queries stay in the subset Athena engine v3 (Trino) also accepts."""
-    sql = saved_query_sql(name, params={"pathology": "edema"} if name == "top_images" else None).upper()
+    needs_pathology = name in ("top_images", "decisions_by_image")
+    sql = saved_query_sql(name, params={"pathology": "edema"} if needs_pathology else None).upper()
     for token in (
         "::",
         " ILIKE ",
