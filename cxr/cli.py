@@ -363,6 +363,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if s.uncertain:
         lines.append(f"uncertain (-1) labels: {s.uncertain} ({s.uncertain_dropped} ignored)")
+    if s.ignored_columns:
+        lines.append("columns read as no label (check for a misspelt finding): " + ", ".join(s.ignored_columns))
     if s.null_auroc:
         lines.append("no AUROC: " + ", ".join(f"{k} ({v} rows)" for k, v in sorted(s.null_auroc.items())))
     if s.thresholds_version is not None:

@@ -118,6 +118,8 @@ class EvaluationSummary:
     uncertain: int = 0
     uncertain_dropped: int = 0
     blank: int = 0
+    #: columns of a one-column-per-finding file that are no known finding (Sex, Age, ...; check for typos)
+    ignored_columns: list[str] = field(default_factory=list)
     images_predicted: int = 0
     images_labelled: int = 0
     rows_written: int = 0
@@ -210,6 +212,7 @@ def evaluate(
         uncertain=labels.uncertain,
         uncertain_dropped=labels.uncertain_dropped,
         blank=labels.blank,
+        ignored_columns=list(labels.ignored_columns),
     )
     tidy = labels.table
     keys = pd.Series(tidy["key"].astype(str).unique())

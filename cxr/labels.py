@@ -340,6 +340,8 @@ class Labels:
     uncertain_dropped: int = 0
     #: blank label cells (chexpert; tidy rows with an empty label; nih images with empty findings): unlabeled
     blank: int = 0
+    #: columns of a one-column-per-finding file read as no label at all (Sex, Age, AP/PA, an unknown name)
+    ignored_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -350,6 +352,7 @@ class _Tally:
     uncertain: int = 0
     uncertain_dropped: int = 0
     blank: int = 0
+    ignored_columns: list[str] = field(default_factory=list)
 
 
 def read_labels(
@@ -416,7 +419,10 @@ def read_labels(
         uncertain=tally.uncertain,
         uncertain_dropped=tally.uncertain_dropped,
         blank=tally.blank,
+        ignored_columns=tuple(tally.ignored_columns),
     )
+    if labels.ignored_columns:
+        log.info("%s: columns read as no label: %s", where, ", ".join(labels.ignored_columns))
     log.info(
         "%s (%s): %d rows read -> %d labels of %d keys; unmapped %s, uncertain %d (%d dropped), blank %d",
         where,
@@ -635,7 +641,8 @@ def _from_wide(
             continue
         target = map_label(name, targets)
         if target is None and normalize_name(name) not in _KNOWN_LABELS:
-            continue  # Path, Sex, Age, AP/PA, ViewPosition, x, y, ...: not a label
+            tally.ignored_columns.append(name)  # Path, Sex, Age, AP/PA, ViewPosition, x, y, ...: not a label
+            continue
         numbers, blank = _values(frame[column])
         _check_values(numbers, blank, frame[column], keys, f"labels in column {name!r}", where)
         labels = _apply_uncertain(numbers, blank, rule, tally)

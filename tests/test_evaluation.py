@@ -168,6 +168,7 @@ def test_nih_and_chexpert_style_labels(lake: Path, tmp_path: Path, settings: Set
     s = evaluate(str(lake), str(tmp_path / "Data_Entry.csv"), settings=settings, key="file_name", n_bootstrap=0)
     rows = _rows(lake, s.evaluation_id)
     assert s.labels_format == "nih"
+    assert s.not_predicted == {} and s.keys_without_prediction == 0
     n = len(images)
     cardio_pos = sum(1 for k in range(n) if "Cardiomegaly" in findings[k % 4])
     assert (_all(rows, "Cardiomegaly")["n_pos"], _all(rows, "Cardiomegaly")["n_neg"]) == (cardio_pos, n - cardio_pos)
@@ -198,6 +199,7 @@ def test_nih_and_chexpert_style_labels(lake: Path, tmp_path: Path, settings: Set
     assert ignore.labels_format == "chexpert" and ignore.matched_keys == labelled and ignore.unmatched_keys == 0
     assert ignore.uncertain == counts[-1] and ignore.uncertain_dropped == counts[-1]
     assert set(ignore.unmapped) >= {"No Finding", "Support Devices"}
+    assert ignore.ignored_columns == ["Sex"]  # the key column (Path) is the key, not ignored
     c_ignore = _all(_rows(lake, ignore.evaluation_id), "Cardiomegaly")
     c_pos = _all(_rows(lake, positive.evaluation_id), "Cardiomegaly")
     assert (c_ignore["n_pos"], c_ignore["n_neg"], c_ignore["n_unlabeled"]) == (
