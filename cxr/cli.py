@@ -691,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["file_name", "image_id", "sop_instance_uid"],
         help="the labels' key",
     )
+    run.add_argument("--thresholds", help="latest or a thresholds version: decision columns (cxr infer --thresholds)")
     run.set_defaults(func=_cmd_run)
 
     mnt = sub.add_parser(
