@@ -3,7 +3,8 @@
 Per model and pathology: PSI and KS of the probabilities, and the positive rate at 0.5 (xrv's calibrated
 operating point). Per run, from ``tensors`` (the images the run scored): per-image intensity statistics
 (mean, std, 5th/50th/95th percentile of the stored values) compared by PSI and KS, and the mix of
-source format, view position, modality, bits stored and photometric interpretation compared by PSI.
+source format, view position, modality, bits stored, photometric interpretation, manufacturer and site
+(its pseudonym) compared by PSI.
 
 The reference is ``CXR_DRIFT_REFERENCE_RUN`` when set, else the first inference run ever published
 (``lakehouse.publish``); its rows are sampled to at most :data:`REFERENCE_SAMPLE` images (the lowest
@@ -47,7 +48,15 @@ PSEUDO_COUNT = 0.5
 #: per-image intensity statistics compared (``input.<name>``)
 INPUT_STATS = ("mean", "std", "p05", "p50", "p95")
 #: lineage columns whose mix is compared (``input.<column>``)
-MIX_COLUMNS = ("source_format", "view_position", "modality", "bits_stored", "photometric")
+MIX_COLUMNS = (
+    "source_format",
+    "view_position",
+    "modality",
+    "bits_stored",
+    "photometric",
+    "manufacturer",
+    "site_pseudonym",
+)
 
 
 @dataclass(frozen=True)

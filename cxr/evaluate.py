@@ -46,10 +46,12 @@ SLICE_COLUMNS: tuple[str, ...] = (
     "photometric",
     "transfer_syntax",
     "preprocess_version",
+    "manufacturer",
+    "site_pseudonym",
     "device",
     "weights_sha256",
 )
-_TENSOR_SLICES = frozenset(SLICE_COLUMNS[:7])
+_TENSOR_SLICES = frozenset(SLICE_COLUMNS[:9])
 #: ledger outcomes whose row names an image in tensors (its own bytes or a byte-identical copy's)
 _IMAGE_OUTCOMES = ("new", "already_present", "duplicate")
 

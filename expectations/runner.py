@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 TABLES = TABLE_NAMES
 #: columns whose values are never shown in a summary or a result file
-SENSITIVE_COLUMNS = frozenset({*DIRECT_IDENTIFIERS, "patient_pseudonym", "source_uri"})
+SENSITIVE_COLUMNS = frozenset({*DIRECT_IDENTIFIERS, "patient_pseudonym", "site_pseudonym", "source_uri"})
 #: unexpected values kept per failed expectation
 EXAMPLES = 5
 #: columns identifying the unexpected rows of each suite (shown instead of a row index)

@@ -98,6 +98,8 @@ TENSORS = TableSpec(
         Column("sop_uid", "string", True),
         Column("modality", "string", True),
         Column("view_position", "string", True),
+        Column("manufacturer", "string", True, "DICOM Manufacturer (0008,0070)"),
+        Column("site_pseudonym", "string", True, "HMAC-SHA256 of the InstitutionName with the pseudonym key"),
         Column("patient_pseudonym", "string", True, "HMAC-SHA256 of PatientID with the secret pseudonym key"),
         Column("preprocess_version", "string", False),
         Column("preprocess_params", "string", False, "JSON: size, resize engine, dtype, library versions"),

@@ -125,6 +125,12 @@ def test_dicom_lineage_and_pseudonym() -> None:
     img = decode(data, name="a.dcm", pseudonym_key=KEY)
     assert (img.width, img.height, img.bits_stored, img.maxval) == (30, 20, 12, 4095)
     assert img.dicom["view_position"] == "AP" and img.dicom["modality"] == "DX"
+    assert img.dicom["manufacturer"] == "ACME MEDICAL"  # seed 0
+    import hashlib
+    import hmac
+
+    expected_site = hmac.new(KEY.encode(), b"site:SYNTHETIC HOSPITAL", hashlib.sha256).hexdigest()  # seed 0
+    assert img.dicom["site_pseudonym"] == expected_site != img.dicom["patient_pseudonym"]
     assert img.dicom["patient_pseudonym"] == pseudonymize("PID-4242", KEY)
     assert "PID-4242" not in str(img.dicom.values()) and "DOE" not in str(img.dicom.values())
 

@@ -71,7 +71,7 @@ def test_a_drifted_run_fails_the_gate_and_publishes_nothing(
     assert set(day2["reference_run_id"]) == {"inf-day1"}
     gated = day2[day2["metric"] == "psi"]
     assert set(gated["status"]) == {"pass"} and (gated["value"] <= gated["threshold"]).all()
-    assert len(gated) == 18 + 5 + 5  # every pathology, five intensity statistics, five lineage mixes
+    assert len(gated) == 18 + 5 + 7  # every pathology, five intensity statistics, seven lineage mixes
     record = (lake / "reports" / "published.json").read_text()
     manifest = (lake / "_published" / "predictions" / "manifest").read_text()
     assert json.loads(record)["reference_infer_run_id"] == "inf-day1"

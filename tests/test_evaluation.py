@@ -82,7 +82,7 @@ def test_evaluation_by_file_name_equals_brute_force(lake: Path, tmp_path: Path, 
         str(tmp_path / "labels.csv"),
         settings=settings,
         key="file_name",
-        slices=["source_format"],
+        slices=["source_format", "manufacturer", "site_pseudonym"],
         n_bootstrap=200,
     )
     assert (s.label_keys, s.matched_keys, s.unmatched_keys, s.ambiguous_keys) == (n + 1, n, 1, 0)
@@ -116,6 +116,12 @@ def test_evaluation_by_file_name_equals_brute_force(lake: Path, tmp_path: Path, 
     by_format = rows[(rows["pathology"] == "Cardiomegaly") & (rows["slice"] == "source_format")]
     assert sorted(by_format["slice_value"]) == sorted(images["source_format"].unique())
     assert by_format["n_pos"].sum() + by_format["n_neg"].sum() == n
+    # DICOM lineage slices: the manufacturer, and the site by its keyed pseudonym (PNG/JPEG: 'null')
+    by_maker = rows[(rows["pathology"] == "Cardiomegaly") & (rows["slice"] == "manufacturer")]
+    assert set(by_maker["slice_value"]) == {"ACME MEDICAL", "GLOBEX IMAGING", "INITECH", "null"}
+    assert by_maker["n_pos"].sum() + by_maker["n_neg"].sum() == n
+    by_site = rows[(rows["pathology"] == "Cardiomegaly") & (rows["slice"] == "site_pseudonym")]
+    assert len(set(by_site["slice_value"]) - {"null"}) == 2 and not any("HOSPITAL" in v for v in by_site["slice_value"])
 
 
 def test_every_key_kind_gives_the_same_numbers(lake: Path, tmp_path: Path, settings: Settings) -> None:

@@ -139,7 +139,7 @@ def test_notebook_executes_against_built_lakehouse(
 
     evaluation = _text(_cell(nb, "evaluation"))
     assert "18 model x pathology rows in the latest evaluation" in evaluation and "Cardiomegaly" in evaluation
-    assert "drift of run inf-test: no_reference 28" in _text(_cell(nb, "drift"))
+    assert "drift of run inf-test: no_reference 30" in _text(_cell(nb, "drift"))
 
     quarantine = _text(_cell(nb, "quarantine"))
     for error_class, n in Counter(cls for _, _, cls in INVALID_KINDS.values()).items():

@@ -619,12 +619,17 @@ def decode_dicom(data: bytes, *, max_pixels: int, pseudonym_key: str) -> Decoded
         arr = maxval - arr  # exactly xrv's read_xray_dcm: max_possible_pixel_val - data
     try:
         patient_id = str(ds.get("PatientID", "") or "").strip()
+        institution = str(ds.get("InstitutionName", "") or "").strip().upper()
         meta: dict[str, str | None] = {
             "study_uid": _str_or_none(ds.get("StudyInstanceUID")),
             "series_uid": _str_or_none(ds.get("SeriesInstanceUID")),
             "sop_uid": _str_or_none(ds.get("SOPInstanceUID")),
             "modality": _str_or_none(ds.get("Modality")),
             "view_position": _str_or_none(ds.get("ViewPosition")),
+            "manufacturer": _str_or_none(ds.get("Manufacturer")),
+            # the site as a keyed pseudonym (InstitutionName is an identifier); "site:" keeps it apart
+            # from patient pseudonyms made with the same key
+            "site_pseudonym": pseudonymize(f"site:{institution}", pseudonym_key) if institution else None,
             "patient_pseudonym": pseudonymize(patient_id, pseudonym_key) if patient_id else None,
             "transfer_syntax": _str_or_none(header.transfer_syntax),
         }

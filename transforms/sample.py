@@ -133,7 +133,8 @@ def dicom_bytes(
     ds.Modality = "DX"
     ds.ViewPosition = view_position
     ds.BodyPartExamined = "CHEST"
-    ds.InstitutionName = "SYNTHETIC HOSPITAL"
+    ds.InstitutionName = ("SYNTHETIC HOSPITAL", "SYNTHETIC CLINIC")[seed % 2]
+    ds.Manufacturer = ("ACME MEDICAL", "GLOBEX IMAGING", "INITECH")[seed % 3]
     if with_pixels:
         rgb = pixels.ndim == 3
         ds.Rows, ds.Columns = pixels.shape[:2]

@@ -159,6 +159,8 @@ def preprocess_bytes(data: bytes, *, name: str, params: PreprocessParams, pseudo
         "sop_uid",
         "modality",
         "view_position",
+        "manufacturer",
+        "site_pseudonym",
         "patient_pseudonym",
         "transfer_syntax",
     ):
