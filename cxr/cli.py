@@ -320,6 +320,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_accept(args: argparse.Namespace) -> int:
+    """``cxr accept``: record that a run is accepted although it failed an audit."""
+    from lakehouse.publish import accept_run
+
+    settings = load_settings()
+    accept_run(_lakehouse(args, settings), settings, args.run_id, check=args.check, reason=args.reason)
+    sys.stdout.write(f"accepted {args.run_id} past {args.check}: the next publish may publish it\n")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """``cxr evaluate``: labels joined to predictions -> evaluation (and thresholds with --calibrate)."""
     from cxr.evaluate import evaluate
@@ -406,6 +416,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     lakehouse_uri = _lakehouse(args, settings)
+    if _present(lakehouse_uri, settings, ["predictions"]):
+        from lakehouse import delta_rs
+        from lakehouse.tables import DRIFT
+
+        delta_rs.ensure_table(lakehouse_uri, DRIFT, settings)  # so that unchecked runs fail the drift gate
     reports = []
     before = _present(lakehouse_uri, settings, _PRE_TABLES)
     if before:
@@ -663,6 +678,15 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--run-id", help="the preprocessing run whose quarantine share is audited (default: every run)")
     pub.add_argument("--infer-run-id", help="the inference run audited (coverage, drift gate)")
     pub.set_defaults(func=_cmd_publish)
+
+    acc = sub.add_parser(
+        "accept", help="accept a preprocessing run that failed the quarantine share gate (recorded with the reason)"
+    )
+    acc.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    acc.add_argument("--run-id", required=True, help="the preprocessing run")
+    acc.add_argument("--check", default="quarantine_share", choices=["quarantine_share"])
+    acc.add_argument("--reason", required=True, help="why: kept in reports/accepted.json")
+    acc.set_defaults(func=_cmd_accept)
 
     rep = sub.add_parser("report", help="one self-contained HTML run report")
     rep.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")

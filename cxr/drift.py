@@ -146,12 +146,14 @@ def compute_drift(
         n_ref: int,
         *,
         df: int | None = None,
+        no_ref: bool = False,
     ) -> None:
-        """One row; ``df`` (degrees of freedom of a PSI) makes it a gated row."""
+        """One row; ``df`` (degrees of freedom of a PSI) makes it a gated row; ``no_ref``: the reference
+        has no value to compare with (a column added after the reference run: all null there)."""
         threshold = None
         if df is None:
             status = "info"
-        elif reference_id is None or n_ref == 0:
+        elif reference_id is None or n_ref == 0 or no_ref:
             status = "no_reference"
         elif n < minimum:
             status = "insufficient"
@@ -217,7 +219,10 @@ def compute_drift(
         r_values = [None if pd.isna(v) else str(v) for v in ref_inputs[mix]] if ref_inputs is not None else []
         value = metrics.psi_categorical(r_values, c_values, pseudo_count=PSEUDO_COUNT) if r_values else None
         categories = len(set(c_values) | set(r_values))
-        add("", f"input.{mix}", "psi", value, None, n, n_ref, df=categories - 1)
+        # a column the reference run's images did not have yet (a lakehouse made before it) is null
+        # throughout the reference: nothing to compare with, not drift
+        unknown = bool(r_values) and all(v is None for v in r_values) and any(v is not None for v in c_values)
+        add("", f"input.{mix}", "psi", value, None, n, n_ref, df=categories - 1, no_ref=unknown)
 
     _replace_run_rows(lake, settings, run_id, rows)
     failed = [f"{r['model_id'] or 'input'}:{r['feature']} psi={r['value']:.3f}" for r in rows if r["status"] == "fail"]

@@ -315,6 +315,8 @@ def _versions(lake: str, settings: Settings, *, published: bool) -> dict[str, in
             f"no published predictions in {lake}: evaluate after the publish step (cxr publish), "
             "or pass published=False to evaluate the latest, unaudited predictions"
         )
+    if "tensors" not in pinned:
+        raise CxrError(f"no published tensors in {lake}: publish (cxr publish) before evaluating")
     return {name: pinned.get(name) for name in ("predictions", "tensors", "files")}
 
 

@@ -327,22 +327,24 @@ def drift_frame(drift: pa.Table | None, run_id: str | None, pending: Iterable[st
     Args:
         drift: the drift table (None: it does not exist yet).
         run_id: the inference run checked (without ``pending`` and run id: the latest run checked).
-        pending: write-audit-publish mode: ``run_id`` and these inference runs (those not published yet),
-            each of which must have been checked.
+        pending: write-audit-publish mode: ``run_id`` and these inference runs (those with predictions
+            not published yet), each of which must have been checked.
     """
     import pandas as pd
 
     cols = ["run_id", "model_id", "feature", "metric", "value", "threshold", "status", "computed_at"]
     frame = drift.select(cols).to_pandas() if drift is not None else pd.DataFrame(columns=cols)
+    required: set[str] = set(pending) if pending is not None else set()
     if pending is not None:
-        wanted = set(pending) | ({run_id} if run_id else set())
+        # a run_id that wrote no predictions is not pending and needs no check; its rows (none) are shown
+        wanted = required | ({run_id} if run_id else set())
     elif run_id is not None:
         wanted = {run_id}
     else:  # the latest run checked: earlier runs' verdicts stay with them
         wanted = {str(frame.sort_values("computed_at")["run_id"].iloc[-1])} if len(frame) else set()
     frame = frame[frame["run_id"].isin(wanted)].drop(columns=["computed_at"]).reset_index(drop=True)
     frame["checked"] = True
-    missing = sorted(wanted - set(frame["run_id"])) if pending is not None else []
+    missing = sorted(required - set(frame["run_id"]))
     if missing:
         blank = pd.DataFrame({"run_id": missing, "status": "missing", "checked": False})
         frame = pd.concat([frame, blank], ignore_index=True)

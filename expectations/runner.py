@@ -62,7 +62,7 @@ _INDEX_COLUMNS: dict[str, list[str]] = {
     "predictions": ["image_id", "model_id"],
     "predictions_coverage": ["image_id", "model_id"],
     "drift": ["model_id", "feature", "metric"],
-    "evaluation": ["evaluation_id", "model_id", "pathology", "slice", "slice_value"],
+    "evaluation": ["evaluation_id", "model_id", "pathology", "slice"],  # slice_value may be a site pseudonym
     "thresholds": ["model_id", "pathology"],
 }
 
@@ -208,13 +208,15 @@ def validate_lakehouse(
             )
     if "predictions" in chosen and "tensors" not in present:
         raise CxrError(f"validating predictions needs the tensors table, which is missing under {lake}")
-    from lakehouse.publish import current_versions, pending_runs
+    from lakehouse.publish import accepted_runs, current_versions, pending_runs
 
     versions = current_versions(lake, settings, chosen if "predictions" not in chosen else [*chosen, "tensors"])
     runs: dict[str, set[str]] | None = None
     if pending:
+        accepted = accepted_runs(lake, settings, "quarantine_share")
         runs = {
-            "preprocess": pending_runs(lake, settings, ["tensors", "quarantine"]),
+            # a run an operator accepted past the quarantine share (cxr accept) is not checked again
+            "preprocess": pending_runs(lake, settings, ["tensors", "quarantine"]) - set(accepted),
             "infer": pending_runs(lake, settings, ["predictions"]),
         }
     batches = _build_batches(

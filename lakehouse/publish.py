@@ -229,3 +229,34 @@ def pending_runs(lakehouse_uri: str, settings: Settings, tables: Iterable[str]) 
             runs -= {str(r) for r in pc.unique(seen.to_pyarrow_table(columns=["run_id"]).column("run_id")).to_pylist()}
         out |= runs
     return out
+
+
+#: audits a run can be accepted past (the drift gate is accepted by checking the run again with a higher
+#: limit, ``cxr drift --max-psi``, which the drift rows record)
+ACCEPTABLE_CHECKS = ("quarantine_share",)
+
+
+def accepted_runs(lakehouse_uri: str, settings: Settings, check: str) -> dict[str, dict[str, str]]:
+    """Run id -> the acceptance record (reason, accepted_at) of the runs accepted past ``check``."""
+    uri = storage.accepted_uri(lakehouse_uri)
+    if not storage.exists(uri, settings):
+        return {}
+    body = json.loads(storage.read_text(uri, settings))
+    return {str(r): dict(v) for r, v in (body.get(check) or {}).items()}
+
+
+def accept_run(lakehouse_uri: str, settings: Settings, run_id: str, *, check: str, reason: str) -> None:
+    """Record that ``run_id`` is accepted although it failed ``check`` (the next publish may publish it).
+
+    Raises:
+        CxrError: an unknown check, or no reason given.
+    """
+    if check not in ACCEPTABLE_CHECKS:
+        raise CxrError(f"cannot accept a run past {check!r}: acceptable checks are {', '.join(ACCEPTABLE_CHECKS)}")
+    if not reason.strip():
+        raise CxrError("say why the run is accepted (--reason): the record is the audit trail")
+    uri = storage.accepted_uri(lakehouse_uri)
+    body = json.loads(storage.read_text(uri, settings)) if storage.exists(uri, settings) else {}
+    body.setdefault(check, {})[run_id] = {"reason": reason.strip(), "accepted_at": datetime.now(UTC).isoformat()}
+    storage.write_text(uri, json.dumps(body, indent=2, sort_keys=True), settings, content_type="application/json")
+    log.warning("run %s accepted past %s: %s", run_id, check, reason.strip())

@@ -132,6 +132,11 @@ def evaluation_summary_uri(lakehouse_uri: str, evaluation_id: str) -> str:
     return join(reports_uri(lakehouse_uri), "evaluations", f"{evaluation_id}.json")
 
 
+def accepted_uri(lakehouse_uri: str) -> str:
+    """Runs an operator accepted despite a failed audit (``cxr accept``): ``<lakehouse>/reports/accepted.json``."""
+    return join(reports_uri(lakehouse_uri), "accepted.json")
+
+
 def published_manifest_uri(lakehouse_uri: str, table: str) -> str:
     """The symlink manifest of a table's published version (Athena reads its folder):
     ``<lakehouse>/_published/<table>/manifest``."""

@@ -784,6 +784,9 @@ _IDENTIFYING_KEYWORDS = (
     "OtherPatientIDs",
     "PatientAddress",
     "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
 )
 
 
