@@ -208,27 +208,33 @@ def read_table(
 
 
 def pending_runs(lakehouse_uri: str, settings: Settings, tables: Iterable[str]) -> set[str]:
-    """Run ids with rows in the latest version of ``tables`` but not in their published version: the runs
-    the next publish would make visible, which its audits must therefore cover (a run that failed an
-    audit stays pending, and fails the audits again, until it is fixed or accepted)."""
+    """Run ids with rows in the latest version of ``tables`` and in none of their published versions:
+    the runs the next publish would make visible, which its audits must therefore cover (a run that
+    failed an audit stays pending, and fails the audits again, until it is fixed or accepted).
+
+    A run is published once any of its rows in these tables is, so a table published for the first time
+    (a lakehouse upgraded from a release that published fewer tables) does not make old runs pending.
+    """
     import pyarrow.compute as pc
     from deltalake.exceptions import TableNotFoundError
 
     from lakehouse.delta_rs import open_table
 
+    def runs_of(name: str, version: int | None) -> set[str]:
+        table = open_table(lakehouse_uri, spec(name), settings, version=version).to_pyarrow_table(columns=["run_id"])
+        return {str(r) for r in pc.unique(table.column("run_id")).to_pylist()}
+
     published = published_versions(lakehouse_uri, settings)
-    out: set[str] = set()
+    latest: set[str] = set()
+    seen: set[str] = set()
     for name in tables:
         try:
-            latest = open_table(lakehouse_uri, spec(name), settings)
+            latest |= runs_of(name, None)
         except TableNotFoundError:
             continue
-        runs = {str(r) for r in pc.unique(latest.to_pyarrow_table(columns=["run_id"]).column("run_id")).to_pylist()}
         if name in published:
-            seen = open_table(lakehouse_uri, spec(name), settings, version=published[name])
-            runs -= {str(r) for r in pc.unique(seen.to_pyarrow_table(columns=["run_id"]).column("run_id")).to_pylist()}
-        out |= runs
-    return out
+            seen |= runs_of(name, published[name])
+    return latest - seen
 
 
 #: audits a run can be accepted past (the drift gate is accepted by checking the run again with a higher
