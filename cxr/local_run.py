@@ -199,7 +199,10 @@ def summary_lines(result: RunResult, *, lakehouse_uri: str) -> list[str]:
 
     lines = [f"pipeline run {result.run_id}: {result.state} ({result.seconds:.0f}s)"]
     lines += [_task_line(t) for t in result.tasks]
-    tables = ", ".join(storage.table_uri(lakehouse_uri, t) for t in TABLE_NAMES)
+    from lakehouse.publish import current_versions
+
+    present = current_versions(lakehouse_uri, load_settings(), TABLE_NAMES)  # the tables this lakehouse has
+    tables = ", ".join(storage.table_uri(lakehouse_uri, t) for t in TABLE_NAMES if t in present) or "none yet"
     lines += [
         f"tables:    {tables}",
         f"data docs: {storage.data_docs_index_uri(lakehouse_uri)}",

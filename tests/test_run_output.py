@@ -87,6 +87,8 @@ def test_cxr_run_prints_one_line_per_task_and_logs_to_files(tmp_path: Path, cli_
     ]
     assert rows["report"].endswith(f"{lake}/reports/report.html")
     assert rows["maintain"].endswith("0 data files deleted (0 bytes freed)")
+    [tables] = [line for line in lines if line.startswith("tables:")]
+    assert f"{lake}/drift" in tables and f"{lake}/evaluation" not in tables  # only the tables there are
     for label in ("tables:", "data docs:", "report:", "task logs:"):
         assert any(line.startswith(label) for line in lines), label
     # nothing of Airflow's or Spark's own output on the terminal
