@@ -253,36 +253,27 @@ def _input_frame(lake: str, settings: Settings, image_ids: Sequence[str]) -> pd.
     """Per image: intensity statistics of the stored tensor, and the lineage columns whose mix is compared."""
     import numpy as np
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    from lakehouse.delta_rs import open_table
+    from lakehouse.delta_rs import read_rows_by_id
 
-    ids = pa.array(list(image_ids[:REFERENCE_SAMPLE]) if len(image_ids) > REFERENCE_SAMPLE else list(image_ids))
-    dataset = open_table(lake, TENSORS, settings).to_pyarrow_dataset()
+    ids = list(image_ids[:REFERENCE_SAMPLE])
     wanted = ["image_id", "tensor", "tensor_dtype", "tensor_shape", *MIX_COLUMNS]
-    parts = []
-    for fragment in dataset.get_fragments():  # read tensor bytes only from files holding a wanted image
-        fragment_ids = fragment.to_table(columns=["image_id"]).column("image_id")
-        if pc.any(pc.is_in(fragment_ids, value_set=ids)).as_py():
-            t = fragment.to_table(columns=wanted)
-            parts.append(t.filter(pc.is_in(t.column("image_id"), value_set=ids)))
+    table = read_rows_by_id(lake, TENSORS, settings, ids, columns=wanted)
     rows: list[dict[str, Any]] = []
-    for t in parts:
-        for r in t.to_pylist():
-            values = decode_tensor(r["tensor"], r["tensor_dtype"], r["tensor_shape"]).ravel()
-            p05, p50, p95 = np.percentile(values, [5, 50, 95])
-            rows.append(
-                {
-                    "image_id": r["image_id"],
-                    "mean": float(values.mean()),
-                    "std": float(values.std()),
-                    "p05": float(p05),
-                    "p50": float(p50),
-                    "p95": float(p95),
-                    **{c: r[c] for c in MIX_COLUMNS},
-                }
-            )
+    for r in table.to_pylist():
+        values = decode_tensor(r["tensor"], r["tensor_dtype"], r["tensor_shape"]).ravel()
+        p05, p50, p95 = np.percentile(values, [5, 50, 95])
+        rows.append(
+            {
+                "image_id": r["image_id"],
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "p05": float(p05),
+                "p50": float(p50),
+                "p95": float(p95),
+                **{c: r[c] for c in MIX_COLUMNS},
+            }
+        )
     return pd.DataFrame(rows, columns=["image_id", *INPUT_STATS, *MIX_COLUMNS])
 
 

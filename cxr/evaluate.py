@@ -305,19 +305,19 @@ def evaluate(
 # --- steps ------------------------------------------------------------------------------------------
 def _versions(lake: str, settings: Settings, *, published: bool) -> dict[str, int | None]:
     """The version of predictions, tensors and files to read: the published ones, or the latest (None)."""
-    from lakehouse.publish import published_versions
+    from lakehouse.publish import NothingPublishedError, reader_versions
 
-    if not published:
-        return {"predictions": None, "tensors": None, "files": None}
-    pinned = published_versions(lake, settings)
-    if "predictions" not in pinned:
-        raise CxrError(
-            f"no published predictions in {lake}: evaluate after the publish step (cxr publish), "
-            "or pass published=False to evaluate the latest, unaudited predictions"
-        )
-    if "tensors" not in pinned:
-        raise CxrError(f"no published tensors in {lake}: publish (cxr publish) before evaluating")
-    return {name: pinned.get(name) for name in ("predictions", "tensors", "files")}
+    try:
+        versions = reader_versions(lake, settings, published=published)
+    except NothingPublishedError:
+        versions = {}
+    for name in ("predictions", "tensors"):
+        if name not in versions:
+            raise CxrError(
+                f"no published {name} in {lake}: evaluate after the publish step (cxr publish), "
+                "or pass published=False (cxr evaluate --unpublished) to evaluate the latest, unaudited predictions"
+            )
+    return {name: versions.get(name) for name in ("predictions", "tensors", "files")}
 
 
 def _read_predictions(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -177,25 +177,35 @@ def bootstrap_auroc_ci(
     n_pos = int(positive.sum())
     if n_boot == 0 or n_pos == 0 or n_pos == n:
         return None, None
-    _, inverse, _, _ = _group_counts(positive, s_arr)
+    aucs = [
+        auc
+        for pos, neg in _resampled_counts(positive, s_arr, n_boot=n_boot, seed=seed)
+        if (auc := _auroc_from_counts(pos, neg)) is not None
+    ]
+    if len(aucs) < n_boot / 2:
+        return None, None
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(np.asarray(aucs), [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def _resampled_counts(
+    positive: NDArray[np.bool_], s: FloatArray, *, n_boot: int, seed: int
+) -> Iterator[tuple[FloatArray, FloatArray]]:
+    """Per bootstrap resample, positives and negatives per tie group (ascending scores).
+
+    Resample ``b`` takes ``numpy.random.default_rng(seed).integers(0, n, size=n)`` (one call per resample, in
+    order) as row indices; its counts are a ``bincount`` of the resampled rows (O(n), no sort).
+    """
+    n = len(positive)
+    _, inverse, _, _ = _group_counts(positive, s)
     n_groups = int(inverse.max()) + 1
     # one bincount key per row: even = negative, odd = positive, of its tie group
     key = 2 * inverse + positive.astype(np.int64)
     rng = np.random.default_rng(seed)
-    aucs = np.empty(n_boot)
-    usable = 0
     for _ in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        counts = np.bincount(key[idx], minlength=2 * n_groups).astype(float)
-        auc = _auroc_from_counts(counts[1::2], counts[0::2])
-        if auc is not None:
-            aucs[usable] = auc
-            usable += 1
-    if usable < n_boot / 2:
-        return None, None
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(aucs[:usable], [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+        counts = np.bincount(key[rng.integers(0, n, size=n)], minlength=2 * n_groups).astype(float)
+        yield counts[1::2], counts[0::2]
 
 
 def ece(y: ArrayLike, p: ArrayLike, *, bins: int = 10) -> float | None:
@@ -522,16 +532,11 @@ def bootstrap_roc_band(
     if n_boot <= 0 or n_pos == 0 or n_pos == n:
         return None
     grid_arr = np.asarray(grid, dtype=float)
-    _, inverse, _, _ = _group_counts(positive, s_arr)
-    n_groups = int(inverse.max()) + 1
-    key = 2 * inverse + positive.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    curves = []
-    for _ in range(n_boot):
-        counts = np.bincount(key[rng.integers(0, n, size=n)], minlength=2 * n_groups).astype(float)
-        pos, neg = counts[1::2], counts[0::2]
-        if pos.sum() and neg.sum():
-            curves.append(_tpr_on_grid(pos, neg, grid_arr))
+    curves = [
+        _tpr_on_grid(pos, neg, grid_arr)
+        for pos, neg in _resampled_counts(positive, s_arr, n_boot=n_boot, seed=seed)
+        if pos.sum() and neg.sum()
+    ]
     if len(curves) < n_boot / 2:
         return None
     alpha = (1.0 - level) / 2.0

@@ -388,32 +388,15 @@ def _attach_thumbs(
     tensors_version: int | None,
 ) -> None:
     """Read only the tensors of the images shown and attach one thumbnail per (finding, image)."""
-    import pyarrow.compute as pc
-
-    from lakehouse.delta_rs import open_table
+    from lakehouse.delta_rs import read_rows_by_id
 
     ids = sorted({i for per_model in wanted.values() for _, top in per_model for i, _ in top})
     if not ids:
         return
-    import pyarrow as pa
-
-    dataset = open_table(lake, TENSORS, settings, version=tensors_version).to_pyarrow_dataset()
-    wanted_ids = pa.array(ids)
-    parts = []
-    # sha256 ids defeat min/max pruning: look at each file's small image_id column first and read the
-    # tensor bytes only of files that hold a wanted image
-    for fragment in dataset.get_fragments():
-        fragment_ids = fragment.to_table(columns=["image_id"]).column("image_id")
-        if pc.any(pc.is_in(fragment_ids, value_set=wanted_ids)).as_py():
-            parts.append(
-                fragment.to_table(
-                    columns=["image_id", "tensor", "tensor_dtype", "tensor_shape", "source_uri"],
-                    filter=pc.field("image_id").isin(ids),
-                )
-            )
-    if not parts:
+    columns = ["image_id", "tensor", "tensor_dtype", "tensor_shape", "source_uri"]
+    table = read_rows_by_id(lake, TENSORS, settings, ids, columns=columns, version=tensors_version)
+    if not table.num_rows:
         return
-    table = pa.concat_tables(parts)
     images: dict[str, tuple[str, str]] = {}
     for row in table.to_pylist():
         images[row["image_id"]] = (

@@ -38,7 +38,6 @@ from lakehouse.tables import (
     TABLE_NAMES,
     TENSORS,
     THRESHOLDS,
-    spec,
 )
 
 if TYPE_CHECKING:
@@ -188,7 +187,10 @@ def validate_lakehouse(
     share = settings.max_quarantine_share if max_quarantine_share is None else max_quarantine_share
     if not 0.0 <= share <= 1.0 or math.isnan(share):
         raise ConfigError(f"max quarantine share must be within [0, 1] (got {share})")
-    present = _present_tables(lake, settings)
+    from lakehouse.publish import accepted_runs, current_versions, pending_runs
+
+    # the tables there are, each at the version every read below uses
+    present = current_versions(lake, settings, TABLES)
     if tables is None:
         chosen = [t for t in TABLES if t in present]
         if not chosen:
@@ -208,9 +210,7 @@ def validate_lakehouse(
             )
     if "predictions" in chosen and "tensors" not in present:
         raise CxrError(f"validating predictions needs the tensors table, which is missing under {lake}")
-    from lakehouse.publish import accepted_runs, current_versions, pending_runs
-
-    versions = current_versions(lake, settings, chosen if "predictions" not in chosen else [*chosen, "tensors"])
+    versions = {t: present[t] for t in {*chosen, *(["tensors"] if "predictions" in chosen else [])}}
     runs: dict[str, set[str]] | None = None
     if pending:
         accepted = accepted_runs(lake, settings, "quarantine_share")
@@ -242,22 +242,6 @@ def validate_lakehouse(
 
 
 # --- frames -----------------------------------------------------------------------------------------
-def _present_tables(lake: str, settings: Settings) -> set[str]:
-    """Tables that exist (a readable Delta log) under the lakehouse."""
-    from deltalake.exceptions import TableNotFoundError
-
-    from lakehouse.delta_rs import open_table
-
-    found = set()
-    for name in TABLES:
-        try:
-            open_table(lake, spec(name), settings)
-        except TableNotFoundError:
-            continue
-        found.add(name)
-    return found
-
-
 def _build_batches(
     lake: str,
     settings: Settings,

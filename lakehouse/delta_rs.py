@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -147,6 +148,34 @@ def read_arrow(
 ) -> pa.Table:
     """Read a whole table (or some of its columns) as Arrow, at ``version`` (default the latest)."""
     return open_table(lakehouse_uri, spec, settings, version=version).to_pyarrow_table(columns=columns)
+
+
+def read_rows_by_id(
+    lakehouse_uri: str,
+    spec: TableSpec,
+    settings: Settings,
+    ids: Sequence[str],
+    *,
+    columns: list[str],
+    version: int | None = None,
+) -> pa.Table:
+    """The rows whose ``image_id`` is in ``ids`` (some columns), at ``version``.
+
+    sha256 ids defeat min/max pruning: each data file's small ``image_id`` column is read first, and the
+    other columns (the tensor bytes) only of the files that hold a wanted id.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = pa.array(list(ids), type=pa.string())
+    dataset = open_table(lakehouse_uri, spec, settings, version=version).to_pyarrow_dataset()
+    parts = [
+        fragment.to_table(columns=columns, filter=pc.field("image_id").isin(wanted))
+        for fragment in dataset.get_fragments()
+        if len(ids)
+        and pc.any(pc.is_in(fragment.to_table(columns=["image_id"]).column("image_id"), value_set=wanted)).as_py()
+    ]
+    return pa.concat_tables(parts) if parts else dataset.schema.empty_table().select(columns)
 
 
 def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settings) -> int:

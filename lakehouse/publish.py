@@ -193,7 +193,7 @@ def read_table(
     Raises:
         NothingPublishedError: ``published`` and the table has no published version.
     """
-    from lakehouse.delta_rs import open_table
+    from lakehouse.delta_rs import read_arrow
 
     version: int | None = None
     if published:
@@ -204,7 +204,7 @@ def read_table(
                 "(the publish step records it after the audits)"
             )
         version = versions[name]
-    return open_table(lakehouse_uri, spec(name), settings, version=version).to_pyarrow_table(columns=columns)
+    return read_arrow(lakehouse_uri, spec(name), settings, columns=columns, version=version)
 
 
 def pending_runs(lakehouse_uri: str, settings: Settings, tables: Iterable[str]) -> set[str]:
