@@ -83,6 +83,8 @@ class PreprocessRun(RunRecord):
     decoded: int = 0
     batches: int = 0
     seconds: float = 0.0
+    #: CPU seconds spent on this run: the driver's plus the decoding workers' (user + system)
+    cpu_seconds: float = 0.0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     skip_reasons: dict[str, int] = field(default_factory=dict)
     previously: dict[str, int] = field(default_factory=dict)
@@ -124,6 +126,10 @@ class InferRun(RunRecord):
     already_predicted: int = 0
     predicted: int = 0
     seconds: float = 0.0
+    #: CPU seconds of the inference process (user + system; all its threads)
+    cpu_seconds: float = 0.0
+    #: GPU seconds: wall seconds of the scoring loop on a CUDA device (0 on the CPU)
+    gpu_seconds: float = 0.0
     untrained: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
