@@ -1,11 +1,21 @@
 """The batch inference job: ``tensors`` (Delta, read with delta-rs) -> TorchXRayVision -> ``predictions``.
 
-- Reads only what is missing: (image_id, model_id) pairs already in ``predictions`` are skipped, so a
-  killed run is simply run again; ``--shard i/N`` splits the work by a stable hash of ``image_id``.
-- Reads in bounded Arrow batches (memory does not grow with the table); the next batch is read and
-  decoded on a background thread while the model computes.
+- Reads in O(new images), in two passes over the pinned ``tensors`` version (``tensors_version``):
+  first only the small ``image_id`` column of each Parquet row group (row groups whose ``image_id``
+  statistics fall outside this shard's range are not even opened), which decides the rows to score:
+  those this ``--shard i/N`` owns and that have no prediction for this model yet (``predictions`` is read
+  as ids only). Then the ``tensor`` columns of only the row groups that hold such rows, one row group at
+  a time, in bounded batches: a run with nothing to score reads ids and Parquet footers, no tensor
+  bytes, so a killed run is simply run again and N shards do not mean N full scans.
+- ``--shard i/N`` splits the work by contiguous ranges of the image id (sha256 hex: uniform); files
+  written sorted by ``image_id`` let a shard skip the row groups of the others by their statistics.
+- The next batch is read and decoded on a background thread while the model computes.
 - The model is loaded once per process; ``pre`` / ``predict`` / ``post`` are separate; output columns
   come from ``model.targets``; xrv's calibrated outputs (sigmoid + ``op_norm``) are kept as they are.
+- Engines: on CPU the default is ONNX Runtime (the model exported once per weights file; ~2x the
+  PyTorch forward here, calibrated outputs within 1e-4 of xrv's eager model), falling back with a
+  warning to the frozen TorchScript graph (bit-exact to eager) when onnxruntime is not installed;
+  eager PyTorch on CUDA. Rows name the engine (``device``).
 - Results are MERGEd on (image_id, model_id) every ``commit_every`` images: a crash loses at most the
   uncommitted batches, never duplicates a row.
 """
@@ -48,8 +58,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
-#: eager PyTorch, a frozen TorchScript graph (default on CPU), or ONNX Runtime (opt-in, CPU)
+#: ``auto``: ONNX Runtime on CPU (the frozen graph when onnxruntime is missing), eager on CUDA; ``frozen``:
+#: a frozen TorchScript graph (bit-identical to eager); ``eager``: plain PyTorch; ``onnx``: ONNX Runtime (CPU)
 GraphMode = Literal["auto", "eager", "frozen", "onnx"]
+#: what `pip install` adds the default CPU engine with
+ONNX_INSTALL_HINT = "pip install 'cxr-lakehouse[inference]' (or: pip install onnxruntime onnx)"
+#: the hash space of an image id's first 8 hex digits, split into contiguous shard ranges
+_PREFIX_SPACE = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -71,8 +86,25 @@ class Shard:
         return cls(i, n)
 
     def owns(self, image_id: str) -> bool:
-        """True when this shard scores ``image_id`` (image ids are sha256 hex: uniformly spread)."""
-        return self.count == 1 or int(image_id[:8], 16) % self.count == self.index
+        """True when this shard scores ``image_id``: its first 8 hex digits fall in the shard's range
+        (image ids are sha256 hex: uniformly spread)."""
+        return self.count == 1 or int(image_id[:8], 16) * self.count >> 32 == self.index
+
+    def may_hold(self, low: object, high: object) -> bool:
+        """False only when no id between ``low`` and ``high`` (a row group's ``image_id`` statistics) can
+        be this shard's: contiguous ranges make sorted files prunable. Unknown statistics: True."""
+        if self.count == 1:
+            return True
+        low, high = str(low), str(high)
+        if len(low) < 8 or len(high) < 8:  # truncated statistics: no bound on the prefix
+            return True
+        try:
+            lo, hi = int(low[:8], 16), int(high[:8], 16)
+        except ValueError:
+            return True
+        start = -(-self.index * _PREFIX_SPACE // self.count)  # the smallest prefix p with p * N >> 32 == i
+        end = -(-(self.index + 1) * _PREFIX_SPACE // self.count)
+        return hi >= start and lo < end
 
 
 class Predictor:
@@ -124,11 +156,7 @@ class Predictor:
         # outputs whose calibration threshold is NaN come out of xrv's op_norm as a constant 0.5: not a prediction
         threshs = getattr(model, "op_threshs", None)
         self.uncalibrated = {j for j, t in enumerate(threshs.tolist()) if t != t} if threshs is not None else set()
-        self.graph = (
-            graph
-            if graph in ("frozen", "onnx")
-            else ("frozen" if graph == "auto" and self.device.type == "cpu" else "eager")
-        )
+        self.graph: GraphMode = _choose_graph(graph, self.device.type)
         self.session: Any = None
         if self.graph == "onnx":
             if self.device.type != "cpu":
@@ -136,7 +164,7 @@ class Predictor:
             self.session = _onnx_session(self.model, weights_sha256=self.weights_sha256, cache_dir=onnx_cache)
         if self.graph == "frozen":
             # TorchScript trace -> freeze without numerics-changing passes: the same arithmetic as eager
-            # (bit-identical outputs here) with less dispatch overhead, ~1.2x eager on a 2-core CPU.
+            # (bit-identical outputs here) with less dispatch overhead, ~1.0-1.2x eager on a 2-core CPU.
             # optimize_for_inference / conv-BN folding were slower here and moved outputs by ~1e-5.
             example = torch.linspace(-1024, 1024, 2 * 224 * 224, device=self.device).reshape(2, 1, 224, 224)
             with torch.no_grad():
@@ -196,6 +224,27 @@ class Predictor:
             if col is not None and j not in self.uncalibrated:
                 cols[col] = [float(v) for v in outputs[:, j]]
         return cols
+
+
+def _choose_graph(graph: GraphMode, device_type: str) -> GraphMode:
+    """The engine ``graph`` means on ``device_type``; ``auto`` on CPU without onnxruntime falls back to the
+    frozen graph with a warning (never an error: the frozen graph is the same model, only slower)."""
+    if graph != "auto":
+        return graph
+    if device_type != "cpu":
+        return "eager"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        log.warning(
+            "onnxruntime cannot be imported (%s): scoring with the frozen TorchScript graph instead (bit-exact "
+            "to xrv's eager model, about half the speed of ONNX Runtime on CPU). Install the default CPU "
+            "engine with: %s; or pass --graph frozen to choose this engine",
+            exc,
+            ONNX_INSTALL_HINT,
+        )
+        return "frozen"
+    return "onnx"
 
 
 def _load_xrv(model_id: str, weights: ResolvedWeights) -> Any:
@@ -276,7 +325,7 @@ def run_infer(
 
     from lakehouse import delta_rs
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     malloc_tuned = tune_allocator(settings)
     upstream_url(model_id)  # an unknown name is an error, never a stand-in
     try:
@@ -301,14 +350,9 @@ def run_infer(
         onnx_cache=settings.inference.onnx_cache,
     )
     predictions = delta_rs.ensure_table(lakehouse_uri, PREDICTIONS, settings)
-    done_table = predictions.to_pyarrow_table(columns=["image_id", "model_id"])
-    done = {
-        i
-        for i, m in zip(
-            done_table.column("image_id").to_pylist(), done_table.column("model_id").to_pylist(), strict=True
-        )
-        if m == predictor.model_id
-    }
+    done = scored_ids(predictions, predictor.model_id, shard=shard)
+    dataset = tensors.to_pyarrow_dataset()
+    plan = plan_reads(dataset, shard=shard, done=done)
     summary = InferRun(
         run_id=run_id or new_run_id("inf"),
         model_id=predictor.model_id,
@@ -316,6 +360,8 @@ def run_infer(
         tensors_version=int(tensors.version()),
         device=predictor.device_label(),
         untrained=weights is None,
+        candidates=plan.candidates,
+        already_predicted=plan.candidates - plan.rows,
     )
     constants = {
         "model_id": predictor.model_id,
@@ -327,7 +373,7 @@ def run_infer(
         "torch_version": torch.__version__,
         "xrv_version": xrv.__version__,
     }
-    summary.extra.update(graph=predictor.graph, malloc_tuned=malloc_tuned)
+    summary.extra.update(graph=predictor.graph, malloc_tuned=malloc_tuned, **plan.stats())
     cutoffs, thresholds_version = load_thresholds(lakehouse_uri, settings, predictor.model_id, thresholds)
     summary.extra.update(thresholds_version=thresholds_version)
     schema = arrow_schema(PREDICTIONS)
@@ -350,47 +396,44 @@ def run_infer(
         )
         pending, pending_rows = [], 0
 
-    def todo(batch: pa.RecordBatch) -> tuple[list[str], Any] | None:
-        ids = batch.column("image_id").to_pylist()
-        owned = [k for k, i in enumerate(ids) if shard.owns(i)]
-        keep = [k for k in owned if ids[k] not in done]
-        summary.candidates += len(owned)
-        summary.already_predicted += len(owned) - len(keep)
-        if not keep:
-            return None
-        sub = batch.take(pa.array(keep))
-        return sub.column("image_id").to_pylist(), predictor.pre(
-            sub.column("tensor"),
-            sub.column("tensor_dtype").to_pylist(),
-            sub.column("tensor_shape").to_pylist(),
+    def prepared(batch: pa.RecordBatch) -> tuple[list[str], Any]:
+        return batch.column("image_id").to_pylist(), predictor.pre(
+            batch.column("tensor"),
+            batch.column("tensor_dtype").to_pylist(),
+            batch.column("tensor_shape").to_pylist(),
         )
 
-    dataset = tensors.to_pyarrow_dataset()
-    reader = dataset.to_batches(columns=["image_id", "tensor", "tensor_dtype", "tensor_shape"], batch_size=batch_size)
+    reader = iter_rows_to_score(plan, batch_size=batch_size)
     data_wait = compute = 0.0
+    scored = 0
     with (
-        progress_bar(f"scoring with {predictor.model_id}", dataset.count_rows(), enabled=progress) as bar,
+        progress_bar(f"scoring with {predictor.model_id}", plan.rows, enabled=progress) as bar,
         ThreadPoolExecutor(1) as pool,
     ):
-        nxt: Future[Any] | None = pool.submit(_next_work, reader, todo)
+        nxt: Future[Any] | None = pool.submit(_next_work, reader, prepared)
         while nxt is not None:
             t_wait = time.perf_counter()
             work = nxt.result()
             data_wait += time.perf_counter() - t_wait  # the model idles, waiting for data
             if work is None:
                 break
-            nxt = pool.submit(_next_work, reader, todo)  # read + decode the next batch while computing
+            nxt = pool.submit(_next_work, reader, prepared)  # read + decode the next batch while computing
             ids, batch = work
             t_compute = time.perf_counter()
             outputs = predictor.predict(batch)
             compute += time.perf_counter() - t_compute
             pending.append(predictor.post(ids, outputs))
             pending_rows += len(ids)
-            bar.update(summary.candidates)
+            scored += len(ids)
+            bar.update(scored)
             if pending_rows >= commit_every:
                 flush()
     flush()
+    if scored != plan.rows:  # the pinned version changed under us? never silently short
+        raise CxrError(f"planned {plan.rows} rows to score but read {scored}: tensors v{summary.tensors_version}")
     summary.seconds = round(time.perf_counter() - started, 3)
+    summary.cpu_seconds = round(time.process_time() - cpu_started, 3)
+    summary.gpu_seconds = round(compute, 3) if predictor.device.type == "cuda" else 0.0
     # share of the scoring loop the model spent waiting for the next batch (reading + decoding)
     summary.extra.update(data_wait_s=round(data_wait, 3), compute_s=round(compute, 3))
     _write_summary(lakehouse_uri, summary, settings, shard=shard)
@@ -457,6 +500,131 @@ def decide(cols: dict[str, list[Any]], cutoffs: dict[str, float]) -> dict[str, l
     return out
 
 
+#: what the second pass reads of each row to score
+SCORE_COLUMNS = ["image_id", "tensor", "tensor_dtype", "tensor_shape"]
+
+
+@dataclass
+class ReadPlan:
+    """The rows a run scores, by Parquet row group: what the first (ids-only) pass decided."""
+
+    #: the dataset's schema: every file is read as it (files written by different writers may differ)
+    schema: Any
+    #: (data file fragment, row group id, ids to score in it), in table order
+    groups: list[tuple[Any, int, frozenset[str]]]
+    #: rows this shard owns (scored before or not)
+    candidates: int = 0
+    #: rows to score (owned and without a prediction for the model)
+    rows: int = 0
+    row_groups: int = 0
+    #: row groups whose ids were read (the others were ruled out by their ``image_id`` statistics)
+    row_groups_opened: int = 0
+    #: compressed bytes of the ``tensor`` column chunks the second pass reads
+    tensor_bytes: int = 0
+    tensor_bytes_total: int = 0
+
+    def stats(self) -> dict[str, int]:
+        """What the run summary records of the plan (bytes and row groups: the O(new) evidence)."""
+        return {
+            "row_groups_total": self.row_groups,
+            "row_groups_id_read": self.row_groups_opened,
+            "row_groups_tensor_read": len(self.groups),
+            "tensor_bytes_read": self.tensor_bytes,
+            "tensor_bytes_total": self.tensor_bytes_total,
+        }
+
+
+def scored_ids(predictions: Any, model_id: str, *, shard: Shard = Shard()) -> set[str]:
+    """The image ids of ``shard`` that already have a prediction for ``model_id`` (two id columns read).
+
+    Args:
+        predictions: the ``predictions`` DeltaTable.
+        model_id: the model (as written in the rows, e.g. with the untrained suffix).
+        shard: only this shard's ids are kept (memory: 1/N of the ids).
+    """
+    import pyarrow.compute as pc
+
+    table = predictions.to_pyarrow_dataset().to_table(
+        columns=["image_id"], filter=pc.field("model_id") == pc.scalar(model_id)
+    )
+    return {i for i in table.column("image_id").to_pylist() if shard.owns(i)}
+
+
+def plan_reads(dataset: Any, *, shard: Shard, done: set[str]) -> ReadPlan:
+    """First pass: read the ``image_id`` column only, and list the row groups holding rows to score.
+
+    Row groups whose ``image_id`` min/max statistics lie outside the shard's range are not read at
+    all; of the others only the ids are read (sha256 ids: 64 bytes a row, against ~100 KB of tensor).
+
+    Args:
+        dataset: the pyarrow dataset of the pinned ``tensors`` version (Parquet fragments).
+        shard: which rows this run owns.
+        done: ids that already have a prediction for the model.
+
+    Returns:
+        The plan: row groups to read in the second pass, with the ids to score in each.
+    """
+    plan = ReadPlan(schema=dataset.schema, groups=[])
+    for fragment in dataset.get_fragments():
+        fragment.ensure_complete_metadata()  # the footer: row groups and their statistics
+        meta = fragment.metadata
+        tensor_col = meta.schema.names.index("tensor")
+        for info in fragment.row_groups:
+            plan.row_groups += 1
+            size = meta.row_group(info.id).column(tensor_col).total_compressed_size
+            plan.tensor_bytes_total += size
+            stats = (info.statistics or {}).get("image_id") or {}
+            if "min" in stats and "max" in stats and not shard.may_hold(stats["min"], stats["max"]):
+                continue
+            plan.row_groups_opened += 1
+            group = fragment.subset(row_group_ids=[info.id])
+            ids = group.to_table(schema=plan.schema, columns=["image_id"]).column("image_id")
+            owned = [i for i in ids.to_pylist() if shard.owns(i)]
+            todo = [i for i in owned if i not in done]
+            plan.candidates += len(owned)
+            plan.rows += len(todo)
+            if todo:
+                plan.groups.append((fragment, info.id, frozenset(todo)))
+                plan.tensor_bytes += size
+    return plan
+
+
+def iter_rows_to_score(plan: ReadPlan, *, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Second pass: the rows to score (``SCORE_COLUMNS``), in table order, in batches of ``batch_size``
+    (the last one smaller). Reads one planned row group at a time: memory holds at most one row group
+    and one batch, whatever the size of the table or of its files."""
+    import pyarrow as pa
+
+    buffered: list[pa.RecordBatch] = []
+    n = 0
+    for fragment, group, wanted in plan.groups:
+        rows = fragment.subset(row_group_ids=[group]).to_batches(
+            schema=plan.schema, columns=SCORE_COLUMNS, batch_size=batch_size
+        )
+        for batch in rows:
+            keep = [i in wanted for i in batch.column("image_id").to_pylist()]
+            if not all(keep):
+                batch = batch.filter(pa.array(keep))
+            if batch.num_rows:
+                buffered.append(batch)
+                n += batch.num_rows
+            while n >= batch_size:
+                head, buffered, n = _split(buffered, batch_size)
+                yield head
+    if n:
+        yield _split(buffered, n)[0]
+
+
+def _split(batches: list[pa.RecordBatch], k: int) -> tuple[pa.RecordBatch, list[pa.RecordBatch], int]:
+    """The first ``k`` rows of ``batches`` as one batch (no copy when they lie in one), and the rest."""
+    import pyarrow as pa
+
+    table = pa.Table.from_batches(batches)
+    head = table.slice(0, k).combine_chunks().to_batches()[0]
+    rest = table.slice(k)
+    return head, rest.to_batches(), rest.num_rows
+
+
 def _write_summary(lakehouse_uri: str, summary: InferRun, settings: Settings, *, shard: Shard) -> None:
     """Write the run summary to ``<lakehouse>/runs/<run_id>[-shard-i-of-n]-<model>.json`` (one file per
     run and model: several models in one run each get a summary)."""
@@ -472,7 +640,8 @@ def _onnx_session(model: Any, *, weights_sha256: str, cache_dir: str = "", threa
     ``CXR_ONNX_CACHE`` (default ``~/.cache/cxr/onnx``), and an ONNX Runtime CPU session over it.
 
     Measured here (docs/benchmarks.md): ~2x eager PyTorch on 2 cores; outputs within ~5e-5 of eager
-    (ORT's convolution kernels; every graph optimisation level gives the same order).
+    (ORT's convolution kernels; every graph optimisation level gives the same order; OpenVINO, tried too,
+    lands on the same 4.3e-5 at the same or lower speed, so it is not a second engine).
     """
     import tempfile
     from pathlib import Path
@@ -482,7 +651,7 @@ def _onnx_session(model: Any, *, weights_sha256: str, cache_dir: str = "", threa
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise CxrError("--graph onnx needs onnxruntime: pip install 'cxr-lakehouse[onnx]'") from exc
+        raise CxrError(f"--graph onnx needs onnxruntime: {ONNX_INSTALL_HINT}") from exc
     opset = 18
     cache = Path(cache_dir or Path.home() / ".cache" / "cxr" / "onnx")
     cache.mkdir(parents=True, exist_ok=True)
@@ -551,10 +720,7 @@ def _stacked_view(tensors: pa.Array | list[bytes], dtypes: list[str], shapes: li
     return flat.reshape((n, *shapes[0]))
 
 
-def _next_work(reader: Iterator[pa.RecordBatch], todo: Any) -> Any:
-    """The next batch that has something to score, or None at the end."""
-    for batch in reader:
-        work = todo(batch)
-        if work is not None:
-            return work
-    return None
+def _next_work(reader: Iterator[pa.RecordBatch], prepare: Any) -> Any:
+    """The next batch to score, prepared for the model, or None at the end."""
+    batch = next(reader, None)
+    return None if batch is None else prepare(batch)
