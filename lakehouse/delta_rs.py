@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -178,6 +179,21 @@ def read_rows_by_id(
     return pa.concat_tables(parts) if parts else dataset.schema.empty_table().select(columns)
 
 
+def append_rows(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settings) -> int:
+    """Append Arrow rows to the table (created when missing); concurrent appends do not conflict.
+
+    Returns:
+        The number of rows appended.
+    """
+    from deltalake import write_deltalake
+
+    if rows.num_rows == 0:
+        return 0
+    dt = ensure_table(lakehouse_uri, spec, settings)
+    write_deltalake(dt, rows.select(spec.column_names).cast(arrow_schema(spec)), mode="append")
+    return rows.num_rows
+
+
 def merge_insert_new(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settings) -> int:
     """MERGE Arrow rows into the table on its key (null-safe), inserting only keys not there yet.
 
@@ -215,7 +231,8 @@ def _merge(lakehouse_uri: str, spec: TableSpec, rows: pa.Table, settings: Settin
         try:
             return dict(merger.when_not_matched_insert_all().execute())
         except CommitFailedError:  # another writer (a parallel shard) committed first: MERGE again on the new version
-            time.sleep(0.2 * (attempt + 1))
+            # jittered backoff: N shards that collided once must not collide again in lockstep
+            time.sleep(random.uniform(0.1, 0.3) * 2 ** min(attempt, 4))
     raise CommitFailedError(f"{spec.name}: gave up after 8 concurrent-commit conflicts")
 
 

@@ -8,7 +8,8 @@
   than ``retain_hours`` ago (default 168, Delta's own default retention). Time travel to versions older
   than that stops working, except to the versions recorded in ``reports/published.json`` (the audited
   versions), whose files are always kept.
-- **Compaction**: ``predictions``, ``quarantine`` and ``files`` grow by small MERGE commits; once a table
+- **Run index**: summaries under ``runs/`` that the run index lacks are added to it.
+- **Compaction**: ``predictions``, ``quarantine``, ``files`` and ``run_index`` grow by small MERGE commits; once a table
   holds ``COMPACT_MIN_FILES`` files under ``COMPACT_TARGET_BYTES`` they are rewritten into files of about
   that size (files already that large are left alone, so a compaction never rewrites the whole table).
 
@@ -28,12 +29,13 @@ from lakehouse import storage
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError
 from lakehouse.publish import published_versions
-from lakehouse.tables import FILES, PREDICTIONS, QUARANTINE, SPECS, TableSpec
+from lakehouse.runs import reindex
+from lakehouse.tables import FILES, PREDICTIONS, QUARANTINE, RUN_INDEX, SPECS, TableSpec
 
 log = logging.getLogger(__name__)
 
 #: tables written by small MERGE commits: compacted by maintenance
-COMPACTED: tuple[TableSpec, ...] = (PREDICTIONS, QUARANTINE, FILES)
+COMPACTED: tuple[TableSpec, ...] = (PREDICTIONS, QUARANTINE, FILES, RUN_INDEX)
 #: a file under this size is small; compaction writes files of about this size
 COMPACT_TARGET_BYTES = 16 << 20
 #: compact a table once it holds this many small files
@@ -61,6 +63,8 @@ class MaintainResult:
     older_than_hours: float
     retain_hours: float
     tables: list[TableUpkeep] = field(default_factory=list)
+    #: run summaries the run index lacked, added to it
+    summaries_indexed: int = 0
 
     @property
     def bytes_freed(self) -> int:
@@ -113,7 +117,8 @@ def maintain(
         raise ConfigError(f"ages must be 0 or more hours (got {older_than_hours} and {retain_hours})")
     result = MaintainResult(storage.normalize_uri(lakehouse_uri), older_than_hours, retain_hours)
     published = published_versions(lakehouse_uri, settings)
-    for spec in SPECS.values():
+    result.summaries_indexed = reindex(lakehouse_uri, settings)  # summaries whose index row was not written
+    for spec in (*SPECS.values(), RUN_INDEX):
         upkeep = TableUpkeep(spec.name)
         try:
             dt = delta_rs.open_table(lakehouse_uri, spec, settings)

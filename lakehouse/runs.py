@@ -146,7 +146,7 @@ def write_summary(
     name: str | None = None,
     extra_keys: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write a run's record as ``<lakehouse>/runs/<name>.json``.
+    """Write a run's record as ``<lakehouse>/runs/<name>.json`` and add it to the run index.
 
     Args:
         lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
@@ -158,14 +158,29 @@ def write_summary(
     Returns:
         The URI written.
     """
-    uri = storage.run_summary_uri(lakehouse_uri, name or record.run_id)
+    name = name or record.run_id
+    uri = storage.run_summary_uri(lakehouse_uri, name)
     body = {**record.to_dict(), **(extra_keys or {})}
-    storage.write_text(uri, json.dumps(body, indent=2, sort_keys=True), settings, content_type="application/json")
+    text = json.dumps(body, indent=2, sort_keys=True)
+    storage.write_text(uri, text, settings, content_type="application/json")
+    from deltalake.exceptions import DeltaError
+
+    try:
+        if _open_index(lakehouse_uri, settings) is None:  # the first summary, or a lakehouse made before the index
+            reindex(lakehouse_uri, settings)  # lists the folder: this summary included
+        else:
+            _append_index(lakehouse_uri, [(name, uri, datetime.now(UTC), text)], settings)
+    except (StorageError, OSError, DeltaError) as exc:  # the JSON is written: `cxr maintain` indexes it later
+        log.warning("run summary %s written but not indexed (%s): `cxr maintain` indexes it", uri, exc)
     return uri
 
 
 def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: type[R], run_id: str | None = None) -> list[R]:
-    """Every run summary under ``<lakehouse>/runs/`` that is a ``kind``, typed; none when the folder is missing.
+    """The run summaries of the lakehouse that are a ``kind``, typed; none when there are none.
+
+    Every summary comes from the run index (one small Delta table: no listing of ``runs/``, no read per
+    summary); one run's (``run_id``) from a listing of the names that start with it (on S3 one prefix
+    listing: the cost is that run's files, not the folder's).
 
     Args:
         lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
@@ -174,35 +189,138 @@ def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: type[R], run
         run_id: only this run's summaries (their files are named after the run id: the others are not read).
 
     Returns:
-        The records, each with its ``uri``, ``mtime_ms`` and ``body``. Files that are not JSON objects
+        The records, each with its ``uri``, ``mtime_ms`` and ``body``. Summaries that are not JSON objects
         with a ``run_id`` and the fields of their kind are skipped with a warning.
     """
-    try:
+    if run_id is not None:
         folder = storage.runs_uri(lakehouse_uri)
-        listed = [
-            f
-            for f in storage.list_files(folder, settings)
-            if f.uri.endswith(".json") and (run_id is None or f.uri[len(folder) + 1 :].startswith(run_id))
+        found = [
+            (f.uri, f.mtime_ms, storage.read_text(f.uri, settings))
+            for f in storage.list_prefix(folder, run_id, settings)
+            if f.uri.endswith(".json")
         ]
-    except StorageError:
-        return []  # no run has written a summary yet
+    else:
+        found = _indexed(lakehouse_uri, settings)
     out = []
-    for f in listed:
-        try:
-            body = json.loads(storage.read_text(f.uri, settings))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            log.warning("skipping %s: not a JSON run summary (%s)", f.uri, exc)
-            continue
-        if not isinstance(body, dict) or "run_id" not in body:
-            log.warning("skipping %s: not a run summary", f.uri)
-            continue
-        record = _record(body, f.uri)
-        if record is None:
-            continue
-        record.uri, record.mtime_ms, record._read_body = f.uri, f.mtime_ms, body
-        if isinstance(record, kind) and (run_id is None or record.run_id == run_id):
+    for uri, mtime_ms, text in found:
+        record = _parse(uri, mtime_ms, text)
+        if record is not None and isinstance(record, kind) and (run_id is None or record.run_id == run_id):
             out.append(record)
     return out
+
+
+def reindex(lakehouse_uri: str, settings: Settings) -> int:
+    """Add every summary under ``runs/`` that the run index lacks (a lakehouse made before the index, or a
+    summary whose index row was not written); creates the index. Lists the folder: O(runs).
+
+    Returns:
+        The number of summaries added to the index.
+    """
+    dt = _open_index(lakehouse_uri, settings)
+    have = set() if dt is None else set(dt.to_pyarrow_table(columns=["name"]).column("name").to_pylist())
+    folder = storage.runs_uri(lakehouse_uri)
+    try:
+        listed = [f for f in storage.list_prefix(folder, "", settings) if f.uri.endswith(".json")]
+    except StorageError:
+        listed = []
+    rows = []
+    for f in listed:
+        name = f.uri[len(folder) + 1 : -len(".json")]
+        if name not in have:
+            rows.append(
+                (name, f.uri, datetime.fromtimestamp(f.mtime_ms / 1000, tz=UTC), storage.read_text(f.uri, settings))
+            )
+    _append_index(lakehouse_uri, rows, settings, create=True)
+    if rows:
+        log.info("run index: %d summaries added", len(rows))
+    return len(rows)
+
+
+def _open_index(lakehouse_uri: str, settings: Settings) -> Any:
+    """The run index (a delta-rs table), or None when there is none yet."""
+    from deltalake.exceptions import TableNotFoundError
+
+    from lakehouse import delta_rs
+    from lakehouse.tables import RUN_INDEX
+
+    try:
+        return delta_rs.open_table(lakehouse_uri, RUN_INDEX, settings)
+    except TableNotFoundError:
+        return None
+
+
+def _append_index(
+    lakehouse_uri: str, rows: list[tuple[str, str, datetime, str]], settings: Settings, *, create: bool = False
+) -> None:
+    """Append (name, uri, written_at, JSON) rows to the run index (``create``: make it even with none)."""
+    import pyarrow as pa
+
+    from lakehouse import delta_rs
+    from lakehouse.tables import RUN_INDEX, arrow_schema
+
+    if create and not rows:
+        delta_rs.ensure_table(lakehouse_uri, RUN_INDEX, settings)
+        return
+    parsed = [(r, _json_object(r[3])) for r in rows]
+    table = pa.Table.from_pylist(
+        [
+            {
+                "name": name,
+                "run_id": str(body.get("run_id", "")),
+                "kind": str(body.get("kind", "preprocess")),
+                "uri": uri,
+                "written_at": written_at,
+                "body": text,
+            }
+            for (name, uri, written_at, text), body in parsed
+        ],
+        schema=arrow_schema(RUN_INDEX),
+    )
+    delta_rs.append_rows(lakehouse_uri, RUN_INDEX, table, settings)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _indexed(lakehouse_uri: str, settings: Settings) -> list[tuple[str, int, str]]:
+    """(uri, written ms, JSON) of every indexed summary, the latest row per name (a retried run rewrites
+    its summary); the index is made from the folder first when there is none."""
+    dt = _open_index(lakehouse_uri, settings)
+    if dt is None:
+        reindex(lakehouse_uri, settings)
+        dt = _open_index(lakehouse_uri, settings)
+        if dt is None:
+            return []
+    rows = dt.to_pyarrow_table(columns=["name", "uri", "written_at", "body"]).to_pylist()
+    latest: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["written_at"]):
+        latest[r["name"]] = r
+    return [
+        (r["uri"], int(r["written_at"].timestamp() * 1000), r["body"])
+        for r in sorted(latest.values(), key=lambda r: r["uri"])
+    ]
+
+
+def _parse(uri: str, mtime_ms: int, text: str) -> RunRecord | None:
+    """The typed record of one summary's JSON text; None (logged) when it is not a summary."""
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        log.warning("skipping %s: not a JSON run summary (%s)", uri, exc)
+        return None
+    if not isinstance(body, dict) or "run_id" not in body:
+        log.warning("skipping %s: not a run summary", uri)
+        return None
+    record = _record(body, uri)
+    if record is None:
+        return None
+    record.uri, record.mtime_ms, record._read_body = uri, mtime_ms, body
+    return record
 
 
 def _record(body: dict[str, Any], uri: str) -> RunRecord | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.errors import SourceReadError, StorageError, TransientReadError
-from lakehouse.tables import TABLE_NAMES, TableSpec
+from lakehouse.tables import INTERNAL_SPECS, TABLE_NAMES, TableSpec
 
 if TYPE_CHECKING:
     from lakehouse.config import Settings
@@ -76,7 +76,7 @@ def join(uri: str, *parts: str) -> str:
 def table_uri(lakehouse_uri: str, table: TableSpec | str) -> str:
     """Where a table of the lakehouse lives: ``<lakehouse>/<name>``."""
     name = table.name if isinstance(table, TableSpec) else table
-    if name not in TABLE_NAMES:
+    if name not in TABLE_NAMES and name not in INTERNAL_SPECS:
         raise StorageError(f"unknown table {name!r}: expected one of {TABLE_NAMES}")
     return join(lakehouse_uri, name)
 
@@ -228,6 +228,46 @@ def list_files(uri: str, settings: Settings) -> Iterator[ListedFile]:
                 found.append(ListedFile(str(p), st.st_size, int(st.st_mtime * 1000)))
     found.sort(key=lambda f: f.uri)
     yield from found
+
+
+def list_prefix(folder_uri: str, name_prefix: str, settings: Settings) -> list[ListedFile]:
+    """The files directly in ``folder_uri`` whose names start with ``name_prefix``, sorted; none when the
+    folder is missing. On S3 one ``Prefix`` listing: the cost is the number of matches, not of the folder.
+
+    Raises:
+        StorageError: when the location cannot be listed.
+    """
+    u = normalize_uri(folder_uri)
+    if is_s3(u):
+        bucket, key = split_s3(u)
+        base = f"{key}/" if key else ""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = s3_client(settings)
+        found: list[ListedFile] = []
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + name_prefix):
+                for obj in page.get("Contents", []):
+                    if "/" not in obj["Key"][len(base) :]:
+                        found.append(
+                            ListedFile(
+                                f"s3://{bucket}/{obj['Key']}",
+                                int(obj["Size"]),
+                                int(obj["LastModified"].timestamp() * 1000),
+                            )
+                        )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot list {u}: {exc}") from exc
+        return sorted(found, key=lambda f: f.uri)
+    try:
+        entries = [e for e in os.scandir(u) if e.name.startswith(name_prefix) and e.is_file()]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"cannot list {u}: {exc.strerror}") from exc
+    return sorted(
+        (ListedFile(e.path, e.stat().st_size, int(e.stat().st_mtime * 1000)) for e in entries), key=lambda f: f.uri
+    )
 
 
 def _raise_walk_error(exc: OSError) -> None:

@@ -295,6 +295,25 @@ SPECS: dict[str, TableSpec] = {
 }
 TABLE_NAMES: tuple[str, ...] = tuple(SPECS)
 
+#: the index of run summaries (``lakehouse.runs``): one row per summary written, so that readers find
+#: runs without listing and reading every JSON under ``runs/``. Operational metadata: not audited, not
+#: published, not an Athena table (the JSON files stay the human-readable copy).
+RUN_INDEX = TableSpec(
+    name="run_index",
+    key=("name",),
+    columns=(
+        Column("name", "string", False, "the summary's file name under runs/, without .json"),
+        Column("run_id", "string", False),
+        Column("kind", "string", False, "preprocess or infer"),
+        Column("uri", "string", False, "the JSON copy of the summary"),
+        Column("written_at", "timestamp", False, "when the summary was written"),
+        Column("body", "string", False, "the summary, as JSON"),
+    ),
+    properties=READABLE_PROTOCOL,
+)
+#: tables the pipeline keeps for itself (outside ``SPECS``: no suite, no publishing, no SQL)
+INTERNAL_SPECS: dict[str, TableSpec] = {RUN_INDEX.name: RUN_INDEX}
+
 
 def spec(name: str) -> TableSpec:
     """The contract of table ``name``.

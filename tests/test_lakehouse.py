@@ -184,7 +184,7 @@ def test_every_variable_lands_in_its_setting_with_its_source() -> None:
 
 
 def test_run_records_round_trip_and_one_run_is_read_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from lakehouse.runs import InferRun, PreprocessRun, RunRecord, read_summaries, write_summary
+    from lakehouse.runs import InferRun, PreprocessRun, RunRecord, read_summaries, reindex, write_summary
 
     settings = load_settings({})
     pre = PreprocessRun(run_id="pre-a", discovered=3, new=2, quarantined=1, quarantine_reasons={"DecodeError": 1})
@@ -193,6 +193,7 @@ def test_run_records_round_trip_and_one_run_is_read_alone(tmp_path: Path, caplog
     inf = InferRun(run_id="inf-a", model_id="m", weights_sha256="s", tensors_version=1, device="cpu", predicted=2)
     write_summary(str(tmp_path), inf, settings, name="inf-a-m", extra_keys={"shard": "0/1"})
     (tmp_path / "runs" / "pre-z.json").write_text("{not json")  # another run's file, broken
+    assert reindex(str(tmp_path), settings) == 1  # what `cxr maintain` does: the index learns of the file
 
     every = read_summaries(str(tmp_path), settings, kind=RunRecord)
     assert sorted(r.run_id for r in every) == ["inf-a", "pre-a", "pre-ab"] and "pre-z.json" in caplog.text
@@ -203,3 +204,35 @@ def test_run_records_round_trip_and_one_run_is_read_alone(tmp_path: Path, caplog
     (scored,) = read_summaries(str(tmp_path), settings, kind=InferRun, run_id="inf-a")
     assert (scored.predicted, scored.body["shard"]) == (2, "0/1")
     assert read_summaries(str(tmp_path), settings, kind=InferRun, run_id="pre-a") == []
+
+
+def test_every_run_summary_comes_from_the_run_index(tmp_path: Path) -> None:
+    """Reading every summary reads the index, not the folder: with the JSON copies gone the records are
+    still there; a lakehouse made before the index gets one from its folder, on first read or write."""
+    import shutil
+
+    from lakehouse.runs import PreprocessRun, RunRecord, read_summaries, write_summary
+
+    settings = load_settings({})
+    lake = str(tmp_path)
+    for k in range(3):
+        write_summary(lake, PreprocessRun(run_id=f"pre-{k}", discovered=k, new=k), settings)
+    write_summary(lake, PreprocessRun(run_id="pre-1", discovered=5, new=5), settings)  # a retry rewrites it
+    for f in (tmp_path / "runs").glob("*.json"):
+        f.unlink()
+    every = read_summaries(lake, settings, kind=RunRecord)
+    assert [(r.run_id, r.discovered) for r in every] == [("pre-0", 0), ("pre-1", 5), ("pre-2", 2)]
+    assert all(isinstance(r, PreprocessRun) and r.reconciles for r in every)
+
+    # an older lakehouse: summaries and no index
+    old = tmp_path / "old"
+    for k in range(2):
+        write_summary(str(old), PreprocessRun(run_id=f"pre-{k}", discovered=1, new=1), settings)
+    shutil.rmtree(old / "run_index")
+    assert [r.run_id for r in read_summaries(str(old), settings, kind=RunRecord)] == ["pre-0", "pre-1"]
+    assert (old / "run_index" / "_delta_log").is_dir()
+    shutil.rmtree(old / "run_index")
+    write_summary(str(old), PreprocessRun(run_id="pre-2", discovered=1, new=1), settings)  # the index starts whole
+    for f in (old / "runs").glob("*.json"):
+        f.unlink()
+    assert [r.run_id for r in read_summaries(str(old), settings, kind=RunRecord)] == ["pre-0", "pre-1", "pre-2"]
