@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,43 +115,72 @@ def docker_available() -> bool:
     return host.startswith("unix://") and os.path.exists(host[len("unix://") :])
 
 
-def process_infer_task(lakehouse: str, run_id: str, flags: str, *, outlets: list[Any]) -> Any:
-    """The inference job as a local process: the same ``cxr infer`` command the container runs.
-    Templated values reach bash through the environment (no quoting pitfalls); ``flags`` is a template
-    that quotes its own values."""
+# the inference fan-out: `plan_infer` (cxr.tasks.plan_infer_stage) returns one item per shard,
+# {"shard": "i/N", "args": [...cxr infer arguments...], "threads": T}; the mapped `infer` task expands
+# over it, each launcher turning an item into its own argument with one of these functions (called at
+# run time, in the task: values expanded from an XCom are not templated again)
+
+
+def process_command(item: Mapping[str, Any]) -> str:
+    """A shard as a local process's bash command: ``cxr infer`` (``CXR_CLI`` when set) with the shard's
+    arguments, shell-quoted, and its thread count when the machine's cores are split between shards."""
+    import shlex
+
+    threads = int(item.get("threads") or 0)
+    prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    return f'{prefix}"${{CXR_CLI:-{cli_path()}}}" infer {shlex.join(str(a) for a in item["args"])}'
+
+
+def docker_kwargs(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A shard as the inference container's arguments (its ENTRYPOINT is ``cxr infer``) and environment."""
+    env = container_env()  # S3 endpoint, weights mirror, region and credentials when set
+    if item.get("threads"):
+        env["OMP_NUM_THREADS"] = str(int(item["threads"]))
+    return {"command": [str(a) for a in item["args"]], "environment": env}
+
+
+def ecs_overrides(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A shard as the ECS task's overrides: the container ``cxr-infer``'s command (ENTRYPOINT ``cxr infer``)."""
+    return {"containerOverrides": [{"name": "cxr-infer", "command": [str(a) for a in item["args"]]}]}
+
+
+def batch_overrides(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A shard as the AWS Batch job's container overrides: its command (ENTRYPOINT ``cxr infer``)."""
+    return {"command": [str(a) for a in item["args"]]}
+
+
+def process_infer_task(lakehouse: str, run_id: str, plan: Any, *, outlets: list[Any]) -> Any:
+    """The inference job as local processes, one mapped task per shard: the same ``cxr infer`` command
+    the container runs. ``plan`` is the ``plan_infer`` task's output; the lakehouse and run id also reach
+    the process's environment (``CXR_LAKEHOUSE_URI``, ``CXR_RUN_ID``)."""
     from airflow.providers.standard.operators.bash import BashOperator
 
-    return BashOperator(
+    return BashOperator.partial(
         task_id="infer",
-        bash_command=f'"${{CXR_CLI:-{cli_path()}}}" infer --lakehouse "$CXR_LAKEHOUSE_URI" --run-id "$CXR_RUN_ID"'
-        f" --no-progress{flags}",
         env={"CXR_LAKEHOUSE_URI": lakehouse, "CXR_RUN_ID": run_id},
         append_env=True,
         cwd=str(REPO_ROOT),  # relative folder URIs mean the same as for the other tasks
         outlets=outlets,
-    )
+    ).expand(bash_command=plan.map(process_command))
 
 
-def docker_infer_task(lakehouse: str, run_id: str, flags: str, *, outlets: list[Any]) -> Any:
-    """The inference container (``CXR_INFER_IMAGE``) through a reachable Docker daemon. A folder
-    lakehouse must sit under ``CXR_DOCKER_MOUNT`` (bind-mounted at the same path); s3:// needs nothing."""
+def docker_infer_task(plan: Any, *, outlets: list[Any]) -> Any:
+    """The inference container (``CXR_INFER_IMAGE``) through a reachable Docker daemon, one mapped task
+    per shard. A folder lakehouse must sit under ``CXR_DOCKER_MOUNT`` (bind-mounted at the same path);
+    s3:// needs nothing."""
     from airflow.providers.docker.operators.docker import DockerOperator
     from docker.types import Mount
 
     settings = load_settings()
     mount = settings.airflow.docker_mount
-    env = container_env()  # S3 endpoint, weights mirror, region and credentials when set
-    return DockerOperator(
+    return DockerOperator.partial(
         task_id="infer",
         image=settings.airflow.infer_image,
-        # the image's ENTRYPOINT is `cxr infer`: only the arguments follow
-        command=f"--lakehouse {{{{ params.lakehouse_uri | shell_quote }}}} --run-id {run_id} --no-progress{flags}",
-        environment=env,
         mounts=[Mount(source=mount, target=mount, type="bind")] if mount else [],
         auto_remove="success",
         mount_tmp_dir=False,
         outlets=outlets,
-    )
+    ).expand_kwargs(plan.map(docker_kwargs))
 
 
 def aws_preprocess_tasks(args: list[str], *, outlets: list[Any]) -> Any:
@@ -239,47 +269,53 @@ def _poll_until_timeout(task: Any) -> Any:
     """Make ``task``'s waiter poll as long as the task may run (its ``execution_timeout``, from the DAG's
     default_args), one poll more; without a timeout, as long as the ECS provider's own default (a million
     polls). The EMR Serverless default (25 polls) gives up on, and cancels, any job longer than ~25 minutes.
+    A mapped task gets it in its partial arguments (every shard polls as long).
     """
     import math
 
     timeout = task.execution_timeout
-    task.waiter_max_attempts = math.ceil(timeout.total_seconds() / task.waiter_delay) + 1 if timeout else 1_000_000
+    kwargs = task.partial_kwargs if getattr(task, "is_mapped", False) else None
+    delay = kwargs["waiter_delay"] if kwargs is not None else task.waiter_delay
+    attempts = math.ceil(timeout.total_seconds() / delay) + 1 if timeout else 1_000_000
+    if kwargs is not None:
+        kwargs["waiter_max_attempts"] = attempts
+    else:
+        task.waiter_max_attempts = attempts
     return task
 
 
-def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
-    """The inference image on ECS (MWAA workers have no Docker daemon).
-
-    The container's command is ``args`` and the models, plus ``--allow-untrained``, ``--weights-dir`` and
-    ``--thresholds`` when the run's params set them, as the local command passes them.
+def aws_infer_task(plan: Any, *, outlets: list[Any]) -> Any:
+    """The inference image on AWS, one mapped task per shard (MWAA workers have no Docker daemon):
+    ``CXR_INFER_BACKEND=ecs`` (default) runs an ECS task per shard (Fargate unless
+    ``CXR_ECS_LAUNCH_TYPE`` says otherwise), ``batch`` submits an AWS Batch job per shard (e.g. a GPU job
+    queue). Each shard's command is its ``plan_infer`` item's arguments (``... --shard i/N``); a failed
+    shard is retried alone, and a retry scores only what its shard still lacks.
 
     Airflow Variables: ``cxr_ecs_cluster``, ``cxr_ecs_task_definition`` (the image pushed to ECR, container
-    name ``cxr-infer``), ``cxr_ecs_subnets`` and ``cxr_ecs_security_groups`` (comma-separated).
+    name ``cxr-infer``), ``cxr_ecs_subnets`` and ``cxr_ecs_security_groups`` (comma-separated) for ECS;
+    ``cxr_batch_job_queue`` and ``cxr_batch_job_definition`` (the same image) for Batch.
     """
+    settings = load_settings()
+    if settings.aws.infer_backend == "batch":
+        from airflow.providers.amazon.aws.operators.batch import BatchOperator
+
+        # one job per shard (not one array job): each shard is its own Airflow task instance, retried
+        # alone, and its command names its shard (the container needs no AWS_BATCH_JOB_ARRAY_INDEX logic)
+        return BatchOperator.partial(
+            task_id="infer",
+            job_name="cxr-infer-{{ run_id | safe_id }}-{{ ti.map_index }}",
+            job_queue="{{ var.value.cxr_batch_job_queue }}",
+            job_definition="{{ var.value.cxr_batch_job_definition }}",
+            wait_for_completion=True,
+            outlets=outlets,
+        ).expand(container_overrides=plan.map(batch_overrides))
     from airflow.providers.amazon.aws.operators.ecs import EcsRunTaskOperator
 
-    # the image's ENTRYPOINT is already `cxr infer` (inference/Dockerfile): the override is its arguments
-    base = [*(args[1:] if args[:1] == ["infer"] else args), "--model={{ params.models | join(',') }}"]
-
-    def overrides(context: Any, jinja_env: Any) -> dict[str, Any]:
-        # a callable template field, called at render time: a flag that is not set must be absent from
-        # the list, which a per-item template cannot do
-        command = [str(jinja_env.from_string(a).render(context)) for a in base]
-        params = context["params"]
-        if params.get("allow_untrained"):
-            command.append("--allow-untrained")
-        if params.get("weights_dir"):
-            command += ["--weights-dir", str(params["weights_dir"])]
-        if params.get("thresholds"):
-            command += ["--thresholds", str(params["thresholds"])]
-        return {"containerOverrides": [{"name": "cxr-infer", "command": command}]}
-
-    task = EcsRunTaskOperator(
+    task = EcsRunTaskOperator.partial(
         task_id="infer",
         cluster="{{ var.value.cxr_ecs_cluster }}",
         task_definition="{{ var.value.cxr_ecs_task_definition }}",
-        launch_type=load_settings().aws.ecs_launch_type,
-        overrides=overrides,  # type: ignore[arg-type]  # a callable template field: rendered by calling it
+        launch_type=settings.aws.ecs_launch_type,
         network_configuration={
             "awsvpcConfiguration": {
                 "subnets": "{{ var.value.cxr_ecs_subnets.split(',') }}",
@@ -292,7 +328,7 @@ def aws_infer_task(args: list[str], *, outlets: list[Any]) -> Any:
         # native rendering: the subnets and security groups render as lists, as run_task needs them
         render_template_as_native_obj=True,
         outlets=outlets,
-    )
+    ).expand(overrides=plan.map(ecs_overrides))
     return _poll_until_timeout(task)
 
 
@@ -329,6 +365,7 @@ class StageTasks:
     wait: Any
     preprocess: Any
     validate_tensors: Any
+    plan_infer: Any
     infer: Any
     drift: Any
     validate_predictions: Any
@@ -343,8 +380,9 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
     """Build every task of the DAG for ``profile`` (call inside ``with DAG(...)``).
 
     Args:
-        profile: ``local`` (a sensor on the input, spark-submit, a local process or Docker) or ``aws``
-            (an S3 key sensor, EMR Serverless or an EMR cluster, ECS, Athena).
+        profile: ``local`` (a sensor on the input, spark-submit, local processes or Docker) or ``aws``
+            (an S3 key sensor, EMR Serverless or an EMR cluster, ECS or AWS Batch, Athena). Inference is
+            mapped over the shards ``plan_infer`` returns.
         tensors: the Asset the preprocessing task updates.
         predictions: the Asset the inference task updates.
 
@@ -396,19 +434,18 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         op_kwargs={"lakehouse_uri": lakehouse, "tables": ["tensors", "quarantine", "files"], "run_id": pre_run_id},
     )
 
-    infer_flags = (  # models, stand-in and weights folder, each value shell-quoted when rendered
-        "{% for m in params.models %} --model {{ m | shell_quote }}{% endfor %}"
-        "{% if params.allow_untrained %} --allow-untrained{% endif %}"
-        "{% if params.weights_dir %} --weights-dir {{ params.weights_dir | shell_quote }}{% endif %}"
-        "{% if params.thresholds %} --thresholds {{ params.thresholds | shell_quote }}{% endif %}"
+    plan_infer = PythonOperator(
+        task_id="plan_infer",
+        python_callable=tasks.plan_infer_stage,
+        # the params (models, flags, infer_shards) come from the task's context
+        op_kwargs={"lakehouse_uri": lakehouse, "run_id": inf_run_id},
     )
     if aws:
-        infer_args = ["infer", "--lakehouse", lakehouse, "--run-id", inf_run_id, "--no-progress"]
-        infer = aws_infer_task(infer_args, outlets=[predictions])
+        infer = aws_infer_task(plan_infer.output, outlets=[predictions])
     elif docker_available():
-        infer = docker_infer_task(lakehouse, inf_run_id, infer_flags, outlets=[predictions])
+        infer = docker_infer_task(plan_infer.output, outlets=[predictions])
     else:
-        infer = process_infer_task(lakehouse, inf_run_id, infer_flags, outlets=[predictions])
+        infer = process_infer_task(lakehouse, inf_run_id, plan_infer.output, outlets=[predictions])
 
     validate_predictions = PythonOperator(
         task_id="validate_predictions",
@@ -452,6 +489,7 @@ def stage_tasks(profile: str, *, tensors: Any, predictions: Any) -> StageTasks:
         wait=wait,
         preprocess=preprocess,
         validate_tensors=validate_tensors,
+        plan_infer=plan_infer,
         infer=infer,
         drift=drift,
         validate_predictions=validate_predictions,

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lakehouse.config import load_settings
+from lakehouse.config import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,170 @@ def validate_stage(
             f"validation failed for {', '.join(failed)}: the run stops here (no publish); see {report.data_docs_uri}"
         )
     return summary
+
+
+# --- the fan-out of inference ------------------------------------------------------------------------
+
+
+def images_to_score(lakehouse_uri: str, settings: Any, models: Sequence[str], *, allow_untrained: bool = False) -> int:
+    """The predictions an inference run over ``models`` would write: for each model, the ``tensors`` rows
+    without a ``predictions`` row of that model (a stand-in's id, ``<model>+untrained-random-init``,
+    counts as scored when ``allow_untrained``). Reads the ``image_id`` column of ``tensors`` and the
+    ``image_id`` and ``model_id`` columns of ``predictions`` only: O(ids), never a tensor byte.
+
+    Args:
+        lakehouse_uri: a folder or ``s3://bucket/prefix`` holding the Delta tables.
+        settings: for the S3 endpoint.
+        models: the run's model ids (xrv weights names).
+        allow_untrained: the run may write a random-init stand-in's rows.
+
+    Returns:
+        Image-model pairs lacking a prediction (0 when there is no ``tensors`` table).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake.exceptions import TableNotFoundError
+
+    from lakehouse.delta_rs import read_arrow
+    from lakehouse.tables import PREDICTIONS, TENSORS, UNTRAINED_SUFFIX
+
+    try:
+        ids = read_arrow(lakehouse_uri, TENSORS, settings, columns=["image_id"]).column("image_id")
+    except TableNotFoundError:
+        return 0
+    try:
+        done = read_arrow(lakehouse_uri, PREDICTIONS, settings, columns=["image_id", "model_id"])
+    except TableNotFoundError:
+        return len(ids) * len(models)
+    total = 0
+    for model in dict.fromkeys(models):
+        names = pa.array([model, model + UNTRAINED_SUFFIX] if allow_untrained else [model], type=pa.string())
+        scored = done.filter(pc.is_in(done.column("model_id"), value_set=names)).column("image_id")
+        total += len(ids) - int(pc.sum(pc.is_in(ids, value_set=pc.unique(scored))).as_py() or 0)
+    return total
+
+
+def shard_count(
+    to_score: int,
+    *,
+    requested: int,
+    per_task: int,
+    max_shards: int,
+    cores: int | None = None,
+    threads_per_task: int = 1,
+) -> int:
+    """How many shard tasks an inference run fans out to.
+
+    Args:
+        to_score: predictions to write (:func:`images_to_score`).
+        requested: the ``infer_shards`` Param; 0 = auto: one task per ``per_task`` predictions.
+        per_task: ``CXR_INFER_IMAGES_PER_TASK``.
+        max_shards: ``CXR_INFER_MAX_SHARDS``: the most tasks, requested or not.
+        cores: the machine's cores when the shards share it (local profile); None on AWS.
+        threads_per_task: ``CXR_INFER_THREADS_PER_TASK``: local shards are capped at ``cores // this``.
+
+    Returns:
+        At least 1 (a run with nothing to score still runs one task, which writes its summary).
+    """
+    n = requested if requested > 0 else -(-to_score // per_task)
+    n = min(n, max_shards)
+    if cores is not None:
+        n = min(n, cores // threads_per_task)
+    return max(n, 1)
+
+
+def local_cores() -> int:
+    """The cores this process may run on (its CPU affinity; ``os.cpu_count()`` where there is none)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def infer_arguments(params: Mapping[str, Any], *, lakehouse_uri: str, run_id: str, shard: str | None) -> list[str]:
+    """The arguments of one ``cxr infer`` call (after ``infer``; the inference image's ENTRYPOINT is
+    ``cxr infer``): the lakehouse, run id, the run's models and flags from the DAG's params, the shard.
+
+    Args:
+        params: the run's params (``models``, ``allow_untrained``, ``weights_dir``, ``thresholds``).
+        lakehouse_uri: the lakehouse.
+        run_id: the inference run id, the same for every shard.
+        shard: ``i/N``; None for one unsharded task.
+    """
+    args = ["--lakehouse", lakehouse_uri, "--run-id", run_id, "--no-progress"]
+    args.append("--model=" + ",".join(str(m) for m in params.get("models") or DEFAULT_MODELS))
+    if params.get("allow_untrained"):
+        args.append("--allow-untrained")
+    if params.get("weights_dir"):
+        args += ["--weights-dir", str(params["weights_dir"])]
+    if params.get("thresholds"):
+        args += ["--thresholds", str(params["thresholds"])]
+    if shard is not None:
+        args += ["--shard", shard]
+    return args
+
+
+def plan_infer_stage(
+    lakehouse_uri: str, *, run_id: str, params: Mapping[str, Any], ti: Any = None
+) -> list[dict[str, Any]]:
+    """Plan the inference fan-out: count the predictions to write (ids only), choose N (the
+    ``infer_shards`` Param, or auto from the count), and return one item per shard task, which the
+    mapped ``infer`` task expands over. Every shard task scores every model of the run for its shard
+    (``cxr infer --shard i/N``: the images whose stable hash falls in shard i and that lack a
+    prediction), under the same run id, so downstream stages see one run.
+
+    Args:
+        lakehouse_uri: the lakehouse.
+        run_id: the inference run id.
+        params: the DAG run's params (``infer_shards``, ``models`` and the inference flags).
+        ti: the task instance (the plan is also pushed as the XCom ``plan``, for ``cxr run``'s summary).
+
+    Returns:
+        ``[{"shard": "i/N", "args": [...cxr infer arguments...], "threads": T}, ...]``; ``threads`` is
+        the intra-op threads of a local shard process (0: the job's default).
+    """
+    settings = load_settings()
+    models = [str(m) for m in params.get("models") or DEFAULT_MODELS]
+    to_score = images_to_score(lakehouse_uri, settings, models, allow_untrained=bool(params.get("allow_untrained")))
+    requested = int(params.get("infer_shards") or 0)
+    local = settings.profile == "local"
+    cores = local_cores() if local else None
+    air = settings.airflow
+    n = shard_count(
+        to_score,
+        requested=requested,
+        per_task=air.infer_images_per_task,
+        max_shards=air.infer_max_shards,
+        cores=cores,
+        threads_per_task=air.infer_threads_per_task,
+    )
+    wanted = requested or n
+    if n < wanted:
+        log.warning(
+            "%d shards asked for; %d run (CXR_INFER_MAX_SHARDS=%d%s)",
+            wanted,
+            n,
+            air.infer_max_shards,
+            f", {cores} cores // CXR_INFER_THREADS_PER_TASK={air.infer_threads_per_task}" if cores else "",
+        )
+    threads = cores // n if cores is not None and n > 1 else 0
+    plan = [
+        {
+            "shard": f"{i}/{n}",
+            "args": infer_arguments(
+                params, lakehouse_uri=lakehouse_uri, run_id=run_id, shard=f"{i}/{n}" if n > 1 else None
+            ),
+            "threads": threads,
+        }
+        for i in range(n)
+    ]
+    how = f"the infer_shards Param ({requested})" if requested else f"{air.infer_images_per_task} per task"
+    log.info("%d predictions to write for %s: %d shard task(s), from %s", to_score, ", ".join(models), n, how)
+    if ti is not None:
+        ti.xcom_push(key="plan", value={"to_score": to_score, "shards": n, "requested": requested})
+    return plan
 
 
 #: the audit tasks whose validated table versions the publish step publishes

@@ -1,7 +1,8 @@
 """Airflow DAG ``xray_inference_pipeline``: wiring only.
 
-wait for new images -> preprocess (Spark) -> validate tensors -> infer -> drift -> validate predictions
-(drift gate) -> evaluate (with labels) -> publish (Athena DDL on AWS) -> report -> maintain. ``CXR_PROFILE=local|aws`` (``SETTINGS.profile``) picks the
+wait for new images -> preprocess (Spark) -> validate tensors -> plan the inference fan-out -> infer (one
+mapped task per shard) -> drift -> validate predictions (drift gate) -> evaluate (with labels) -> publish
+(Athena DDL on AWS) -> report -> maintain. ``CXR_PROFILE=local|aws`` (``SETTINGS.profile``) picks the
 operators (``cxr.operators.stage_tasks``); what each task runs lives in ``cxr.tasks``, imported at run time.
 """
 
@@ -22,7 +23,9 @@ DOC = """
 
 Images (folder or `s3://`) -> **preprocess** (Spark: decode, normalise, crop, resize; Delta `tensors`,
 failures to `quarantine`) -> **validate tensors** (Great Expectations; quarantine share gate) ->
-**infer** (TorchXRayVision; Delta `predictions`) -> **drift** (PSI/KS against the reference run) ->
+**plan_infer** (counts the predictions to write from ids only, picks N shards) -> **infer**
+(TorchXRayVision, one mapped task per shard, `cxr infer --shard i/N`, one run id; Delta `predictions`) ->
+**drift** (PSI/KS against the reference run) ->
 **validate predictions** (GX; the drift gate) -> **evaluate** (only with `labels_uri`: AUROC with CIs,
 thresholds) -> **publish** (the audited versions become what every reader sees; Athena manifests on AWS) -> **report** (HTML) -> **maintain** (orphan data files
 older than a day deleted, small files compacted). A failed validation stops the run (no
@@ -31,8 +34,10 @@ rerun adds no duplicates.
 
 Params: `input_uri`, `lakehouse_uri`, `models`, `allow_untrained` (a random-init stand-in, marked in
 every row), `weights_dir`, `labels_uri` and `labels_key` (optional evaluation), `thresholds` (`latest`: the
-published site thresholds decide `positive_<pathology>`). Profile: `CXR_PROFILE=local` (spark-submit + a local process or Docker) or
-`aws` (EMR Serverless or an EMR cluster, ECS, Athena). See README "Airflow".
+published site thresholds decide `positive_<pathology>`), `infer_shards` (0: auto, one shard per
+`CXR_INFER_IMAGES_PER_TASK` predictions to write). Profile: `CXR_PROFILE=local` (spark-submit + local
+processes or Docker) or
+`aws` (EMR Serverless or an EMR cluster, ECS or AWS Batch, Athena). See README "Airflow".
 """
 
 default_args = {
@@ -80,6 +85,13 @@ with DAG(
             enum=["file_name", "image_id", "sop_instance_uid"],
             description="what the labels' key column holds",
         ),
+        "infer_shards": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=SETTINGS.airflow.infer_max_shards,
+            description="inference tasks (shards); 0 = auto: one per CXR_INFER_IMAGES_PER_TASK predictions to write",
+        ),
     },
 ) as dag:
     t = operators.stage_tasks(
@@ -87,7 +99,7 @@ with DAG(
         tensors=Asset(name="cxr_tensors", uri="cxr://lakehouse/tensors"),
         predictions=Asset(name="cxr_predictions", uri="cxr://lakehouse/predictions"),
     )
-    t.wait >> t.preprocess >> t.validate_tensors >> t.infer >> t.drift >> t.validate_predictions
+    t.wait >> t.preprocess >> t.validate_tensors >> t.plan_infer >> t.infer >> t.drift >> t.validate_predictions
     t.validate_predictions >> t.evaluate >> t.publish
     if t.athena is not None:  # aws: the Athena tables are (re)declared before the report
         t.publish >> t.athena >> t.report

@@ -25,6 +25,7 @@ InferRunner = Literal["auto", "docker", "process"]
 EmrMode = Literal["serverless", "cluster"]
 SparkLogLevel = Literal["ALL", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "OFF"]
 EcsLaunchType = Literal["FARGATE", "EC2", "EXTERNAL"]
+InferBackend = Literal["ecs", "batch"]
 Source = Literal["flag", "env", "profile", "default"]
 
 #: Built-in pseudonym key for demos and tests only. Pseudonyms made with it are not secret.
@@ -79,6 +80,14 @@ class AirflowSettings:
     docker_mount: str = ""
     #: the ``cxr`` executable tasks call; empty = the one beside this Python.
     cli: str = ""
+    #: the fan-out of inference when the ``infer_shards`` Param is 0 (auto): one shard task per this many
+    #: predictions to write (images lacking a prediction, summed over the run's models).
+    infer_images_per_task: int = 20_000
+    #: the most shard tasks one run fans inference out to (auto, and the Param's maximum).
+    infer_max_shards: int = 32
+    #: local profile: the cores one inference process is given; shards are capped at cores // this, and
+    #: each of N > 1 local shard processes runs with cores // N threads.
+    infer_threads_per_task: int = 4
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,8 @@ class AwsSettings:
 
     emr_mode: EmrMode = "serverless"
     ecs_launch_type: EcsLaunchType = "FARGATE"
+    #: where the inference shards run: ECS tasks (CPU, Fargate by default) or AWS Batch jobs (a GPU queue).
+    infer_backend: InferBackend = "ecs"
 
 
 @dataclass(frozen=True)
@@ -200,6 +211,9 @@ class Settings:
         for name in ("retry_delay_s", "poke_interval_s", "wait_timeout_s"):
             if getattr(self.airflow, name) < 0:
                 raise ConfigError(f"airflow {name} must be 0 or more (got {getattr(self.airflow, name)})")
+        for name in ("infer_images_per_task", "infer_max_shards", "infer_threads_per_task"):
+            if getattr(self.airflow, name) < 1:
+                raise ConfigError(f"airflow {name} must be at least 1 (got {getattr(self.airflow, name)})")
         if self.spark.shuffle_partitions < 1 or self.spark.delta_snapshot_partitions < 1:
             raise ConfigError("Spark shuffle and Delta snapshot partitions must be at least 1")
         return self
@@ -297,8 +311,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CXR_INFER_IMAGE", "airflow.infer_image"),
     Variable("CXR_DOCKER_MOUNT", "airflow.docker_mount"),
     Variable("CXR_CLI", "airflow.cli"),
+    Variable("CXR_INFER_IMAGES_PER_TASK", "airflow.infer_images_per_task", _int),
+    Variable("CXR_INFER_MAX_SHARDS", "airflow.infer_max_shards", _int),
+    Variable("CXR_INFER_THREADS_PER_TASK", "airflow.infer_threads_per_task", _int),
     Variable("CXR_EMR_MODE", "aws.emr_mode", _choice(*get_args(EmrMode))),
     Variable("CXR_ECS_LAUNCH_TYPE", "aws.ecs_launch_type", _choice(*get_args(EcsLaunchType))),
+    Variable("CXR_INFER_BACKEND", "aws.infer_backend", _choice(*get_args(InferBackend))),
     Variable("CXR_MALLOC_TUNING", "inference.malloc_tuning", _bool),
     Variable("CXR_ONNX_CACHE", "inference.onnx_cache"),
     Variable("CXR_WEIGHTS_BASE_URL", "inference.weights_base_url"),
