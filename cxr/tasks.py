@@ -94,7 +94,9 @@ def validate_stage(
 # --- the fan-out of inference ------------------------------------------------------------------------
 
 
-def images_to_score(lakehouse_uri: str, settings: Any, models: Sequence[str], *, allow_untrained: bool = False) -> int:
+def images_to_score(
+    lakehouse_uri: str, settings: Settings, models: Sequence[str], *, allow_untrained: bool = False
+) -> int:
     """The predictions an inference run over ``models`` would write: for each model, the ``tensors`` rows
     without a ``predictions`` row of that model (a stand-in's id, ``<model>+untrained-random-init``,
     counts as scored when ``allow_untrained``). Reads the ``image_id`` column of ``tensors`` and the
