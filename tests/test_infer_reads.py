@@ -91,7 +91,9 @@ def column_chunks(table_dir: Path, column: str) -> dict[str, list[tuple[int, int
         ranges = []
         for g in range(meta.num_row_groups):
             c = meta.row_group(g).column(j)
-            start = c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset else c.data_page_offset
+            start = (
+                c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset else c.data_page_offset
+            )
             ranges.append((start, start + c.total_compressed_size))
         out[path.name] = ranges
     return out
