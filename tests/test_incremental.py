@@ -401,7 +401,13 @@ def test_maintain_compacts_and_expires_removed_files_but_keeps_published_version
     _valid(inp, 16)
     _run(spark, settings.with_overrides(commit_every_images=2), inp, lake, run_id="small-batches")
     run_infer(
-        str(lake), settings=settings, model_id=MODEL, weights_dir=str(checkpoint.parent), commit_every=2, progress=False
+        str(lake),
+        settings=settings,
+        model_id=MODEL,
+        weights_dir=str(checkpoint.parent),
+        commit_every=2,
+        batch_size=2,  # a commit per batch of 2: eight small files to compact
+        progress=False,
     )
     published = publish_stage(str(lake), run_id="small-batches")["versions"]
     rows_at_publish = DeltaTable(str(lake / "predictions")).to_pyarrow_table().sort_by("image_id")

@@ -236,3 +236,69 @@ def test_every_run_summary_comes_from_the_run_index(tmp_path: Path) -> None:
     for f in (old / "runs").glob("*.json"):
         f.unlink()
     assert [r.run_id for r in read_summaries(str(old), settings, kind=RunRecord)] == ["pre-0", "pre-1", "pre-2"]
+
+
+def _tensor_rows(n: int, seed: int) -> object:
+    """n tensors rows of random 100 KB payloads (every column filled with a plausible value)."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    schema = arrow_schema(TENSORS)
+    cols: dict[str, object] = {}
+    for f in schema:
+        if f.name == "image_id":
+            cols[f.name] = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest() for i in range(n)]
+        elif f.name == "tensor":
+            cols[f.name] = [rng.integers(0, 255, 100_000, dtype=np.uint8).tobytes() for _ in range(n)]
+        elif pa.types.is_list(f.type):
+            cols[f.name] = [[1, 224, 224]] * n
+        elif pa.types.is_timestamp(f.type):
+            cols[f.name] = [datetime.now(UTC)] * n
+        elif pa.types.is_string(f.type):
+            cols[f.name] = ["float16" if f.name == "tensor_dtype" else "x"] * n
+        elif pa.types.is_boolean(f.type):
+            cols[f.name] = [False] * n
+        else:
+            cols[f.name] = pa.array([1] * n).cast(f.type)
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def _read_chars() -> int:
+    """Bytes this process has read through read(2) so far (page-cache hits included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read through /proc/self/io (Linux)")
+def test_rows_by_id_read_only_the_row_groups_that_hold_them(tmp_path: Path) -> None:
+    """A few images out of a table of several files read the tensor bytes of their row groups only."""
+    from lakehouse import delta_rs
+
+    settings, lake = load_settings({}), str(tmp_path)
+    files = []
+    for k in range(3):
+        rows = _tensor_rows(256, seed=k)
+        files.append(delta_rs.write_data_file(lake, TENSORS, rows, settings, row_group_size=64))  # type: ignore[arg-type]
+    delta_rs.commit_data_files(lake, TENSORS, files, settings, run_id="r")
+    every = delta_rs.read_arrow(lake, TENSORS, settings, columns=["image_id"]).column("image_id").to_pylist()
+    wanted = [every[5], every[300], every[301]]  # row group 0 of file 0, row group 0 of file 1
+
+    before = _read_chars()
+    got = delta_rs.read_rows_by_id(lake, TENSORS, settings, wanted, columns=["image_id", "tensor"])
+    few = _read_chars() - before
+    before = _read_chars()
+    whole = delta_rs.read_arrow(lake, TENSORS, settings, columns=["image_id", "tensor"])
+    everything = _read_chars() - before
+
+    assert sorted(got.column("image_id").to_pylist()) == sorted(wanted)
+    expected = {r["image_id"]: r["tensor"] for r in whole.to_pylist() if r["image_id"] in wanted}
+    assert {r["image_id"]: r["tensor"] for r in got.to_pylist()} == expected
+    assert everything > 3 * 256 * 100_000  # the tensors are incompressible: the whole table is ~77 MB
+    assert few < 2.5 * 64 * 100_000  # two row groups of 64 tensors, plus ids and footers
+    assert delta_rs.read_rows_by_id(lake, TENSORS, settings, [], columns=["image_id"]).num_rows == 0

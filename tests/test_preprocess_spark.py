@@ -315,7 +315,7 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
         )
         out = pp.process_files(
             [listing],
-            known_ids=frozenset(),
+            known_ids=pp.KnownIds([]),
             params=params,
             settings=settings,
             lakehouse_uri=str(lake),
@@ -333,7 +333,7 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
     theirs = work(["img1.png"], rows_per_file=10)
     their_file = DataFile(**json.loads(theirs[0]["data_file_meta"]))
     delta_rs.commit_data_files(str(lake), TENSORS, [their_file], settings, run_id="other")
-    state = pp._RunState(first_of={}, tensors_version=read_version)
+    state = pp._RunState(first_of={}, tensors_version=read_version, start_version=read_version)
     files, present, _ = pp._without_rows(str(lake), ours, {}, written, state, settings)
     assert present == {str(inp / "img1.png")}  # judged already present, not new
     assert [f.num_records for f in files] == [2, 2]  # the untouched file, then the rewrite of the other
@@ -342,6 +342,31 @@ def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_
     t = read_arrow(str(lake), TENSORS, settings)
     assert t.num_rows == 5 and len(set(t.column("image_id").to_pylist())) == 5
     assert _files_on_disk(lake) == _committed_files(lake, settings)  # the replaced file was deleted
+    # the check reads the files added since the run started, except the run's own: theirs alone here
+    state.own_files.update(f.path for f in files)
+    since = delta_rs.ids_added_since(str(lake), TENSORS, settings, read_version, exclude=state.own_files)
+    assert since == {theirs[0]["image_id"]}
+    assert (
+        delta_rs.ids_added_since(str(lake), TENSORS, settings, open_table(str(lake), TENSORS, settings).version())
+        == set()
+    )
+
+
+def test_known_ids_are_exact_and_compact() -> None:
+    """The keys shipped to the workers: membership is exact (a digest one bit off is not known), and the
+    broadcast costs 32 bytes per key."""
+    import hashlib
+    import pickle
+
+    from transforms.preprocess import KnownIds
+
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(5000)]
+    known = KnownIds(ids[::2])
+    assert all(i in known for i in ids[::2]) and not any(i in known for i in ids[1::2])
+    near = ids[0][:-1] + ("0" if ids[0][-1] != "0" else "1")
+    assert near not in known and "not-hex" not in known and None not in known
+    assert len(known) == 2500 and len(pickle.dumps(known)) < 2500 * 32 + 1024
+    assert ids[0] not in KnownIds([])
 
 
 def _data_files(lake: Path) -> dict[str, int]:
