@@ -547,6 +547,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.succeeded else 1
 
 
+def _cmd_cost(args: argparse.Namespace) -> int:
+    """``cxr cost``: cost per 1k images from the run summaries' measured seconds and a prices file."""
+    from cxr.cost import compute_cost, load_prices, print_report
+
+    settings = load_settings()
+    prices = load_prices(args.prices)
+    report = compute_cost(
+        _lakehouse(args, settings), settings=settings, prices=prices, run_ids=args.run_id, cores=args.cores
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        print_report(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cxr`` argument parser."""
     p = argparse.ArgumentParser(prog="cxr", description="Chest X-ray lakehouse pipeline")
@@ -752,6 +768,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rq.add_argument("--run-id", help="only files quarantined by this preprocessing run")
     rq.set_defaults(func=_cmd_requeue)
+
+    cst = sub.add_parser("cost", help="cost per 1k images from the runs' measured seconds and a prices file")
+    cst.add_argument("--lakehouse", help="folder or s3://bucket/prefix holding the Delta tables")
+    cst.add_argument("--prices", help="a prices JSON file (default: cxr/prices/aws-us-east-1.json, UNVERIFIED)")
+    cst.add_argument("--run-id", nargs="+", action="extend", help="only these runs (default: every run summary)")
+    cst.add_argument(
+        "--cores",
+        type=int,
+        help="cores of the machine that measured the runs, for summaries that do not record them (default: this one's)",
+    )
+    cst.add_argument("--json", action="store_true", help="print the report as JSON")
+    cst.set_defaults(func=_cmd_cost)
 
     cfg = sub.add_parser("config", help="the effective settings and where each came from (secrets masked)")
     cfg.add_argument("--input", help="as for `cxr run`: shown as coming from a flag")
