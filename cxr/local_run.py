@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from cxr.operators import REPO_ROOT
 from cxr.tasks import DAG_ID, DEFAULT_MODELS, INFER_RUN_PREFIX, PREPROCESS_RUN_PREFIX, stage_run_id
@@ -34,6 +34,9 @@ from lakehouse.config import load_settings
 from lakehouse.errors import CxrError
 from lakehouse.storage import is_s3
 from lakehouse.tables import TABLE_NAMES
+
+if TYPE_CHECKING:
+    from lakehouse.runs import InferRun
 
 #: log lines of a failed task shown on the terminal
 TAIL_LINES = 20
@@ -67,9 +70,12 @@ class TaskOutcome:
     state: str = "none"
     seconds: float | None = None
     detail: str = ""
-    #: the log file of its last attempt (None: it never ran)
+    #: the log file of its last attempt (None: it never ran); of a mapped task, its last failed instance's
+    #: when one failed
     log: Path | None = None
     tries: int = 0
+    #: a mapped task's instances (inference: one per shard); 0 for a task that is not mapped
+    mapped: int = 0
 
 
 @dataclass
@@ -106,6 +112,7 @@ def run_local(
     labels_uri: str | None = None,
     labels_key: str = "file_name",
     thresholds: str | None = None,
+    infer_shards: int = 0,
     airflow_home: Path | None = None,
     terminal: TextIO | None = None,
     capture: bool = True,
@@ -121,6 +128,9 @@ def run_local(
         labels_uri: a labels file: the run is evaluated against it before it is published.
         labels_key: what the labels' key holds (``file_name``, ``image_id``, ``sop_instance_uid``).
         thresholds: ``latest`` or a thresholds version: inference adds the decision columns.
+        infer_shards: inference tasks (shards), one mapped task instance each; 0 = auto (one per
+            ``CXR_INFER_IMAGES_PER_TASK`` predictions to write, capped by the cores). ``dag.test()`` runs
+            one task at a time: locally the shards run one after another.
         airflow_home: the Airflow home (default ``AIRFLOW_HOME`` or ``.airflow/`` in the repository).
         terminal: where the per-task lines go (default: this process's stdout as it was on entry).
         capture: False leaves Airflow's and the tasks' output on stdout/stderr (``cxr -v run``).
@@ -154,6 +164,7 @@ def run_local(
         "labels_uri": "" if not labels_uri else labels_uri if is_s3(labels_uri) else str(Path(labels_uri).resolve()),
         "labels_key": labels_key,
         "thresholds": thresholds or "",
+        "infer_shards": int(infer_shards),
     }
     started = time.monotonic()
     with _output_to(run_log if capture else None, terminal) as (term, switch):
@@ -169,11 +180,14 @@ def run_local(
         reporter = _TaskReporter(term, switch, run_log, log_folder, conf)
         with reporter.watching():
             dr = dag.test(run_conf=conf)
-    states = {ti.task_id: _state(ti.state) for ti in dr.get_task_instances()}
+    states: dict[str, list[str]] = {}
+    for ti in dr.get_task_instances():  # a mapped task has one per map index
+        states.setdefault(ti.task_id, []).append(_state(ti.state))
     tasks = []
     for task_id in _dag_order(dag):
         outcome = reporter.outcomes.get(task_id) or TaskOutcome(task_id)
-        outcome.state = states.get(task_id, outcome.state)
+        if task_id in states:
+            outcome.state = _combined_state(states[task_id])
         tasks.append(outcome)
     return RunResult(
         run_id=str(dr.run_id),
@@ -268,9 +282,14 @@ class _TaskReporter:
         self, term: TextIO, switch: Callable[[Path], None], run_log: Path, log_folder: Path, conf: Mapping[str, Any]
     ) -> None:
         self.term, self.switch, self.run_log, self.log_folder, self.conf = term, switch, run_log, log_folder, conf
+        #: by task id (a mapped task's instances together)
         self.outcomes: dict[str, TaskOutcome] = {}
+        # by label: the task id, or `task[i]` for map index i
         self._first_start: dict[str, float] = {}
+        self._tries: dict[str, int] = {}
         self._waiting: set[str] = set()  # tasks whose first reschedule was shown (a sensor pokes again)
+        #: a mapped task's instances' last states, by map index
+        self._instances: dict[str, dict[int, str]] = {}
 
     @contextmanager
     def watching(self) -> Iterator[None]:
@@ -296,39 +315,58 @@ class _TaskReporter:
 
     def _attempt(self, original: Callable[..., Any], *, ti: Any, task: Any, **kwargs: Any) -> Any:
         task_id, tries = str(ti.task_id), int(ti.max_tries) + 1
+        index = -1 if ti.map_index is None else int(ti.map_index)
+        label = task_id if index < 0 else f"{task_id}[{index}]"
         log = _task_log_folder(self.log_folder, str(ti.dag_id), str(ti.run_id)) / f"task_id={task_id}"
-        log = log / (f"map_index={ti.map_index}/" if ti.map_index >= 0 else "") / f"attempt={ti.try_number}.log"
+        log = log / (f"map_index={index}/" if index >= 0 else "") / f"attempt={ti.try_number}.log"
         outcome = self.outcomes.setdefault(task_id, TaskOutcome(task_id))
         now = time.monotonic()
-        if task_id not in self._first_start or outcome.tries != ti.try_number:
+        if self._tries.get(label) != ti.try_number:
+            self._first_start.setdefault(label, now)
             self._first_start.setdefault(task_id, now)
             retry = f" (try {ti.try_number} of {tries})" if ti.try_number > 1 else ""
-            self._line(task_id, f"started{retry}")
-        outcome.tries, outcome.log, outcome.state = int(ti.try_number), log, "running"
+            self._line(label, f"started{retry}")
+        self._tries[label] = int(ti.try_number)
+        outcome.tries, outcome.state = max(outcome.tries, int(ti.try_number)), "running"
         self.switch(log)
         try:
             result = original(ti=ti, task=task, **kwargs)
         finally:
             self.switch(self.run_log)
         state = _state(ti.state)
-        outcome.state = state
-        outcome.seconds = time.monotonic() - self._first_start[task_id]
-        outcome.detail = self._detail(ti, task, state, getattr(result, "error", None))
+        end = time.monotonic()
+        error = getattr(result, "error", None)
+        detail = self._detail(ti, task, state, error, map_index=index)
+        outcome.seconds = end - self._first_start[task_id]
+        if index < 0:
+            outcome.state, outcome.detail, outcome.log = state, detail, log
+        else:  # the task's line says what its instances did together; a failed one names itself
+            instances = self._instances.setdefault(task_id, {})
+            instances[index] = state
+            outcome.mapped, outcome.state = len(instances), _combined_state(list(instances.values()))
+            if state in ("failed", "up_for_retry") or outcome.log is None or outcome.state == "success":
+                outcome.log = log
+            if state in ("failed", "up_for_retry"):
+                outcome.detail = f"{label}: {detail}"
+            elif outcome.state not in ("failed", "up_for_retry"):
+                outcome.detail = self._detail(ti, task, outcome.state, None, map_index=-1)
         if state != "up_for_reschedule":
-            self._line(task_id, f"{state:<8} {outcome.seconds:6.1f}s  {outcome.detail}".rstrip())
-        elif task_id not in self._waiting:  # a sensor pokes again and again: said once
-            self._line(task_id, f"waiting {outcome.detail}")
-            self._waiting.add(task_id)
+            seconds = end - self._first_start[label]
+            self._line(label, f"{state:<8} {seconds:6.1f}s  {detail}".rstrip())
+        elif label not in self._waiting:  # a sensor pokes again and again: said once
+            self._line(label, f"waiting {detail}")
+            self._waiting.add(label)
         return result
 
     def _line(self, task_id: str, text: str) -> None:
         self.term.write(f"{datetime.now():%H:%M:%S} {task_id:<22} {text}\n")
         self.term.flush()
 
-    def _detail(self, ti: Any, task: Any, state: str, error: BaseException | None) -> str:
-        """The stage's own counts (success) or the error's first line; '' when they cannot be read."""
+    def _detail(self, ti: Any, task: Any, state: str, error: BaseException | None, *, map_index: int = -1) -> str:
+        """The stage's own counts (success) or the error's first line; '' when they cannot be read.
+        ``map_index`` -1: a mapped task's instances together."""
         try:
-            counts = _stage_detail(str(ti.task_id), state, ti, task, self.conf)
+            counts = _stage_detail(str(ti.task_id), state, ti, task, self.conf, map_index=map_index)
         except Exception as exc:  # the counts are a display nicety: never fail the run over them
             counts = f"(counts not readable: {type(exc).__name__})"
         if state not in ("failed", "up_for_retry"):
@@ -340,8 +378,9 @@ class _TaskReporter:
         return f"{counts}; {text}" if counts else text
 
 
-def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[str, Any]) -> str:
-    """What the stage did, from its run summary, validation results or return value (XCom)."""
+def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[str, Any], *, map_index: int = -1) -> str:
+    """What the stage did, from its run summary, validation results or return value (XCom); of a mapped
+    task, what instance ``map_index`` did, or (-1) what its instances did together."""
     lake = str(conf["lakehouse_uri"])
     pre_id, inf_id = (stage_run_id(p, str(ti.run_id)) for p in (PREPROCESS_RUN_PREFIX, INFER_RUN_PREFIX))
     if task_id == "wait_for_images":
@@ -378,10 +417,13 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
         text += f", {r.retryable} retryable" if r.retryable else ""
         return text + ("; CXR_PSEUDONYM_KEY unset: development key" if r.dev_pseudonym_key else "")
     if task_id == "infer":
-        inf = read_summaries(lake, settings, kind=InferRun, run_id=inf_id)
-        return "; ".join(
-            f"{r.predicted} predicted ({r.already_predicted} before), {r.model_id}, {r.device}" for r in inf
-        )
+        return infer_detail(read_summaries(lake, settings, kind=InferRun, run_id=inf_id), map_index=map_index)
+    if task_id == "plan_infer":
+        plan = _return_value(ti, key="plan")
+        if not isinstance(plan, dict):
+            return ""
+        asked = f", {plan['requested']} asked for" if plan.get("requested") else ""
+        return f"{plan.get('to_score', 0)} predictions to write: {plan.get('shards', 1)} shard(s){asked}"
     value = _return_value(ti)
     if task_id == "publish" and isinstance(value, dict):
         return ", ".join(f"{t} v{v}" for t, v in sorted(value.get("versions", {}).items(), reverse=True))
@@ -402,12 +444,60 @@ def _stage_detail(task_id: str, state: str, ti: Any, task: Any, conf: Mapping[st
     return ""
 
 
-def _return_value(ti: Any) -> Any:
-    """The task's return value (its ``return_value`` XCom), or None."""
+def infer_detail(summaries: Sequence[InferRun], *, map_index: int = -1) -> str:
+    """What an inference run did, per model, from its summaries: one per model and shard (a run of N
+    shards writes ``<run_id>-shard-i-of-N-<model>.json``), added up over the shards.
+
+    Args:
+        summaries: the run's inference summaries (``read_summaries(..., kind=InferRun, run_id=...)``).
+        map_index: only shard ``map_index`` (one mapped task instance); -1: every shard.
+
+    Returns:
+        ``"<predicted> predicted (<before> before), <model>, <device>[, N shards]"`` per model, joined
+        by "; ".
+    """
+    shards = [(r, *_shard_of(r)) for r in summaries]
+    if shards:  # a cleared and rerun run may have left an earlier fan-out's files: the newest N counts
+        newest = max(shards, key=lambda s: s[0].mtime_ms)[2]
+        shards = [s for s in shards if s[2] == newest and (map_index < 0 or s[1] == map_index)]
+    by_model: dict[str, list[InferRun]] = {}
+    for r, _, _ in shards:
+        by_model.setdefault(r.model_id, []).append(r)
+    parts = []
+    for model, runs in by_model.items():
+        predicted, before = sum(r.predicted for r in runs), sum(r.already_predicted for r in runs)
+        devices = ", ".join(sorted({r.device for r in runs}))
+        text = f"{predicted} predicted ({before} before), {model}, {devices}"
+        parts.append(text + (f", {len(runs)} shards" if len(runs) > 1 else ""))
+    return "; ".join(parts)
+
+
+def _shard_of(summary: InferRun) -> tuple[int, int]:
+    """(i, N) of the shard an inference summary covers ((0, 1): the whole run)."""
+    try:
+        i, n = (int(x) for x in str(summary.body.get("shard") or "0/1").split("/"))
+    except ValueError:
+        return 0, 1
+    return i, n
+
+
+def _combined_state(states: Sequence[str]) -> str:
+    """The state of a task from its instances' (a mapped task has one per map index): the first of
+    failed, upstream_failed, up_for_retry, ... that any instance is in; success when all succeeded."""
+    order = ["failed", "upstream_failed", "up_for_retry", "running", "up_for_reschedule", "deferred", "queued"]
+    order += ["scheduled", "restarting", "none", "removed", "success", "skipped"]
+    unknown = [s for s in states if s not in order]
+    if unknown:
+        return unknown[0]
+    return next((s for s in order if s in states), "none")
+
+
+def _return_value(ti: Any, *, key: str = "return_value") -> Any:
+    """The task's return value (its ``return_value`` XCom; another ``key`` when given), or None."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
-    query = XComModel.get_many(key="return_value", run_id=ti.run_id, dag_ids=ti.dag_id, task_ids=ti.task_id)
+    query = XComModel.get_many(key=key, run_id=ti.run_id, dag_ids=ti.dag_id, task_ids=ti.task_id)
     with create_session(scoped=False) as session:  # not dag.test()'s own session
         row = session.execute(query.with_only_columns(XComModel.value).limit(1)).first()
         return XComModel.deserialize_value(row) if row is not None else None

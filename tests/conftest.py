@@ -106,6 +106,7 @@ DAG_TASKS = [
     "wait_for_images",
     "preprocess",
     "validate_tensors",
+    "plan_infer",
     "infer",
     "drift",
     "validate_predictions",

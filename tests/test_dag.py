@@ -62,12 +62,15 @@ PARSE_PROBE = textwrap.dedent(
         "doc_md": bool(dag.doc_md),
         "params": sorted(dag.params.keys()),
         "tasks": {t.task_id: {"retries": t.retries, "backoff": t.retry_exponential_backoff,
+                               "mapped": t.is_mapped,
+                               "expand": repr(t.expand_input.value) if t.is_mapped else None,
+                               "partial": {k: str(v) for k, v in t.partial_kwargs.items()} if t.is_mapped else None,
                                "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
                                "callback": bool(t.on_failure_callback),
                                "downstream": sorted(t.downstream_task_ids),
                                "outlets": [getattr(o, "name", str(o)) for o in t.outlets],
-                               "operator": type(t).__name__,
-                               "operator_module": type(t).__module__,
+                               "operator": (t.operator_class if t.is_mapped else type(t)).__name__,
+                               "operator_module": (t.operator_class if t.is_mapped else type(t)).__module__,
                                "callable": (lambda f: f and f"{f.__module__}.{f.__name__}")(
                                    getattr(t, "python_callable", None)),
                                "command": getattr(t, "command", None) or getattr(t, "bash_command", None),
@@ -100,6 +103,7 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
     assert info["doc_md"]
     assert info["params"] == [
         "allow_untrained",
+        "infer_shards",
         "input_uri",
         "labels_key",
         "labels_uri",
@@ -119,6 +123,11 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
         assert t["timeout"] and t["timeout"] > 0, task_id
     assert tasks["preprocess"]["outlets"] == ["cxr_tensors"]
     assert tasks["infer"]["outlets"] == ["cxr_predictions"]
+    # inference fans out: one mapped instance per item the plan returns (the local process here)
+    assert [t for t, v in tasks.items() if v["mapped"]] == ["infer"]
+    assert (
+        tasks["infer"]["expand"] == "{'bash_command': XComArg(<Task(PythonOperator): plan_infer>).map(process_command)}"
+    )
     # the tree: operators built in cxr.operators, every Python callable is a cxr.tasks function
     assert (tasks["preprocess"]["operator"], tasks["preprocess"]["operator_module"]) == (
         "CxrSparkSubmitOperator",
@@ -128,6 +137,7 @@ def test_dagbag_integrity_and_parse_cost(tmp_path: Path) -> None:
     assert callables == {
         "wait_for_images": "cxr.tasks.new_images_waiting",
         "validate_tensors": "cxr.tasks.validate_stage",
+        "plan_infer": "cxr.tasks.plan_infer_stage",
         "drift": "cxr.tasks.drift_stage",
         "validate_predictions": "cxr.tasks.validate_stage",
         "evaluate": "cxr.tasks.evaluate_stage",
@@ -292,21 +302,30 @@ def test_local_dag_on_the_local_s3_server(
 
 
 def test_infer_runs_in_the_container_when_docker_is_chosen(tmp_path: Path) -> None:
-    """With a Docker daemon (here: forced), `infer` is the inference image with the job's arguments only
-    (its ENTRYPOINT is `cxr infer`); without one, the same command as a local process."""
+    """With a Docker daemon (here: forced), each shard of `infer` is the inference image with the job's
+    arguments only (its ENTRYPOINT is `cxr infer`); without one, the same arguments to a local process."""
+    import shlex
+
+    from cxr.operators import docker_kwargs, process_command
+
     info = _parse(tmp_path, CXR_INFER_RUNNER="docker", CXR_INFER_IMAGE="registry.example/cxr-infer:1.2")
     infer = info["tasks"]["infer"]
-    assert infer["operator"] == "DockerOperator"
-    assert infer["image"] == "registry.example/cxr-infer:1.2"
-    assert infer["command"].startswith("--lakehouse {{ params.lakehouse_uri | shell_quote }} --run-id inf-")
-    assert "--model {{ m | shell_quote }}" in infer["command"]
+    assert (infer["operator"], infer["mapped"]) == ("DockerOperator", True)
+    assert infer["partial"]["image"] == "registry.example/cxr-infer:1.2"
+    assert infer["expand"] == "XComArg(<Task(PythonOperator): plan_infer>).map(docker_kwargs)"
     entrypoint = [ln for ln in (ROOT / "inference/Dockerfile").read_text().splitlines() if ln.startswith("ENTRYPOINT")]
     assert entrypoint == ['ENTRYPOINT ["cxr", "infer"]']
+    # one plan item, as each launcher receives it: the container gets its arguments, the process the same
+    args = ["--lakehouse", "/data/my lake", "--run-id", "inf-x", "--no-progress", "--model=a,b", "--shard", "1/2"]
+    item = {"shard": "1/2", "args": args, "threads": 3}
+    container = docker_kwargs(item)
+    assert container["command"] == args and container["environment"]["OMP_NUM_THREADS"] == "3"
     local = _parse(tmp_path, CXR_INFER_RUNNER="process")["tasks"]["infer"]
     assert local["operator"] == "BashOperator"
-    assert (
-        local["command"].startswith('"${CXR_CLI:-') and '}" infer --lakehouse "$CXR_LAKEHOUSE_URI"' in local["command"]
-    )
+    command = process_command(item)
+    assert command.startswith('OMP_NUM_THREADS=3 "${CXR_CLI:-') and '}" infer --lakehouse ' in command
+    assert shlex.split(command)[2:] == ["infer", *args]  # [OMP_NUM_THREADS=3, the cli, "infer", *args]
+    assert process_command({**item, "threads": 0}).startswith('"${CXR_CLI:-')
 
 
 @pytest.mark.slow
