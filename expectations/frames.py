@@ -2,8 +2,20 @@
 
 GX checks columns of one batch; several checks need values computed first (a tensor's byte length, the
 key of a table it refers to, a run's quarantine share). These functions build those columns from the
-Delta tables with delta-rs and pyarrow, never loading the ``tensor`` binary column into pandas: the byte
-length of each tensor is computed batch by batch while scanning, and only the small projection is kept.
+Delta tables with delta-rs and pyarrow, never loading the ``tensor`` binary column into pandas.
+
+Two kinds of frame, so that an audit costs what the audited runs added, not what the table holds:
+
+- **row frames** (values: byte length vs dtype and shape, value range, probabilities, ledger reasons)
+  hold the rows of the audited runs only (``runs``). They are read with a ``run_id`` filter: delta-rs
+  gives every data file a guarantee from its Delta statistics (min/max of ``run_id``), so pyarrow never
+  opens a file that holds no audited run (tensors are written one set of files per run). ``runs=None``
+  (a full validation) reads every row, batch by batch.
+- **key frames** (table-wide: unique keys, predictions without a tensor, tensors without a prediction)
+  are computed in Arrow over projections of the id columns of the whole table (``group_by`` counts,
+  ``is_in``): no value column is read, no Python object per row is made. The frame GX receives holds the
+  rows that break a key rule (empty when the table is clean), so GX reports the same unexpected rows and
+  counts as a check over the whole table would, from a frame of a few rows.
 
 Nothing here imports Great Expectations; the frames are plain pandas and testable without it.
 """
@@ -13,11 +25,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lakehouse.config import Settings
-from lakehouse.tables import DIRECT_IDENTIFIERS, NUMPY_DTYPES, PATHOLOGY_COLUMNS, TENSORS
+from lakehouse.tables import DIRECT_IDENTIFIERS, NUMPY_DTYPES, PATHOLOGY_COLUMNS, TENSORS, TableSpec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,12 +81,189 @@ def pseudonym_form(value: str | None) -> str | None:
     return PSEUDONYM_HMAC if HEX64.match(value) else PSEUDONYM_OTHER
 
 
+# --- reading: the audited runs' rows, or id projections of the whole table ---------------------------
+def run_filter(runs: Collection[str]) -> Any:
+    """The pyarrow dataset filter selecting the rows of ``runs`` (files without them are never opened)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.field("run_id").isin(pa.array(sorted(set(runs)), type=pa.string()))
+
+
+def scan_batches(
+    lakehouse_uri: str,
+    spec: TableSpec,
+    settings: Settings,
+    *,
+    columns: Sequence[str],
+    version: int | None = None,
+    runs: Collection[str] | None = None,
+    batch_size: int = 256,
+) -> Iterable[pa.RecordBatch]:
+    """Record batches of some columns of the rows of ``runs`` (every row when None), at ``version``.
+
+    The ``run_id`` filter is evaluated first against each data file's guarantee (delta-rs builds it from
+    the file's Delta statistics), so a file whose ``run_id`` min/max excludes every audited run is not
+    opened; the rows of the files that are read are filtered exactly. Columns the table lacks (made by an
+    older release) read as nulls. Readahead is one batch and one file: memory holds about one batch.
+
+    Args:
+        lakehouse_uri: folder or ``s3://`` root of the lakehouse.
+        spec: the table.
+        settings: storage endpoint.
+        columns: the columns to read.
+        version: the Delta version (default the latest).
+        runs: the run ids whose rows are read; None: every row; empty: none (nothing is opened).
+        batch_size: rows per batch.
+
+    Yields:
+        Record batches holding ``columns`` in that order.
+    """
+    import pyarrow as pa
+
+    from lakehouse.delta_rs import open_table
+
+    if runs is not None and not runs:
+        return
+    dataset = open_table(lakehouse_uri, spec, settings, version=version).to_pyarrow_dataset()
+    present = set(dataset.schema.names)
+    have = [c for c in columns if c in present]
+    for batch in dataset.to_batches(
+        columns=have,
+        filter=None if runs is None else run_filter(runs),
+        batch_size=batch_size,
+        batch_readahead=1,
+        fragment_readahead=1,
+    ):
+        if len(have) < len(columns):  # an absent optional column reads as nulls (a missing required one fails)
+            arrays = [batch.column(c) if c in present else pa.nulls(batch.num_rows) for c in columns]
+            batch = pa.RecordBatch.from_arrays(arrays, names=list(columns))
+        yield batch
+
+
+def read_rows(
+    lakehouse_uri: str,
+    spec: TableSpec,
+    settings: Settings,
+    *,
+    columns: Sequence[str],
+    version: int | None = None,
+    runs: Collection[str] | None = None,
+) -> pa.Table:
+    """:func:`scan_batches` gathered into one table (for tables without a large column)."""
+    import pyarrow as pa
+
+    from lakehouse.delta_rs import open_table
+
+    batches = list(scan_batches(lakehouse_uri, spec, settings, columns=columns, version=version, runs=runs))
+    if batches:
+        return pa.Table.from_batches(batches)
+    schema = open_table(lakehouse_uri, spec, settings, version=version).schema().to_arrow()
+    fields = {f.name: f for f in pa.schema(schema)}
+    return pa.schema([fields.get(c, pa.field(c, pa.null())) for c in columns]).empty_table()
+
+
+def run_ids(ids: pa.Table) -> set[str]:
+    """The distinct ``run_id`` values of an id projection."""
+    import pyarrow.compute as pc
+
+    return {str(r) for r in pc.unique(ids.column("run_id")).to_pylist() if r is not None}
+
+
+def duplicated_rows(ids: pa.Table, keys: Sequence[str]) -> pa.Array:
+    """Indices of the rows of ``ids`` whose key (``keys``) occurs more than once, in row order.
+
+    Computed in Arrow (a hash ``group_by`` count of every key, then a join back to the rows of the keys
+    counted more than once): memory is that of the key columns, never a Python object per row.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counts = ids.select(list(keys)).group_by(list(keys)).aggregate([([], "count_all")])
+    repeated = counts.filter(pc.greater(counts.column("count_all"), 1)).select(list(keys))
+    if repeated.num_rows == 0:
+        return pa.array([], type=pa.int64())
+    indexed = ids.select(list(keys)).append_column("_row", pa.array(np.arange(ids.num_rows, dtype=np.int64)))
+    rows = indexed.join(repeated, keys=list(keys), join_type="inner").column("_row")
+    return pc.take(rows, pc.sort_indices(rows))
+
+
+# --- tensors -----------------------------------------------------------------------------------------
+#: the columns of the validated projection of ``tensors``, with their types
+_TENSOR_FRAME_FIELDS: tuple[tuple[str, str], ...] = (
+    ("image_id", "string"),
+    ("tensor_dtype", "string"),
+    ("tensor_shape", "string"),
+    ("tensor_nbytes", "int64"),
+    ("expected_nbytes", "int64"),
+    ("tensor_min", "float64"),
+    ("tensor_max", "float64"),
+    ("source_format", "string"),
+    ("width", "int64"),
+    ("height", "int64"),
+    ("patient_pseudonym_form", "string"),
+    ("run_id", "string"),
+)
+_INT_COLUMNS = ("tensor_nbytes", "expected_nbytes", "width", "height")
+
+
+def _tensor_frame_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.type_for_alias(t)) for name, t in _TENSOR_FRAME_FIELDS])
+
+
+def _tensor_part(batch: pa.RecordBatch) -> pa.Table:
+    """The derived columns of one batch (at most a few hundred tensors); the tensor bytes are dropped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    schema = _tensor_frame_schema()
+
+    def col(name: str) -> pa.Array:
+        return pc.cast(batch.column(name), schema.field(name).type)
+
+    shapes = batch.column("tensor_shape")
+    if pa.types.is_null(shapes.type):
+        shapes = pa.nulls(batch.num_rows, pa.list_(pa.int64()))
+    dtypes = batch.column("tensor_dtype").to_pylist()
+    # a few hundred short lists per batch: the product of each shape is cheapest in Python
+    expected = pa.array([expected_nbytes(s, d) for s, d in zip(shapes.to_pylist(), dtypes, strict=True)], pa.int64())
+    pseudonyms = pc.cast(batch.column("patient_pseudonym"), pa.string())
+    form = pc.if_else(pc.match_substring_regex(pseudonyms, HEX64.pattern), PSEUDONYM_HMAC, PSEUDONYM_OTHER)
+    arrays = {
+        "image_id": col("image_id"),
+        "tensor_dtype": col("tensor_dtype"),
+        "tensor_shape": pc.binary_join(pc.cast(shapes, pa.list_(pa.string())), "x"),
+        "tensor_nbytes": pc.cast(pc.binary_length(batch.column("tensor")), pa.int64()),
+        "expected_nbytes": expected,
+        "tensor_min": col("tensor_min"),
+        "tensor_max": col("tensor_max"),
+        "source_format": col("source_format"),
+        "width": col("width"),
+        "height": col("height"),
+        "patient_pseudonym_form": form,
+        "run_id": col("run_id"),
+    }
+    return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+def _to_pandas(table: pa.Table, int_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """A small Arrow table as pandas: strings as objects, the integer columns nullable (``Int64``)."""
+    frame = table.to_pandas()
+    for name in int_columns:
+        frame[name] = frame[name].astype("Int64")
+    return frame
+
+
 def tensors_frame(batches: Iterable[pa.RecordBatch]) -> pd.DataFrame:
     """The validated projection of ``tensors`` from record batches holding ``tensor`` and TENSOR_COLUMNS.
 
     Per row: ``tensor_nbytes`` (pyarrow.compute.binary_length of the stored bytes), ``expected_nbytes``
     (product(shape) x dtype size), ``tensor_shape`` as text, ``patient_pseudonym_form`` (the pseudonym
-    itself is dropped: validation results and Data Docs never hold it).
+    itself is dropped: validation results and Data Docs never hold it). Each batch is reduced in Arrow
+    as it arrives, so memory holds one batch of tensor bytes and the small derived columns.
 
     Args:
         batches: record batches scanned from the table (each holds at most a few hundred tensors).
@@ -82,78 +271,38 @@ def tensors_frame(batches: Iterable[pa.RecordBatch]) -> pd.DataFrame:
     Returns:
         One row per tensor, without the tensor bytes.
     """
-    import pandas as pd
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    parts = []
-    for batch in batches:
-        nbytes = pc.binary_length(batch.column("tensor"))
-        small = pa.Table.from_batches([batch.drop_columns(["tensor"])]).append_column("tensor_nbytes", nbytes)
-        parts.append(small)
-    if not parts:
-        return pd.DataFrame(columns=[*_TENSOR_FRAME_COLUMNS])
-    table = pa.concat_tables(parts)
-    rows = table.to_pylist()
-    frame = pd.DataFrame(
-        {
-            "image_id": [r["image_id"] for r in rows],
-            "tensor_dtype": [r["tensor_dtype"] for r in rows],
-            "tensor_shape": [shape_text(r["tensor_shape"]) for r in rows],
-            "tensor_nbytes": pd.array([r["tensor_nbytes"] for r in rows], dtype="Int64"),
-            "expected_nbytes": pd.array(
-                [expected_nbytes(r["tensor_shape"], r["tensor_dtype"]) for r in rows], dtype="Int64"
-            ),
-            "tensor_min": [r["tensor_min"] for r in rows],
-            "tensor_max": [r["tensor_max"] for r in rows],
-            "source_format": [r["source_format"] for r in rows],
-            "width": pd.array([r["width"] for r in rows], dtype="Int64"),
-            "height": pd.array([r["height"] for r in rows], dtype="Int64"),
-            "patient_pseudonym_form": [pseudonym_form(r["patient_pseudonym"]) for r in rows],
-            "run_id": [r["run_id"] for r in rows],
-        }
-    )
-    return frame
-
-
-_TENSOR_FRAME_COLUMNS = (
-    "image_id",
-    "tensor_dtype",
-    "tensor_shape",
-    "tensor_nbytes",
-    "expected_nbytes",
-    "tensor_min",
-    "tensor_max",
-    "source_format",
-    "width",
-    "height",
-    "patient_pseudonym_form",
-    "run_id",
-)
+    parts = [_tensor_part(b) for b in batches]
+    table = pa.concat_tables(parts) if parts else _tensor_frame_schema().empty_table()
+    return _to_pandas(table, _INT_COLUMNS)
 
 
 def read_tensors_frame(
-    lakehouse_uri: str, settings: Settings, *, batch_size: int = 256, version: int | None = None
+    lakehouse_uri: str,
+    settings: Settings,
+    *,
+    batch_size: int = 256,
+    version: int | None = None,
+    runs: Collection[str] | None = None,
 ) -> pd.DataFrame:
-    """Scan ``tensors`` (at ``version``) in batches with delta-rs and build :func:`tensors_frame` (bounded memory)."""
-    from lakehouse.delta_rs import open_table
+    """:func:`tensors_frame` of the rows of ``runs`` (every row when None) of ``tensors`` at ``version``.
 
-    dataset = open_table(lakehouse_uri, TENSORS, settings, version=version).to_pyarrow_dataset()
-    present = set(dataset.schema.names)
-    columns = ["tensor", *(c for c in TENSOR_COLUMNS if c in present)]
-    missing = [c for c in TENSOR_COLUMNS if c not in present]
+    Only the data files that may hold an audited run are opened (see :func:`scan_batches`): the tensor
+    bytes of other runs are never read.
+    """
+    columns = ["tensor", *TENSOR_COLUMNS]
+    return tensors_frame(
+        scan_batches(
+            lakehouse_uri, TENSORS, settings, columns=columns, version=version, runs=runs, batch_size=batch_size
+        )
+    )
 
-    def _batches() -> Iterable[pa.RecordBatch]:
-        import pyarrow as pa
 
-        for batch in dataset.to_batches(
-            columns=columns, batch_size=batch_size, batch_readahead=1, fragment_readahead=1
-        ):
-            for name in missing:  # an absent optional column reads as nulls (a missing required one fails)
-                batch = batch.append_column(name, pa.nulls(batch.num_rows))
-            yield batch
-
-    return tensors_frame(_batches())
+def tensors_keys_frame(ids: pa.Table) -> pd.DataFrame:
+    """The rows of ``tensors`` (projection ``image_id``, ``run_id`` of the whole table) whose ``image_id``
+    occurs more than once: empty when every key is unique."""
+    return ids.select(["image_id", "run_id"]).take(duplicated_rows(ids, ["image_id"])).to_pandas()
 
 
 def columns_frame(column_names: Sequence[str]) -> pd.DataFrame:
@@ -195,6 +344,18 @@ def files_frame(table: pa.Table) -> pd.DataFrame:
             ],
         }
     )
+
+
+def files_keys_frame(ids: pa.Table) -> pd.DataFrame:
+    """The rows of the ``files`` ledger (projection ``source_uri``, ``run_id`` of the whole table) whose
+    path is judged more than once, as ``path_key`` (sha256 of the path) and ``run_id``: empty when every
+    path has one row."""
+    import hashlib
+
+    rows = ids.select(["source_uri", "run_id"]).take(duplicated_rows(ids, ["source_uri"]))
+    frame = rows.select(["run_id"]).to_pandas()
+    frame.insert(0, "path_key", [hashlib.sha256(u.encode()).hexdigest() for u in rows.column("source_uri").to_pylist()])
+    return frame
 
 
 def read_run_summaries(lakehouse_uri: str, settings: Settings) -> list[PreprocessRun]:
@@ -267,22 +428,51 @@ def quarantine_runs_frame(
     )
 
 
-def predictions_frame(predictions: pa.Table, tensor_ids: Iterable[str]) -> pd.DataFrame:
-    """The validated projection of ``predictions`` plus ``in_tensors`` (the image_id exists in tensors)."""
-    known = set(tensor_ids)
-    cols = ["image_id", "model_id", *(c for c in PATHOLOGY_COLUMNS.values() if c in predictions.column_names)]
-    cols += [c for c in ("run_id",) if c in predictions.column_names]
+#: columns of ``predictions`` read for its row checks
+PREDICTION_COLUMNS = ["image_id", "model_id", *PATHOLOGY_COLUMNS.values(), "run_id"]
+#: the id projection of ``predictions`` read for its table-wide checks
+PREDICTION_ID_COLUMNS = ["image_id", "model_id", "run_id"]
+
+
+def predictions_frame(predictions: pa.Table) -> pd.DataFrame:
+    """The validated projection of ``predictions`` (the audited rows): ids, probabilities, ``run_id``, and
+    ``nan_probability`` (pandas turns NaN into null, so NaN is counted while still in Arrow)."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    cols = ["image_id", "model_id", *(c for c in PATHOLOGY_COLUMNS.values() if c in predictions.column_names)]
+    cols += [c for c in ("run_id",) if c in predictions.column_names]
     nan = np.zeros(predictions.num_rows, dtype=bool)
-    for c in PATHOLOGY_COLUMNS.values():  # pandas turns NaN into null: count NaN while still in Arrow
-        if c in predictions.column_names:
+    for c in PATHOLOGY_COLUMNS.values():
+        if c in predictions.column_names and pa.types.is_floating(predictions.schema.field(c).type):
             nan |= pc.fill_null(pc.is_nan(predictions.column(c)), False).to_numpy(zero_copy_only=False)
     frame = predictions.select(cols).to_pandas()
-    frame["in_tensors"] = [i in known for i in frame["image_id"]]
     frame["nan_probability"] = nan
     return frame
+
+
+def predictions_keys_frame(ids: pa.Table, tensor_ids: pa.Array | Sequence[str]) -> pd.DataFrame:
+    """The rows of ``predictions`` (id projection of the whole table) that break a table-wide rule: their
+    (``image_id``, ``model_id``) occurs more than once, or their ``image_id`` is not a key of ``tensors``
+    (``in_tensors`` False). Empty when the table is clean.
+
+    Args:
+        ids: ``image_id``, ``model_id``, ``run_id`` of every prediction.
+        tensor_ids: every ``image_id`` of ``tensors`` (at the version audited).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    known = (
+        tensor_ids if isinstance(tensor_ids, pa.Array | pa.ChunkedArray) else pa.array(list(tensor_ids), pa.string())
+    )
+    in_tensors = pc.fill_null(pc.is_in(ids.column("image_id"), value_set=known), False)
+    table = ids.select(PREDICTION_ID_COLUMNS).append_column("in_tensors", in_tensors)
+    repeated = pc.is_in(
+        pa.array(range(ids.num_rows), pa.int64()), value_set=duplicated_rows(ids, ["image_id", "model_id"])
+    )
+    return table.filter(pc.or_(repeated, pc.invert(in_tensors))).to_pandas()
 
 
 def coverage_models(
@@ -293,31 +483,52 @@ def coverage_models(
     ``models`` when given; else the distinct model ids predicted in run ``run_id``; else every model id
     present (when ``run_id`` names no inference run, every model id present).
     """
+    import pyarrow.compute as pc
+
     if models:
         return sorted(set(models))
-    ids = predictions.column("model_id").to_pylist()
+    ids = predictions.column("model_id")
     if run_id is not None and "run_id" in predictions.column_names:
-        of_run = {m for m, r in zip(ids, predictions.column("run_id").to_pylist(), strict=True) if r == run_id}
+        of_run = {str(m) for m in pc.unique(ids.filter(pc.equal(predictions.column("run_id"), run_id))).to_pylist()}
         if of_run:
             return sorted(of_run)
         log.info("run %s wrote no predictions: checking coverage for every model present", run_id)
-    return sorted(set(ids))
+    return sorted({str(m) for m in pc.unique(ids).to_pylist()})
 
 
-def coverage_frame(predictions: pa.Table, tensor_ids: Sequence[str], models: Sequence[str]) -> pd.DataFrame:
-    """One row per (tensor, model): ``has_prediction`` is False where the model has not scored the tensor."""
+def coverage_frame(predictions: pa.Table, tensor_ids: pa.Array | Sequence[str], models: Sequence[str]) -> pd.DataFrame:
+    """The (tensor, model) pairs without a prediction: one row each, ``has_prediction`` False.
+
+    Computed in Arrow over the whole table (for each model, the tensor ids not among the ids it scored):
+    the frame holds only the missing pairs, so it is empty when every tensor is scored by every model.
+
+    Args:
+        predictions: ``image_id`` and ``model_id`` of every prediction.
+        tensor_ids: every ``image_id`` of ``tensors`` (duplicates count once).
+        models: the models every tensor must have a prediction for.
+
+    Returns:
+        Columns ``image_id``, ``model_id``, ``has_prediction``, sorted by model then image.
+    """
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    done = set(zip(predictions.column("image_id").to_pylist(), predictions.column("model_id").to_pylist(), strict=True))
-    ids = sorted(set(tensor_ids))
-    pairs = [(i, m) for m in models for i in ids]
-    return pd.DataFrame(
-        {
-            "image_id": [i for i, _ in pairs],
-            "model_id": [m for _, m in pairs],
-            "has_prediction": [(i, m) in done for i, m in pairs],
-        }
+    known = (
+        tensor_ids if isinstance(tensor_ids, pa.Array | pa.ChunkedArray) else pa.array(list(tensor_ids), pa.string())
     )
+    unique = pc.unique(known)
+    unique = pc.take(unique, pc.sort_indices(unique))
+    parts = []
+    for model in models:
+        done = predictions.column("image_id").filter(pc.equal(predictions.column("model_id"), model))
+        missing = unique.filter(pc.invert(pc.is_in(unique, value_set=done)))
+        parts.append(pd.DataFrame({"image_id": missing.to_pylist(), "model_id": model}))
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"image_id": [], "model_id": []})
+    frame["image_id"] = frame["image_id"].astype(object)
+    frame["model_id"] = frame["model_id"].astype(object)
+    frame["has_prediction"] = False
+    return frame
 
 
 def drift_frame(drift: pa.Table | None, run_id: str | None, pending: Iterable[str] | None = None) -> pd.DataFrame:

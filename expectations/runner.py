@@ -1,15 +1,25 @@
 """Run the suites with Great Expectations, build Data Docs, write machine-readable results.
 
-``validate_lakehouse`` is the library entry point (the Airflow DAG's audit step); ``validate_command``
-backs ``cxr validate``. For each table the runner builds the validated frames (:mod:`expectations.frames`:
-pandas projections read with delta-rs, the tensor bytes reduced to their length while scanning), runs
-the table's suites in a throw-away GX file context in a temporary folder, and writes:
+``validate_lakehouse`` is the library entry point (the Airflow DAG's audit step); ``cxr validate``
+calls it too. For each table the runner builds the validated frames (:mod:`expectations.frames`: pandas
+projections read with delta-rs, the tensor bytes reduced to their length while scanning), runs the
+table's suites in a throw-away GX file context in a temporary folder, and writes:
 
 - ``<lakehouse>/reports/data_docs/`` the Data Docs site (``index.html``), built locally and copied to a
   folder or uploaded to s3:// alike;
 - ``<lakehouse>/reports/validation/<table>.json`` success, counts and failed expectations;
 - ``<lakehouse>/reports/gx_validations/<suite>/`` the latest GX result of each suite, so Data Docs built by
   a later call that validates other tables still show every table's latest result.
+
+What an audit reads (so that a daily run costs what it added, not what the tables hold):
+
+- the row suites of ``tensors``, ``files`` and ``predictions`` (byte length, value range, probabilities,
+  reasons) read the rows of the audited runs only (``run_id``, and in write-audit-publish mode every run
+  not published yet), with a ``run_id`` filter that leaves other runs' data files unopened;
+- the table-wide suites (unique keys, predictions without a tensor, tensors without a prediction) read
+  the id columns of every row and compute in Arrow;
+- without a run (``cxr validate`` by hand, no ``--run-id``), the row suites read every row: time grows
+  with the tables, memory stays about one batch of tensors plus ~150 bytes per row of the projection.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +68,10 @@ _INDEX_COLUMNS: dict[str, list[str]] = {
     "quarantine": ["content_sha256"],
     "quarantine_runs": ["run_id"],
     "files": ["path_key"],
+    "files_keys": ["path_key"],
+    "tensors_keys": ["image_id"],
     "predictions": ["image_id", "model_id"],
+    "predictions_keys": ["image_id", "model_id"],
     "predictions_coverage": ["image_id", "model_id"],
     "drift": ["model_id", "feature", "metric"],
     "evaluation": ["evaluation_id", "model_id", "pathology", "slice"],  # slice_value may be a site pseudonym
@@ -86,7 +99,12 @@ class FailedExpectation:
 
 @dataclass(frozen=True)
 class TableResult:
-    """The outcome of one table's suites."""
+    """The outcome of one table's suites.
+
+    ``rows`` is the row count of the table's first suite: for ``tensors``, ``files`` and ``predictions``
+    the rows of ``audited_runs`` (the value checks), while their ``*_keys`` and coverage suites cover the
+    whole table.
+    """
 
     table: str
     success: bool
@@ -95,6 +113,9 @@ class TableResult:
     evaluated: int
     passed: int
     failed: list[FailedExpectation]
+    #: the runs whose rows the row suite read (sorted); None: every row of the table (a full validation,
+    #: or a table whose checks are not run-scoped). ``rows`` counts those rows.
+    audited_runs: list[str] | None = None
 
     @property
     def failed_count(self) -> int:
@@ -169,13 +190,18 @@ def validate_lakehouse(
         lakehouse_uri: folder or ``s3://bucket/prefix`` holding the Delta tables.
         settings: storage endpoint, allowed tensor size, default quarantine share.
         tables: tables to validate; every table present when None.
-        run_id: the preprocessing run whose quarantine share is checked (every run when it names none)
-            and the inference run whose models every tensor must have a prediction for.
+        run_id: the run audited: the row checks of ``tensors``, ``files`` and ``predictions`` read its
+            rows only (every row of a table that has none of its rows); the preprocessing run whose
+            quarantine share is checked (every run when it names none) and the inference run whose models
+            every tensor must have a prediction for. Without it (and without ``pending``), every row of
+            every table is checked: a full validation, whose time grows with the tables.
         models: models every tensor must have a prediction for (overrides ``run_id``'s models).
         max_quarantine_share: overrides ``settings.max_quarantine_share``.
-        pending: write-audit-publish mode: the run-scoped checks (quarantine share, drift) cover
-            ``run_id`` and every run not published yet (so a run that failed an audit keeps failing it
-            until fixed or accepted, and is never published by a later run), and no older run.
+        pending: write-audit-publish mode: the run-scoped checks (row checks, quarantine share, drift)
+            cover ``run_id`` and every run not published yet (so a run that failed an audit keeps failing
+            it until fixed or accepted, and is never published by a later run), and no older run. The
+            table-wide checks (unique keys, predictions without a tensor, coverage) always cover every row,
+            on id columns only.
 
     Returns:
         The report: ``.success``, per-table results, where the Data Docs and result files are.
@@ -213,16 +239,23 @@ def validate_lakehouse(
     versions = {t: present[t] for t in {*chosen, *(["tensors"] if "predictions" in chosen else [])}}
     runs: dict[str, set[str]] | None = None
     if pending:
-        accepted = accepted_runs(lake, settings, "quarantine_share")
-        runs = {
+        runs = {}
+        if {"tensors", "quarantine"} & set(chosen):
+            preprocess = pending_runs(lake, settings, ["tensors", "quarantine"])
+            runs["tensors"] = preprocess
             # a run an operator accepted past the quarantine share (cxr accept) is not checked again
-            "preprocess": pending_runs(lake, settings, ["tensors", "quarantine"]) - set(accepted),
-            "infer": pending_runs(lake, settings, ["predictions"]),
-        }
-    batches = _build_batches(
+            runs["quarantine_share"] = preprocess - set(accepted_runs(lake, settings, "quarantine_share"))
+        if "files" in chosen:  # a run that only re-judged known files has ledger rows and nothing else
+            runs["files"] = pending_runs(lake, settings, ["files"])
+        if {"predictions", "drift"} & set(chosen):
+            runs["predictions"] = pending_runs(lake, settings, ["predictions"])
+    batches, audited = _build_batches(
         lake, settings, chosen, run_id=run_id, models=models, max_share=share, versions=versions, pending=runs
     )
-    results = _run_gx(lake, settings, batches)
+    results = {
+        name: replace(result, audited_runs=audited[name]) if name in audited else result
+        for name, result in _run_gx(lake, settings, batches).items()
+    }
     result_uris: dict[str, str] = {}
     for name, result in results.items():
         uri = storage.validation_uri(lake, name)
@@ -242,6 +275,22 @@ def validate_lakehouse(
 
 
 # --- frames -----------------------------------------------------------------------------------------
+def _audited_runs(table: str, present: set[str], *, run_id: str | None, pending: set[str] | None) -> set[str] | None:
+    """The runs whose rows the row suite of ``table`` reads; None: every row.
+
+    Write-audit-publish mode: ``run_id`` and every run of the table not published yet (possibly none).
+    Otherwise ``run_id`` when the table has rows of it; every row when it has none or no run is given.
+    """
+    if pending is not None:
+        return set(pending) | ({run_id} if run_id else set())
+    if run_id is None:
+        return None
+    if run_id in present:
+        return {run_id}
+    log.info("run %s has no rows in %s: checking every row of it", run_id, table)
+    return None
+
+
 def _build_batches(
     lake: str,
     settings: Settings,
@@ -252,8 +301,13 @@ def _build_batches(
     max_share: float,
     versions: dict[str, int],
     pending: dict[str, set[str]] | None = None,
-) -> list[_Batch]:
-    """The (suite, frame) pairs of the chosen tables, each read at its version in ``versions``."""
+) -> tuple[list[_Batch], dict[str, list[str] | None]]:
+    """The (suite, frame) pairs of the chosen tables, each read at its version in ``versions``, and the
+    runs whose rows each run-scoped table's row suite read (None: every row).
+
+    Row suites read the audited runs' rows (:func:`_audited_runs`); table-wide suites read id columns of
+    every row (:mod:`expectations.frames`).
+    """
     from expectations import frames, suites
     from lakehouse.delta_rs import open_table, read_arrow
 
@@ -261,8 +315,24 @@ def _build_batches(
         return read_arrow(lake, spec, settings, columns=columns, version=versions.get(spec.name))
 
     out: list[_Batch] = []
+    audited: dict[str, list[str] | None] = {}
+
+    def scope(table: str, ids: Any, key: str) -> set[str] | None:
+        runs = _audited_runs(table, frames.run_ids(ids), run_id=run_id, pending=(pending or {}).get(key))
+        audited[table] = None if runs is None else sorted(runs)
+        return runs
+
+    tensor_ids: list[Any] = []  # image_id and run_id of every tensor, read once
+
+    def all_tensor_ids() -> Any:
+        if not tensor_ids:
+            tensor_ids.append(read(TENSORS, ["image_id", "run_id"]))
+        return tensor_ids[0]
+
     if "tensors" in chosen:
-        tensors = frames.read_tensors_frame(lake, settings, version=versions.get("tensors"))
+        ids = all_tensor_ids()
+        runs = scope("tensors", ids, "tensors")
+        tensors = frames.read_tensors_frame(lake, settings, version=versions.get("tensors"), runs=runs)
         sizes = sorted({settings.resize_size, 224})
         out.append(_Batch("tensors", "tensors", partial(suites.tensors_suite, sizes=sizes), tensors))
         names = open_table(lake, TENSORS, settings, version=versions.get("tensors")).schema().to_arrow().names
@@ -271,31 +341,49 @@ def _build_batches(
         out.append(
             _Batch("tensors", "tensors_columns", partial(suites.tensors_columns_suite, identifier_keys=keys), columns)
         )
+        out.append(_Batch("tensors", "tensors_keys", suites.tensors_keys_suite, frames.tensors_keys_frame(ids)))
     if "quarantine" in chosen:
         quarantine = read(QUARANTINE)
-        runs = frames.quarantine_runs_frame(
+        runs_frame = frames.quarantine_runs_frame(
             quarantine,
             frames.read_run_summaries(lake, settings),
             run_id=run_id,
-            pending=pending["preprocess"] if pending is not None else None,
+            pending=pending["quarantine_share"] if pending is not None else None,
         )
         out.append(_Batch("quarantine", "quarantine", suites.quarantine_suite, frames.quarantine_frame(quarantine)))
         out.append(
-            _Batch("quarantine", "quarantine_runs", partial(suites.quarantine_runs_suite, max_share=max_share), runs)
+            _Batch(
+                "quarantine", "quarantine_runs", partial(suites.quarantine_runs_suite, max_share=max_share), runs_frame
+            )
         )
     if "files" in chosen:
-        ledger = read(FILES, ["source_uri", "outcome", "run_id", "reason_class", "image_id"])
+        ids = read(FILES, ["source_uri", "run_id"])
+        runs = scope("files", ids, "files")
+        columns = ["source_uri", "outcome", "run_id", "reason_class", "image_id"]
+        ledger = frames.read_rows(lake, FILES, settings, columns=columns, version=versions.get("files"), runs=runs)
         out.append(_Batch("files", "files", suites.files_suite, frames.files_frame(ledger)))
+        out.append(_Batch("files", "files_keys", suites.files_keys_suite, frames.files_keys_frame(ids)))
     if "predictions" in chosen:
-        predictions = read(PREDICTIONS)
-        tensor_ids = read(TENSORS, ["image_id"]).column("image_id").to_pylist()
-        rows = frames.predictions_frame(predictions, tensor_ids)
-        out.append(_Batch("predictions", "predictions", suites.predictions_suite, rows))
-        wanted = frames.coverage_models(predictions, models=models, run_id=run_id)
-        coverage = frames.coverage_frame(predictions, tensor_ids, wanted)
+        ids = read(PREDICTIONS, frames.PREDICTION_ID_COLUMNS)
+        runs = scope("predictions", ids, "predictions")
+        rows = frames.read_rows(
+            lake,
+            PREDICTIONS,
+            settings,
+            columns=frames.PREDICTION_COLUMNS,
+            version=versions.get("predictions"),
+            runs=runs,
+        )
+        out.append(_Batch("predictions", "predictions", suites.predictions_suite, frames.predictions_frame(rows)))
+        known = all_tensor_ids().column("image_id")
+        keys_frame = frames.predictions_keys_frame(ids, known)
+        out.append(_Batch("predictions", "predictions_keys", suites.predictions_keys_suite, keys_frame))
+        wanted = frames.coverage_models(ids, models=models, run_id=run_id)
+        coverage = frames.coverage_frame(ids, known, wanted)
         out.append(_Batch("predictions", "predictions_coverage", suites.predictions_coverage_suite, coverage))
     if "drift" in chosen:
-        drift = frames.drift_frame(read(DRIFT), run_id, pending=pending["infer"] if pending is not None else None)
+        infer = pending["predictions"] if pending is not None else None
+        drift = frames.drift_frame(read(DRIFT), run_id, pending=infer)
         out.append(_Batch("drift", "drift", partial(suites.drift_suite, max_psi=settings.drift_max_psi), drift))
     if "evaluation" in chosen:
         evaluation = frames.evaluation_frame(read(EVALUATION))
@@ -304,7 +392,7 @@ def _build_batches(
         out.append(
             _Batch("thresholds", "thresholds", suites.thresholds_suite, frames.thresholds_frame(read(THRESHOLDS)))
         )
-    return out
+    return out, audited
 
 
 # --- Great Expectations -----------------------------------------------------------------------------

@@ -1,11 +1,19 @@
 """The Great Expectations (1.x) suites, as Python objects.
 
-Each table has a row suite over its validated frame (see :mod:`expectations.frames`) and one
-cross-row suite:
+Each table has a row suite over its validated frame (see :mod:`expectations.frames`) and cross-row
+suites:
 
-- ``tensors`` (one row per tensor) and ``tensors_columns`` (one row per column of the table);
+- ``tensors`` (one row per tensor of the audited runs), ``tensors_keys`` (the rows of the whole table whose
+  ``image_id`` is not unique) and ``tensors_columns`` (one row per column of the table);
 - ``quarantine`` (one row per quarantined input) and ``quarantine_runs`` (one row per preprocessing run);
-- ``predictions`` (one row per prediction) and ``predictions_coverage`` (one row per tensor x model).
+- ``files`` (one row per path judged by the audited runs) and ``files_keys`` (paths with several rows);
+- ``predictions`` (one row per prediction of the audited runs), ``predictions_keys`` (predictions of the
+  whole table with a repeated key or an image_id absent from ``tensors``) and ``predictions_coverage``
+  (one row per tensor x model without a prediction).
+
+The ``*_keys`` and coverage frames hold only the rows that break their rule (Arrow finds them over id
+projections of the whole table), so a clean table gives an empty frame and every expectation passes;
+each broken rule is reported with the same unexpected rows as over the whole table.
 
 The value range of a tensor is checked on ``tensor_min`` / ``tensor_max``, which preprocessing computes
 from the stored values of each tensor; validation does not decode the tensors again.
@@ -54,7 +62,6 @@ def tensors_suite(*, sizes: Sequence[int] = (224,)) -> gx.ExpectationSuite:
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
     for col in ("tensor_min", "tensor_max"):
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
-    suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="image_id"))
     suite.add_expectation(E.ExpectColumnValuesToMatchRegex(column="image_id", regex=r"^[0-9a-f]{64}$"))
     suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="tensor_dtype", value_set=list(ALLOWED_DTYPES)))
     suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="tensor_shape", value_set=allowed_shapes(sizes)))
@@ -78,6 +85,20 @@ def tensors_suite(*, sizes: Sequence[int] = (224,)) -> gx.ExpectationSuite:
             column="patient_pseudonym_form",
             value_set=["hmac-sha256-hex"],
             meta={"notes": "a pseudonym is a 64-hex HMAC, never a name or a raw ID (the value is not kept)"},
+        )
+    )
+    return suite
+
+
+def tensors_keys_suite() -> gx.ExpectationSuite:
+    """``image_id`` is unique over the whole ``tensors`` table (the frame: the rows whose id repeats)."""
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name="tensors_keys")
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToBeUnique(
+            column="image_id",
+            meta={"notes": "over every run: the frame holds the rows whose image_id occurs more than once"},
         )
     )
     return suite
@@ -128,7 +149,6 @@ def files_suite() -> gx.ExpectationSuite:
 
     E = gx.expectations
     suite = gx.ExpectationSuite(name="files")
-    suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="path_key"))
     suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="outcome", value_set=list(FILE_OUTCOMES)))
     for col in ("outcome", "run_id"):
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
@@ -140,6 +160,19 @@ def files_suite() -> gx.ExpectationSuite:
     suite.add_expectation(
         E.ExpectColumnValuesToBeInSet(
             column="has_image_id", value_set=[True], meta={"notes": "new, present and duplicate files were hashed"}
+        )
+    )
+    return suite
+
+
+def files_keys_suite() -> gx.ExpectationSuite:
+    """One judgement per path over the whole ledger (the frame: the rows of paths judged more than once)."""
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name="files_keys")
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToBeUnique(
+            column="path_key", meta={"notes": "over every run: path_key is the sha256 of the path"}
         )
     )
     return suite
@@ -171,21 +204,15 @@ def quarantine_runs_suite(*, max_share: float) -> gx.ExpectationSuite:
 
 
 def predictions_suite() -> gx.ExpectationSuite:
-    """Row checks of ``predictions``: probabilities in [0, 1] or null, unique key, known image."""
+    """Row checks of ``predictions`` (the audited runs' rows): ids present, probabilities in [0, 1] or null."""
     import great_expectations as gx
 
     E = gx.expectations
     suite = gx.ExpectationSuite(name="predictions")
     for col in ("image_id", "model_id"):
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=col))
-    suite.add_expectation(E.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "model_id"]))
     for col in PATHOLOGY_COLUMNS.values():
         suite.add_expectation(E.ExpectColumnValuesToBeBetween(column=col, min_value=0.0, max_value=1.0))
-    suite.add_expectation(
-        E.ExpectColumnValuesToBeInSet(
-            column="in_tensors", value_set=[True], meta={"notes": "every image_id is a key of tensors"}
-        )
-    )
     suite.add_expectation(
         E.ExpectColumnValuesToBeInSet(
             column="nan_probability", value_set=[False], meta={"notes": "no probability is NaN (null is allowed)"}
@@ -194,8 +221,24 @@ def predictions_suite() -> gx.ExpectationSuite:
     return suite
 
 
+def predictions_keys_suite() -> gx.ExpectationSuite:
+    """Over the whole ``predictions`` table: (``image_id``, ``model_id``) unique, every ``image_id`` a key
+    of ``tensors`` (the frame: the predictions that break either rule)."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="predictions_keys")
+    suite.add_expectation(E.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "model_id"]))
+    suite.add_expectation(
+        E.ExpectColumnValuesToBeInSet(
+            column="in_tensors", value_set=[True], meta={"notes": "every image_id is a key of tensors"}
+        )
+    )
+    return suite
+
+
 def predictions_coverage_suite() -> gx.ExpectationSuite:
-    """No tensor lacks a prediction for the models of the run (one row per tensor x model)."""
+    """No tensor lacks a prediction for the models of the run (the frame: one row per missing pair)."""
     import great_expectations as gx
 
     suite = gx.ExpectationSuite(name="predictions_coverage")

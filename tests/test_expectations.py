@@ -127,8 +127,14 @@ def test_coverage_models_and_frame() -> None:
     assert frames.coverage_models(predictions) == ["m1", "m2"]
     assert frames.coverage_models(predictions, run_id="y") == ["m2"]
     assert frames.coverage_models(predictions, models=["m3"]) == ["m3"]
-    cov = frames.coverage_frame(predictions, ["a", "b"], ["m2"])
-    assert list(zip(cov["image_id"], cov["has_prediction"], strict=True)) == [("a", True), ("b", False)]
+    # only the missing pairs: b has no m2 prediction; c (in tensors twice) has none at all
+    cov = frames.coverage_frame(predictions, ["c", "a", "b", "c"], ["m1", "m2"])
+    assert list(zip(cov["image_id"], cov["model_id"], cov["has_prediction"], strict=True)) == [
+        ("c", "m1", False),
+        ("b", "m2", False),
+        ("c", "m2", False),
+    ]
+    assert frames.coverage_frame(predictions, ["a"], ["m1", "m2"]).empty
 
 
 # --- stage errors -------------------------------------------------------------------------------------
@@ -172,7 +178,7 @@ def test_clean_lakehouse_passes_every_suite(
         "predictions": (17, 25, 25),
     }
     index = (lake / "reports" / "data_docs" / "index.html").read_text()
-    for suite in ("tensors", "tensors_columns", "quarantine_runs", "predictions_coverage"):
+    for suite in ("tensors", "tensors_columns", "tensors_keys", "quarantine_runs", "predictions_coverage"):
         assert suite in index
     saved = json.loads((lake / "reports" / "validation" / "predictions.json").read_text())
     assert saved["success"] is True and saved["failed_count"] == 0
@@ -213,7 +219,7 @@ def test_tensors_suite_catches_each_corruption(
     rc = main(["validate", "--lakehouse", str(lake), "--table", "tensors"])
     printed = capsys.readouterr().out
     assert rc == 1
-    assert "FAILED tensors / tensors: expect_column_values_to_be_unique(image_id) (2 unexpected)" in printed
+    assert "FAILED tensors / tensors_keys: expect_column_values_to_be_unique(image_id) (2 unexpected)" in printed
     assert "DOE^JOHN" not in printed
 
     saved = json.loads((lake / "reports" / "validation" / "tensors.json").read_text())
@@ -222,7 +228,7 @@ def test_tensors_suite_catches_each_corruption(
     assert _failed(report, "tensors") == {
         ("tensors", "expect_column_pair_values_to_be_equal", "tensor_nbytes,expected_nbytes"),
         ("tensors", "expect_column_values_to_be_between", "tensor_max"),
-        ("tensors", "expect_column_values_to_be_unique", "image_id"),
+        ("tensors_keys", "expect_column_values_to_be_unique", "image_id"),
         ("tensors", "expect_column_values_to_be_between", "width"),
         ("tensors", "expect_column_values_to_be_in_set", "source_format"),
         ("tensors", "expect_column_values_to_be_in_set", "patient_pseudonym_form"),
@@ -319,7 +325,7 @@ def test_files_suite_catches_each_corruption(
     rc, report = _validate(capsys, lake, "--table", "files")
     assert rc == 1
     assert _failed(report, "files") == {
-        ("files", "expect_column_values_to_be_unique", "path_key"),
+        ("files_keys", "expect_column_values_to_be_unique", "path_key"),
         ("files", "expect_column_values_to_be_in_set", "outcome"),
         ("files", "expect_column_values_to_be_in_set", "has_reason"),
         ("files", "expect_column_values_to_be_in_set", "has_image_id"),
@@ -345,8 +351,8 @@ def test_predictions_suite_catches_each_corruption(
     assert rc == 1
     assert _failed(report, "predictions") == {
         ("predictions", "expect_column_values_to_be_between", "atelectasis"),
-        ("predictions", "expect_compound_columns_to_be_unique", "image_id,model_id"),
-        ("predictions", "expect_column_values_to_be_in_set", "in_tensors"),
+        ("predictions_keys", "expect_compound_columns_to_be_unique", "image_id,model_id"),
+        ("predictions_keys", "expect_column_values_to_be_in_set", "in_tensors"),
         ("predictions", "expect_column_values_to_be_in_set", "nan_probability"),
         ("predictions_coverage", "expect_column_values_to_be_in_set", "has_prediction"),
     }
