@@ -881,7 +881,9 @@ def print_report(report: CostReport) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    # wide enough that no number is cut to fit a narrow terminal or a pipe (80 columns)
     console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, width=max(console.width, 150))
     p = report.prices
     cur = p.currency
     unverified = p.unverified()

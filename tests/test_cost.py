@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from cxr.cli import main
-from cxr.cost import DEFAULT_PRICES, compute_cost, load_prices
+from cxr.cost import DEFAULT_PRICES, _money, compute_cost, load_prices
 from lakehouse.config import Settings
 from lakehouse.errors import ConfigError, CxrError
 
@@ -293,15 +294,18 @@ def test_json_output_schema(
     built_lakehouse: Path, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     prices_file = write_prices(tmp_path / "p.json", PRICES)
-    assert main(["cost", "--lakehouse", str(built_lakehouse), "--prices", str(prices_file), "--cores", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert "break-even" in printed and "images/day" in printed and "400,000" in printed
-
-    assert (
-        main(["cost", "--lakehouse", str(built_lakehouse), "--prices", str(prices_file), "--json", "--cores", "2"]) == 0
-    )
-    out = json.loads(capsys.readouterr().out)
     expected = compute_cost(str(built_lakehouse), settings=settings, prices=load_prices(prices_file), cores=2)
+    args = ["cost", "--lakehouse", str(built_lakehouse), "--prices", str(prices_file), "--cores", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out  # a pipe: numbers are printed whole, not cut to 80 columns
+    be = expected.break_even_images_per_day
+    assert be is not None and f"break-even (per-image cost = fixed cost per day): {be:,.0f} images/day" in printed
+    row = expected.volumes[-1]
+    cells = rf"400,000 │\s+{re.escape(_money(row['preprocess']))} │\s+{re.escape(_money(row['inference_fargate']))} │"
+    assert re.search(cells, printed), printed
+
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert set(out) == {
         "format",
         "lakehouse",
@@ -375,12 +379,15 @@ def test_table_bytes_come_from_the_delta_log(built_lakehouse: Path, settings: Se
 def test_older_summaries_without_cpu_seconds_count_wall_times_cores(
     built_lakehouse: Path, settings: Settings, tmp_path: Path
 ) -> None:
+    from lakehouse.runs import PreprocessRun, read_summaries, write_summary
+
     lake = tmp_path / "lake"
     shutil.copytree(built_lakehouse, lake)
-    [pre_file] = [f for f in (lake / "runs").glob("pre-test*.json")]
-    body = json.loads(pre_file.read_text())
-    body["cpu_seconds"] = 0.0  # as a summary written before the field existed reads
-    pre_file.write_text(json.dumps(body))
+    [record] = read_summaries(str(lake), settings, kind=PreprocessRun, run_id="pre-test")
+    record.cpu_seconds = 0.0  # as a summary written before the field existed reads
+    write_summary(str(lake), record, settings)  # rewritten as a retried run rewrites its summary
+    body = summaries(lake)["pre-test"]
+    assert body["cpu_seconds"] == 0.0
     prices_body = copy.deepcopy(PRICES)
     prices_body["assumptions"]["emr_serverless"]["utilisation"] = 0.5
     report = compute_cost(
@@ -429,12 +436,16 @@ def test_gpu_runs_give_the_instance_its_images_per_second(
 ) -> None:
     """No GPU here: the inference summary is rewritten as a GPU host writes it (its device's name and
     gpu_seconds, the scoring loop's wall time), beside the CPU run."""
+    from dataclasses import replace
+
+    from lakehouse.runs import InferRun, read_summaries, write_summary
+
     lake = tmp_path / "lake"
     shutil.copytree(built_lakehouse, lake)
-    [inf_file] = [f for f in (lake / "runs").glob("inf-test*.json")]
-    body = json.loads(inf_file.read_text())
-    body.update(run_id="inf-gpu", device="NVIDIA H200", gpu_seconds=0.5, seconds=4.5)
-    (lake / "runs" / "inf-gpu.json").write_text(json.dumps(body))
+    [cpu_run] = read_summaries(str(lake), settings, kind=InferRun, run_id="inf-test")
+    gpu_run = replace(cpu_run, run_id="inf-gpu", device="NVIDIA H200", gpu_seconds=0.5, seconds=4.5)
+    write_summary(str(lake), gpu_run, settings)
+    body = summaries(lake)["inf-gpu"]
     report = compute_cost(str(lake), settings=settings, prices=load_prices(write_prices(tmp_path / "p.json", PRICES)))
     [g] = report.inference_gpu
     n = body["predicted"]
