@@ -378,8 +378,10 @@ def compute_cost(
         The report.
 
     Raises:
-        CxrError: the lakehouse has no run summaries (or none of ``run_ids``).
+        CxrError: the lakehouse has no run summaries (or none of ``run_ids``), or ``cores`` is below 1.
     """
+    if cores is not None and cores < 1:
+        raise CxrError(f"--cores must be at least 1 (got {cores})")
     records = _read_records(lakehouse_uri, settings, run_ids)
     if not records:
         which = f" for run ids {', '.join(run_ids)}" if run_ids else ""
