@@ -1,6 +1,9 @@
 """The DAG under ``CXR_PROFILE=aws``: task graph (both EMR modes), rendered operator arguments, and the
 AWS calls each operator makes, run against the local moto server (S3, EMR Serverless, EMR, ECS, Athena).
 
+Inference is mapped over the shards ``plan_infer`` returns: one ECS task (``CXR_INFER_BACKEND=ecs``) or
+one AWS Batch job (``batch``) per shard, rendered and started per map index as the task runner does.
+
 The DAG file reads the profile at import time, so each test loads it under a unique module name with the
 environment patched (and restored after): the local-profile DAG other tests import is untouched.
 """
@@ -13,6 +16,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -35,6 +39,8 @@ VARIABLES = {
     "cxr_ecs_subnets": "subnet-1,subnet-2",
     "cxr_ecs_security_groups": "sg-1",
     "cxr_athena_output": "s3://athena-results/cxr/",
+    "cxr_batch_job_queue": "cxr-gpu",
+    "cxr_batch_job_definition": "cxr-infer-gpu:2",
 }
 SUBMIT = (
     "--py-files s3://code-bucket/cxr/cxr.zip --conf spark.archives=s3://code-bucket/cxr/cxr-env.tar.gz#environment "
@@ -49,7 +55,7 @@ PREPROCESS_ARGS = [
 INFER_ARGS = ["--lakehouse", "s3://lake-bucket/lake", "--run-id", f"inf-{SAFE}", "--no-progress", "--model=a,b"]
 
 CHAIN = [
-    *("validate_tensors", "infer", "drift", "validate_predictions", "evaluate", "publish"),
+    *("validate_tensors", "plan_infer", "infer", "drift", "validate_predictions", "evaluate", "publish"),
     *("athena_ddl", "athena_publish", "report", "maintain"),
 ]
 EDGES = {
@@ -74,6 +80,8 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """The aws profile and the Variables (as AIRFLOW_VAR_* environment variables: no metadata database)."""
     monkeypatch.setenv("CXR_PROFILE", "aws")
     monkeypatch.delenv("CXR_EMR_MODE", raising=False)
+    for var in ("CXR_INFER_BACKEND", "CXR_INFER_IMAGES_PER_TASK", "CXR_INFER_MAX_SHARDS", "CXR_INFER_THREADS_PER_TASK"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("AIRFLOW_VAR_CXR_ATHENA_DB", raising=False)
     for key, value in VARIABLES.items():
         monkeypatch.setenv(f"AIRFLOW_VAR_{key.upper()}", value)
@@ -91,11 +99,13 @@ def load_dag(monkeypatch: pytest.MonkeyPatch, mode: str) -> Any:
 
 
 class RecordingTI:
-    """The task-instance side of a task's context: XComs kept in a dict."""
+    """The task-instance side of a task's context: XComs kept in a dict; ``map_index`` of a mapped task's
+    instance (-1: not mapped)."""
 
-    def __init__(self, xcoms: dict[tuple[str, str], Any] | None = None) -> None:
+    def __init__(self, xcoms: dict[tuple[str, str], Any] | None = None, *, map_index: int = -1) -> None:
         self.xcoms: dict[tuple[str, str], Any] = dict(xcoms or {})
         self.pushed: dict[str, Any] = {}
+        self.map_index = map_index
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.pushed[key] = value
@@ -114,6 +124,7 @@ def context(dag: Any, conf: dict[str, Any] = CONF, ti: RecordingTI | None = None
     ti = ti or RecordingTI()
     return {
         "dag": dag,
+        "dag_run": SimpleNamespace(conf=conf),
         "params": params.validate(),
         "run_id": RUN_ID,
         "var": {"value": VariableAccessor(deserialize_json=False), "json": VariableAccessor(deserialize_json=True)},
@@ -126,6 +137,37 @@ def rendered(dag: Any, task_id: str, ctx: dict[str, Any] | None = None) -> Any:
     task = dag.get_task(task_id)
     task.render_template_fields(ctx or context(dag))
     return task
+
+
+def rendered_shard(dag: Any, plan: list[dict[str, Any]], index: int, conf: dict[str, Any] = CONF) -> Any:
+    """Instance ``index`` of the mapped ``infer`` task, rendered as the task runner renders it (the plan as
+    ``plan_infer``'s XCom): the operator it unmaps to, and its context."""
+    ti = RecordingTI({("plan_infer", "return_value"): plan}, map_index=index)
+    ctx = context(dag, conf, ti=ti)
+    dag.get_task("infer").render_template_fields(ctx)
+    return ctx["task"], ctx
+
+
+def plan_of(shards: int, conf: dict[str, Any] = CONF) -> list[dict[str, Any]]:
+    """What ``plan_infer`` returns for ``shards`` shards of the run (its arguments: cxr.tasks.infer_arguments)."""
+    from cxr.tasks import infer_arguments
+
+    lake, params = conf["lakehouse_uri"], {**conf}
+    return [
+        {
+            "shard": f"{i}/{shards}",
+            "args": infer_arguments(
+                params, lakehouse_uri=lake, run_id=f"inf-{SAFE}", shard=f"{i}/{shards}" if shards > 1 else None
+            ),
+            "threads": 0,
+        }
+        for i in range(shards)
+    ]
+
+
+def operator_class(task: Any) -> type:
+    """The operator class of a task, mapped or not."""
+    return task.operator_class if task.is_mapped else type(task)
 
 
 def ddl(db: str, lake: str = "s3://lake-bucket/lake") -> list[str]:
@@ -159,7 +201,10 @@ def test_aws_task_graph_retries_and_operators(aws_env: pytest.MonkeyPatch, mode:
         "wait_for_images": PythonSensor,
         "infer": EcsRunTaskOperator,
         **dict.fromkeys(
-            ["validate_tensors", "drift", "validate_predictions", "evaluate", "publish", "athena_ddl", "report"],
+            [
+                *("validate_tensors", "plan_infer", "drift", "validate_predictions", "evaluate", "publish"),
+                *("athena_ddl", "report"),
+            ],
             PythonOperator,
         ),
     }
@@ -167,7 +212,11 @@ def test_aws_task_graph_retries_and_operators(aws_env: pytest.MonkeyPatch, mode:
         classes["preprocess"] = EmrServerlessStartJobOperator
     else:
         classes |= {"preprocess.add_step": EmrAddStepsOperator, "preprocess.wait_step": EmrStepSensor}
-    assert {k: type(dag.get_task(k)) for k in classes} == classes
+    assert {k: operator_class(dag.get_task(k)) for k in classes} == classes
+    assert sorted(t.task_id for t in dag.tasks if t.is_mapped) == ["athena_publish", "infer"]
+    assert repr(dag.get_task("infer").expand_input.value) == (
+        "{'overrides': XComArg(<Task(PythonOperator): plan_infer>).map(ecs_overrides)}"
+    )
     mapped = dag.get_task("athena_publish")
     assert mapped.operator_class is AthenaOperator and mapped.partial_kwargs["database"] == "default"
 
@@ -180,7 +229,8 @@ def test_aws_dag_serializes_as_the_dag_processor_stores_it(aws_env: pytest.Monke
     dag = load_dag(aws_env, mode)
     stored = DagSerialization.from_dict(json.loads(json.dumps(DagSerialization.to_dict(dag))))
     assert _edges(stored) == _edges(dag)
-    assert getattr(stored.get_task("infer"), "render_template_as_native_obj", None) is True
+    assert stored.get_task("infer").is_mapped
+    assert stored.get_task("infer").partial_kwargs["render_template_as_native_obj"] is True
 
 
 def test_aws_dag_does_not_change_the_local_dag(aws_env: pytest.MonkeyPatch) -> None:
@@ -238,7 +288,7 @@ def test_rendered_emr_cluster_step_and_sensor(aws_env: pytest.MonkeyPatch) -> No
 
 
 def test_rendered_ecs_task_matches_the_image_entrypoint(aws_env: pytest.MonkeyPatch) -> None:
-    task = rendered(load_dag(aws_env, "serverless"), "infer")
+    task, _ = rendered_shard(load_dag(aws_env, "serverless"), plan_of(1), 0)
     assert (task.cluster, task.task_definition, task.launch_type) == ("cxr-cluster", "cxr-infer:3", "FARGATE")
     assert task.overrides == {"containerOverrides": [{"name": "cxr-infer", "command": INFER_ARGS}]}
     assert task.network_configuration == {
@@ -271,17 +321,15 @@ def test_rendered_ecs_command_passes_the_stand_in_and_weights_flags(
     import shlex
 
     dag = load_dag(aws_env, "serverless")
-    task = rendered(dag, "infer", context(dag, {**CONF, **conf}))
+    task, _ = rendered_shard(dag, plan_of(1, {**CONF, **conf}), 0, {**CONF, **conf})
     assert task.overrides == {"containerOverrides": [{"name": "cxr-infer", "command": [*INFER_ARGS, *flags]}]}
 
     aws_env.setenv("CXR_PROFILE", "local")
     aws_env.setenv("CXR_INFER_RUNNER", "process")
     local = load_dag(aws_env, "serverless")
-    command = shlex.split(rendered(local, "infer", context(local, {**CONF, **conf})).bash_command)
-    tail = command[command.index("--no-progress") + 1 :]
-    while tail[:1] == ["--model"]:  # the local command names each model first
-        tail = tail[2:]
-    assert tail == flags
+    task, _ = rendered_shard(local, plan_of(1, {**CONF, **conf}), 0, {**CONF, **conf})
+    command = shlex.split(task.bash_command)
+    assert command[1:] == ["infer", *INFER_ARGS, *flags]  # the same arguments, to the local `cxr`
 
 
 @pytest.mark.parametrize("mode", ["serverless", "cluster"])
@@ -293,7 +341,7 @@ def test_waiters_outlast_the_execution_timeout(aws_env: pytest.MonkeyPatch, mode
     assert timeout.total_seconds() > 25 * 60  # the DAG allows long jobs: what the waiters must respect
     waiting = ["infer", "preprocess"] if mode == "serverless" else ["infer"]
     for task_id in waiting:
-        task = rendered(dag, task_id)
+        task = rendered_shard(dag, plan_of(2), 1)[0] if task_id == "infer" else rendered(dag, task_id)
         assert task.execution_timeout == timeout
         assert task.waiter_max_attempts * task.waiter_delay >= timeout.total_seconds(), task_id
     if mode == "cluster":
@@ -416,8 +464,38 @@ def test_emr_cluster_step_added(moto_aws: dict[str, Any], aws_env: pytest.Monkey
     assert sensor.poke(ctx) is (state == "COMPLETED")
 
 
+def _s3_tensors_lake(tmp_path: Path, samples_dir: Path, settings: Any, bucket: str) -> tuple[str, int]:
+    """A lakehouse on the moto server whose ``tensors`` hold every valid sample kind; (its URI, rows)."""
+    from tests.conftest import make_bucket, upload_dir, write_tensors_table
+
+    files = sorted(p for p in samples_dir.rglob("*") if p.is_file() and p.parts[-2] in ("images", "dicom"))
+    n = write_tensors_table(tmp_path / "lake", files, settings)
+    uri = f"{make_bucket(settings, bucket)}/lake"
+    upload_dir(settings, tmp_path / "lake", uri)
+    return uri, n
+
+
+def _planned(dag: Any, conf: dict[str, Any]) -> list[dict[str, Any]]:
+    """``plan_infer`` run as its task (the real callable, against the lakehouse on the moto server)."""
+    ti = RecordingTI()
+    ctx = context(dag, conf, ti=ti)
+    plan = rendered(dag, "plan_infer", ctx).execute(ctx)
+    assert ti.pushed["plan"]["shards"] == len(plan)
+    return plan
+
+
 @pytest.mark.slow
-def test_ecs_task_started_with_overrides(moto_aws: dict[str, Any], aws_env: pytest.MonkeyPatch) -> None:
+def test_ecs_tasks_started_one_per_shard(
+    moto_aws: dict[str, Any],
+    aws_env: pytest.MonkeyPatch,
+    s3_endpoint: str,
+    settings: Any,
+    samples_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Auto fan-out on ECS: plan_infer counts the predictions to write in the lakehouse on S3 (17 images,
+    10 per task: 2 shards), and each mapped instance starts one ECS task whose command is its shard's,
+    under the same run id."""
     ec2, ecs = moto_aws["client"]("ec2"), moto_aws["client"]("ecs")
     vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
     ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})  # moto's task ENIs need it
@@ -441,22 +519,103 @@ def test_ecs_task_started_with_overrides(moto_aws: dict[str, Any], aws_env: pyte
         "ecs_security_groups": sg,
     }.items():
         aws_env.setenv(f"AIRFLOW_VAR_CXR_{key.upper()}", value)
+    lake, n = _s3_tensors_lake(tmp_path, samples_dir, settings, "cxr-dagaws-ecs")
+    aws_env.setenv("CXR_S3_ENDPOINT_URL", s3_endpoint)
+    aws_env.setenv("CXR_INFER_IMAGES_PER_TASK", "10")
     dag = load_dag(aws_env, "serverless")
-    ti = RecordingTI()
-    ctx = context(dag, {**CONF, "allow_untrained": True}, ti=ti)
-    task = rendered(dag, "infer", ctx)
-    # moto stops the task at its first describe but leaves its container PENDING, which the operator's
-    # success check reports as "still pending": start it only (the run_task call is what is checked)
-    task.wait_for_completion = False
-    task.execute(ctx)
+    conf = {**CONF, "lakehouse_uri": lake, "models": ["a"], "allow_untrained": True}
+    plan = _planned(dag, conf)
+    assert len(plan) == -(-n // 10) == 2
 
-    described = ecs.describe_tasks(cluster="cxr-dagaws", tasks=[ti.pushed["ecs_task_arn"]])["tasks"][0]
-    command = [*INFER_ARGS, "--allow-untrained"]
-    assert described["overrides"]["containerOverrides"] == [{"name": "cxr-infer", "command": command}]
-    assert described["taskDefinitionArn"] == td["taskDefinitionArn"]
-    assert (described["launchType"], described["startedBy"]) == ("FARGATE", "cxr")
-    eni = {d["name"]: d["value"] for d in described["attachments"][0]["details"]}
-    assert eni["subnetId"] == subnets[0]
+    arns = []
+    for i in range(len(plan)):
+        task, ctx = rendered_shard(dag, plan, i, conf)
+        # moto stops the task at its first describe but leaves its container PENDING, which the operator's
+        # success check reports as "still pending": start it only (the run_task call is what is checked)
+        task.wait_for_completion = False
+        task.execute(ctx)
+        arns.append(ctx["ti"].pushed["ecs_task_arn"])
+
+    described = {t["taskArn"]: t for t in ecs.describe_tasks(cluster="cxr-dagaws", tasks=arns)["tasks"]}
+    args = ["--lakehouse", lake, "--run-id", f"inf-{SAFE}", "--no-progress", "--model=a", "--allow-untrained"]
+    for i, arn in enumerate(arns):
+        command = [*args, "--shard", f"{i}/2"]
+        assert described[arn]["overrides"]["containerOverrides"] == [{"name": "cxr-infer", "command": command}]
+        assert described[arn]["taskDefinitionArn"] == td["taskDefinitionArn"]
+        assert (described[arn]["launchType"], described[arn]["startedBy"]) == ("FARGATE", "cxr")
+        eni = {d["name"]: d["value"] for d in described[arn]["attachments"][0]["details"]}
+        assert eni["subnetId"] == subnets[0]
+
+
+def test_rendered_batch_jobs_one_per_shard(aws_env: pytest.MonkeyPatch) -> None:
+    """CXR_INFER_BACKEND=batch: one AWS Batch job per shard, on the queue and definition the Variables
+    name, each named after the run and its map index, its command the shard's."""
+    from airflow.providers.amazon.aws.operators.batch import BatchOperator
+
+    aws_env.setenv("CXR_INFER_BACKEND", "batch")
+    dag = load_dag(aws_env, "serverless")
+    assert operator_class(dag.get_task("infer")) is BatchOperator
+    for i in range(3):
+        task, _ = rendered_shard(dag, plan_of(3), i)
+        assert (task.job_name, task.job_queue, task.job_definition) == (
+            f"cxr-infer-{SAFE}-{i}",
+            "cxr-gpu",
+            "cxr-infer-gpu:2",
+        )
+        assert task.container_overrides == {"command": [*INFER_ARGS, "--shard", f"{i}/3"]}
+        assert task.array_properties is None and task.wait_for_completion is True
+
+
+@pytest.mark.slow
+def test_batch_jobs_submitted_one_per_shard(
+    moto_aws: dict[str, Any],
+    aws_env: pytest.MonkeyPatch,
+    s3_endpoint: str,
+    settings: Any,
+    samples_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The infer_shards Param on AWS Batch: plan_infer plans 2 shards for the lakehouse on S3, and each
+    mapped instance submits one job whose container command is its shard's, under the same run id."""
+    iam, batch = moto_aws["client"]("iam"), moto_aws["client"]("batch")
+    role = iam.create_role(RoleName="cxr-dagaws-batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    env = batch.create_compute_environment(
+        computeEnvironmentName="cxr-dagaws-gpu", type="UNMANAGED", state="ENABLED", serviceRole=role
+    )
+    queue = batch.create_job_queue(
+        jobQueueName="cxr-dagaws-gpu",
+        state="ENABLED",
+        priority=1,
+        computeEnvironmentOrder=[{"order": 1, "computeEnvironment": env["computeEnvironmentArn"]}],
+    )
+    definition = batch.register_job_definition(
+        jobDefinitionName="cxr-dagaws-infer",
+        type="container",
+        containerProperties={"image": "cxr-infer:test", "vcpus": 4, "memory": 16384},
+    )
+    aws_env.setenv("AIRFLOW_VAR_CXR_BATCH_JOB_QUEUE", "cxr-dagaws-gpu")
+    aws_env.setenv("AIRFLOW_VAR_CXR_BATCH_JOB_DEFINITION", f"cxr-dagaws-infer:{definition['revision']}")
+    aws_env.setenv("CXR_INFER_BACKEND", "batch")
+    lake, _ = _s3_tensors_lake(tmp_path, samples_dir, settings, "cxr-dagaws-batch")
+    aws_env.setenv("CXR_S3_ENDPOINT_URL", s3_endpoint)
+    dag = load_dag(aws_env, "serverless")
+    conf = {**CONF, "lakehouse_uri": lake, "infer_shards": 2}
+    plan = _planned(dag, conf)
+    assert [p["shard"] for p in plan] == ["0/2", "1/2"]
+
+    job_ids = []
+    for i in range(len(plan)):
+        task, ctx = rendered_shard(dag, plan, i, conf)
+        task.wait_for_completion = False  # submitted only: moto would run the container in Docker
+        job_ids.append(task.execute(ctx))
+
+    jobs = {j["jobId"]: j for j in batch.describe_jobs(jobs=job_ids)["jobs"]}
+    args = ["--lakehouse", lake, "--run-id", f"inf-{SAFE}", "--no-progress", "--model=a,b"]
+    for i, job_id in enumerate(job_ids):
+        job = jobs[job_id]
+        assert job["container"]["command"] == [*args, "--shard", f"{i}/2"]
+        assert job["jobName"] == f"cxr-infer-{SAFE}-{i}"
+        assert (job["jobQueue"], job["jobDefinition"]) == (queue["jobQueueArn"], definition["jobDefinitionArn"])
 
 
 @pytest.mark.slow
