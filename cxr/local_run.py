@@ -316,7 +316,8 @@ class _TaskReporter:
     def _attempt(self, original: Callable[..., Any], *, ti: Any, task: Any, **kwargs: Any) -> Any:
         task_id, tries = str(ti.task_id), int(ti.max_tries) + 1
         index = -1 if ti.map_index is None else int(ti.map_index)
-        label = task_id if index < 0 else f"{task_id}[{index}]"
+        # a mapped task's instances are told apart (`infer[1]`) when there are several
+        label = f"{task_id}[{index}]" if index >= 0 and _mapped_instances(ti) > 1 else task_id
         log = _task_log_folder(self.log_folder, str(ti.dag_id), str(ti.run_id)) / f"task_id={task_id}"
         log = log / (f"map_index={index}/" if index >= 0 else "") / f"attempt={ti.try_number}.log"
         outcome = self.outcomes.setdefault(task_id, TaskOutcome(task_id))
@@ -479,6 +480,27 @@ def _shard_of(summary: InferRun) -> tuple[int, int]:
     except ValueError:
         return 0, 1
     return i, n
+
+
+def _mapped_instances(ti: Any) -> int:
+    """How many instances the mapped task of ``ti`` has in its run (0 when they cannot be counted)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    query = select(func.count()).where(
+        TaskInstance.dag_id == ti.dag_id,
+        TaskInstance.run_id == ti.run_id,
+        TaskInstance.task_id == ti.task_id,
+        TaskInstance.map_index >= 0,
+    )
+    try:
+        with create_session(scoped=False) as session:  # not dag.test()'s own session
+            return int(session.scalar(query) or 0)
+    except Exception as exc:  # a display nicety: never fail the run over it
+        log_line = f"mapped instances of {ti.task_id} not counted: {type(exc).__name__}"
+        sys.stderr.write(log_line + "\n")
+        return 0
 
 
 def _combined_state(states: Sequence[str]) -> str:
