@@ -161,7 +161,18 @@ class Predictor:
         if self.graph == "onnx":
             if self.device.type != "cpu":
                 raise CxrError("--graph onnx runs on the CPU: use --device cpu (or --graph eager on CUDA)")
-            self.session = _onnx_session(self.model, weights_sha256=self.weights_sha256, cache_dir=onnx_cache)
+            try:
+                self.session = _onnx_session(self.model, weights_sha256=self.weights_sha256, cache_dir=onnx_cache)
+            except torch.onnx.OnnxExporterError as exc:  # an operator ONNX lacks (e.g. xrv's antialiased resize)
+                reason = str(exc).splitlines()[0]
+                if graph == "onnx":
+                    raise CxrError(f"--graph onnx: {model_id} cannot be exported to ONNX ({reason})") from exc
+                log.warning(
+                    "%s cannot be exported to ONNX (%s): scoring with the frozen TorchScript graph instead",
+                    model_id,
+                    reason,
+                )
+                self.graph = "frozen"
         if self.graph == "frozen":
             # TorchScript trace -> freeze without numerics-changing passes: the same arithmetic as eager
             # (bit-identical outputs here) with less dispatch overhead, ~1.0-1.2x eager on a 2-core CPU.
@@ -569,24 +580,41 @@ def plan_reads(dataset: Any, *, shard: Shard, done: set[str]) -> ReadPlan:
         fragment.ensure_complete_metadata()  # the footer: row groups and their statistics
         meta = fragment.metadata
         tensor_col = meta.schema.names.index("tensor")
-        for info in fragment.row_groups:
-            plan.row_groups += 1
-            size = meta.row_group(info.id).column(tensor_col).total_compressed_size
-            plan.tensor_bytes_total += size
-            stats = (info.statistics or {}).get("image_id") or {}
-            if "min" in stats and "max" in stats and not shard.may_hold(stats["min"], stats["max"]):
-                continue
-            plan.row_groups_opened += 1
-            group = fragment.subset(row_group_ids=[info.id])
-            ids = group.to_table(schema=plan.schema, columns=["image_id"]).column("image_id")
-            owned = [i for i in ids.to_pylist() if shard.owns(i)]
+        sizes = {g.id: meta.row_group(g.id).column(tensor_col).total_compressed_size for g in fragment.row_groups}
+        plan.row_groups += len(sizes)
+        plan.tensor_bytes_total += sum(sizes.values())
+        groups = [g for g in fragment.row_groups if _may_hold(shard, g)]
+        if not groups:
+            continue
+        plan.row_groups_opened += len(groups)
+        # one read of the file's image_id chunks (the groups' ids, in the order asked), split per group
+        ids = (
+            fragment.subset(row_group_ids=[g.id for g in groups])
+            .to_table(schema=plan.schema, columns=["image_id"])
+            .column("image_id")
+            .to_pylist()
+        )
+        if len(ids) != sum(g.num_rows for g in groups):
+            raise CxrError(
+                f"{fragment.path}: its row groups hold {sum(g.num_rows for g in groups)} rows, read {len(ids)}"
+            )
+        start = 0
+        for g in groups:
+            owned = [i for i in ids[start : start + g.num_rows] if shard.owns(i)]
+            start += g.num_rows
             todo = [i for i in owned if i not in done]
             plan.candidates += len(owned)
             plan.rows += len(todo)
             if todo:
-                plan.groups.append((fragment, info.id, frozenset(todo)))
-                plan.tensor_bytes += size
+                plan.groups.append((fragment, g.id, frozenset(todo)))
+                plan.tensor_bytes += sizes[g.id]
     return plan
+
+
+def _may_hold(shard: Shard, group: Any) -> bool:
+    """Whether a row group may hold rows of ``shard``, by its ``image_id`` statistics (True without)."""
+    stats = (group.statistics or {}).get("image_id") or {}
+    return "min" not in stats or "max" not in stats or shard.may_hold(stats["min"], stats["max"])
 
 
 def iter_rows_to_score(plan: ReadPlan, *, batch_size: int) -> Iterator[pa.RecordBatch]:

@@ -307,6 +307,8 @@ def test_resnet50_res512_on_224_tensors_upsamples_like_xrv(
     torch.save(net.state_dict(), weights / upstream_filename(name))  # xrv's ResNet files are state dicts
     s = run_infer(str(tmp_path / "lake"), settings=settings, model_id=name, weights_dir=str(weights), progress=False)
     assert (s.predicted, s.untrained) == (3, False)
+    # ONNX cannot export xrv's antialiased resize: the default falls back to the frozen graph (with a warning)
+    assert (s.extra["graph"], s.device) == ("frozen", "cpu")
     preds = {r["image_id"]: r for r in read_arrow(str(tmp_path / "lake"), PREDICTIONS, settings).to_pylist()}
     model = xrv.models.ResNet(weights=name, cache_dir=str(weights)).eval()
     capsys.readouterr()
