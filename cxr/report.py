@@ -153,8 +153,17 @@ def build_report(
     selected_id = run.run_id if run else None
 
     cutoffs = _thresholds(lake, settings, versions)
+    # thumbnails of the run's own images (a daily report shows what that day found, and reads the tensor
+    # bytes of at most top x findings images of it: O(run), not O(table)); every image without a run
+    scope = _run_image_ids(tensors, selected_id) if selected_id else None
     models = _model_reports(
-        lake, predictions, settings, top=max(top, 0), tensors_version=versions.get("tensors"), cutoffs=cutoffs
+        lake,
+        predictions,
+        settings,
+        top=max(top, 0),
+        tensors_version=versions.get("tensors"),
+        cutoffs=cutoffs,
+        scope=scope,
     )
     untrained = sorted({m.model_id for m in models if m.untrained} | {r.model_id for r in infer_runs if r.untrained})
     context = {
@@ -179,6 +188,7 @@ def build_report(
         "models": models,
         "untrained": untrained,
         "top": top,
+        "top_scope": "run" if scope is not None else "lakehouse",
         "validation": _validation(lake, settings),
         "data_docs": _data_docs_link(lake, out, settings),
         "banner_rgb": "#{:02x}{:02x}{:02x}".format(*BANNER_RGB),
@@ -307,6 +317,16 @@ def _run_quarantine_rows(quarantine: pa.Table | None, run_id: str | None) -> dic
     return {"rows": rows[:MAX_QUARANTINE_ROWS], "total": len(rows)}
 
 
+def _run_image_ids(tensors: pa.Table | None, run_id: str) -> pa.Array:
+    """The image ids the run added to ``tensors`` (empty when it added none, or there is no table)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if tensors is None:
+        return pa.array([], pa.string())
+    return tensors.filter(pc.equal(tensors.column("run_id"), run_id)).column("image_id").combine_chunks()
+
+
 def _model_reports(
     lake: str,
     predictions: pa.Table | None,
@@ -315,8 +335,10 @@ def _model_reports(
     top: int,
     tensors_version: int | None,
     cutoffs: dict[tuple[str, str], float] | None = None,
+    scope: pa.Array | None = None,
 ) -> list[ModelReport]:
-    """Per model: identity, per-pathology histograms and the top images per finding."""
+    """Per model: identity, per-pathology histograms (every prediction) and the top images per finding
+    (among the ``scope`` image ids when given: the selected run's)."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -341,6 +363,11 @@ def _model_reports(
             untrained=model_id.endswith(UNTRAINED_SUFFIX) or "untrained" in sources,
         )
         ids = np.asarray(sub.column("image_id").to_pylist(), dtype=object)
+        in_scope = (
+            np.ones(len(ids), dtype=bool)
+            if scope is None
+            else pc.is_in(sub.column("image_id"), value_set=scope).to_numpy(zero_copy_only=False)
+        )
         for name, col in PATHOLOGY_COLUMNS.items():
             if col not in sub.column_names:
                 report.not_predicted.append(name)
@@ -350,7 +377,7 @@ def _model_reports(
             if not ok.any():
                 report.not_predicted.append(name)
                 continue
-            scores, score_ids = values[ok], ids[ok]
+            scores = values[ok]
             site = (cutoffs or {}).get((model_id, col))
             finding = Finding(
                 name=name,
@@ -363,7 +390,8 @@ def _model_reports(
                 site_positive=int((scores >= site).sum()) if site is not None else None,
             )
             report.findings.append(finding)
-            wanted.setdefault(model_id, []).append((finding, _top_k(score_ids, scores, top)))
+            shown = ok & in_scope
+            wanted.setdefault(model_id, []).append((finding, _top_k(ids[shown], values[shown], top)))
         models.append(report)
     _attach_thumbs(lake, wanted, settings, tensors_version)
     return models

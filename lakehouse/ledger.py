@@ -12,11 +12,12 @@ batch's tensors are committed, so a kill between the two leaves tensors rows wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.config import Settings
+from lakehouse.storage import ListedFile
 from lakehouse.tables import FILES, REJUDGED_OUTCOMES, TENSORS, TableSpec, arrow_schema
 
 if TYPE_CHECKING:
@@ -75,6 +76,98 @@ def read_known(lakehouse_uri: str, settings: Settings) -> dict[str, KnownFile]:
         else:
             known[uri] = KnownFile(size, mtime, outcome, iid, run_id, reason, dup)
     return known
+
+
+#: the columns of :attr:`Split.known`
+KNOWN_COLUMNS = (
+    "source_uri",
+    "source_bytes",
+    "source_mtime_ms",
+    "outcome",
+    "image_id",
+    "run_id",
+    "reason_class",
+    "duplicate_of",
+    "in_ledger",
+)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A listing split by what earlier runs judged: the files judged before and unchanged since (one Arrow
+    row each, with that judgement: :data:`KNOWN_COLUMNS`), and the files to judge now (in listing order)."""
+
+    known: pa.Table
+    todo: list[ListedFile]
+
+
+def split_listing(lakehouse_uri: str, listing: Sequence[ListedFile], settings: Settings) -> Split:
+    """Split ``listing`` into files judged before (unchanged: same path, size and mtime) and files to judge.
+
+    The same rules as :func:`read_known`, computed with Arrow joins instead of a Python object per row:
+    the ledger's and the listing's columns are read and joined in C, and only the files to judge become
+    Python objects (the known ones stay one Arrow table). 400k known files cost about a second, not ten.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    listed = pa.table(
+        {
+            "source_uri": pa.array([f.uri for f in listing], pa.string()),
+            "listed_bytes": pa.array([f.size for f in listing], pa.int64()),
+            "listed_mtime_ms": pa.array([f.mtime_ms for f in listing], pa.int64()),
+            "listed_at": pa.array(np.arange(len(listing), dtype=np.int64)),
+        }
+    )
+    files = _read(lakehouse_uri, FILES, settings, list(KNOWN_COLUMNS[:-1]))
+    rejudged = pc.is_in(files.column("outcome"), value_set=pa.array(REJUDGED_OUTCOMES, pa.string()))
+    ledger = files.filter(pc.invert(rejudged))
+    ledger = ledger.append_column("in_ledger", pa.repeat(True, ledger.num_rows))
+    tensors = _read(
+        lakehouse_uri, TENSORS, settings, ["image_id", "source_uri", "source_bytes", "source_modified_at", "run_id"]
+    )
+    # paths in tensors the ledger has no row for at all (a rejudged ledger row wins over tensors too)
+    tensors = tensors.filter(
+        pc.and_(
+            pc.invert(pc.is_in(tensors.column("source_uri"), value_set=files.column("source_uri"))),
+            pc.is_valid(tensors.column("source_modified_at")),
+        )
+    )
+    n = tensors.num_rows
+    from_tensors = pa.table(
+        {
+            "source_uri": tensors.column("source_uri"),
+            "source_bytes": tensors.column("source_bytes"),
+            "source_mtime_ms": pc.divide(
+                pc.cast(pc.cast(tensors.column("source_modified_at"), pa.timestamp("us", tz="UTC")), pa.int64()), 1000
+            ),
+            "outcome": pa.repeat("new", n),
+            "image_id": tensors.column("image_id"),
+            "run_id": tensors.column("run_id"),
+            "reason_class": pa.nulls(n, pa.string()),
+            "duplicate_of": pa.nulls(n, pa.string()),
+            "in_ledger": pa.repeat(False, n),
+        }
+    )
+    candidates = pa.concat_tables(
+        [ledger.select(KNOWN_COLUMNS), from_tensors.cast(ledger.select(KNOWN_COLUMNS).schema)]
+    )
+    joined = listed.join(candidates, keys="source_uri", join_type="inner")
+    same = joined.filter(
+        pc.and_(
+            pc.equal(joined.column("listed_bytes"), joined.column("source_bytes")),
+            pc.equal(joined.column("listed_mtime_ms"), joined.column("source_mtime_ms")),
+        )
+    )
+    # one row per listed file (a path in tensors twice, its bytes changed in between: either row will do)
+    order = same.column("listed_at").to_numpy()
+    _, first = np.unique(order, return_index=True)
+    known = same.take(pa.array(first)).sort_by("listed_at")
+    is_known = np.zeros(len(listing), dtype=bool)
+    is_known[known.column("listed_at").to_numpy()] = True
+    todo = [f for f, k in zip(listing, is_known, strict=True) if not k]
+    return Split(known.select(KNOWN_COLUMNS), todo)
 
 
 def _read(lakehouse_uri: str, spec: TableSpec, settings: Settings, columns: list[str]) -> pa.Table:

@@ -85,6 +85,8 @@ class PreprocessRun(RunRecord):
     seconds: float = 0.0
     #: CPU seconds spent on this run: the driver's plus the decoding workers' (user + system)
     cpu_seconds: float = 0.0
+    #: cores the run had to decode with (Spark's default parallelism)
+    cores: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     skip_reasons: dict[str, int] = field(default_factory=dict)
     previously: dict[str, int] = field(default_factory=dict)
@@ -130,6 +132,8 @@ class InferRun(RunRecord):
     cpu_seconds: float = 0.0
     #: GPU seconds: wall seconds of the scoring loop on a CUDA device (0 on the CPU)
     gpu_seconds: float = 0.0
+    #: CPU threads the model ran on
+    cores: int = 0
     untrained: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -377,9 +377,13 @@ def test_latest_run_by_default_and_run_id_selects(
     ]
     assert latest.one(data_previously="quarantined") == "quarantined 9"
     assert latest.number(data_count="accepted") == 17 and latest.number(data_total="tensors_of_run") == 0
+    # the thumbnails are the reported run's images: this run added none (its histograms still show all)
+    assert not [e for e in latest.elements if e["tag"] == "img"]
+    assert len([e for e in latest.elements if e["tag"] == "rect"]) > 0
     first = Page(build_report(str(work), settings=settings, run_id="pre-test"))
     assert first.one(data_field="run_id") == "pre-test" and first.number(data_field="new") == 17
     assert first.number(data_total="tensors_of_run") == 17
+    assert len([e for e in first.elements if e["tag"] == "img"]) > 0
     with pytest.raises(CxrError, match=r"no preprocessing run 'nope'.*known runs: .*pre-test"):
         build_report(str(work), settings=settings, run_id="nope")
 

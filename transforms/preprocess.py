@@ -343,6 +343,7 @@ def run_preprocess(
     _reconcile(summary, state, started=started)
     # this process's CPU (listing, planning, commits) and the workers' and decoder children's, per file
     summary.cpu_seconds = round(time.process_time() - cpu_started + state.cpu_s, 3)
+    summary.cores = int(plan.spark.sparkContext.defaultParallelism)
     write_summary(lakehouse_uri, summary, settings)
     return summary
 
@@ -352,8 +353,8 @@ class _Plan:
     """What a run works on: the listed input, the files to judge, what ``tensors`` holds, the session."""
 
     listing: list[storage.ListedFile]
-    #: files judged before and unchanged since (not read again), with that judgement
-    known: list[tuple[storage.ListedFile, ledger.KnownFile]]
+    #: files judged before and unchanged since (not read again), with that judgement (``ledger.KNOWN_COLUMNS``)
+    known: pa.Table
     #: files to judge in this run
     todo: list[storage.ListedFile]
     known_ids: KnownIds  # read, hashed, and not decoded
@@ -388,17 +389,10 @@ def _plan(
     tensors = delta_rs.ensure_table(lakehouse_uri, TENSORS, settings)
     delta_rs.ensure_table(lakehouse_uri, QUARANTINE, settings)
     _check_same_params(lakehouse_uri, params, settings)
-    earlier = ledger.read_known(lakehouse_uri, settings)
-    known, todo = [], []
-    for f in listing:
-        k = ledger.is_known(earlier, f.uri, f.size, f.mtime_ms)
-        if k is None:
-            todo.append(f)
-        else:
-            known.append((f, k))
+    split = ledger.split_listing(lakehouse_uri, listing, settings)
     ids = tensors.to_pyarrow_table(columns=["image_id"]).column("image_id").to_pylist()
-    log.info("%d files judged before and unchanged; %d to judge", len(known), len(todo))
-    return _Plan(listing, known, todo, KnownIds(ids), tensors.version(), spark)
+    log.info("%d files judged before and unchanged; %d to judge", split.known.num_rows, len(split.todo))
+    return _Plan(listing, split.known, split.todo, KnownIds(ids), tensors.version(), spark)
 
 
 @dataclass
@@ -433,35 +427,41 @@ class _RunState:
 
 
 def _count_known(state: _RunState, plan: _Plan, run_id: str) -> None:
-    """Count the files judged before: this run's earlier attempts under their outcomes, others as present."""
-    for f, k in plan.known:
-        if k.run_id == run_id:  # an Airflow retry: what the earlier attempt judged is this run's
-            state.count(k.outcome, k.reason_class)
-            if k.outcome == NEW and k.image_id:
-                state.first_of.setdefault(k.image_id, f.uri)
-            if k.outcome == DUPLICATE:
-                state.pairs.append({"source_uri": f.uri, "duplicate_of": k.duplicate_of or ""})
-        else:
-            state.count(PRESENT)
-            state.previously[k.outcome] = state.previously.get(k.outcome, 0) + 1
+    """Count the files judged before: this run's earlier attempts under their outcomes, others as present
+    (counted in Arrow: an archive of 400k known files makes no Python object per file)."""
+    import pyarrow.compute as pc
+
+    ours = pc.equal(plan.known.column("run_id"), run_id)
+    for k in plan.known.filter(ours).to_pylist():  # an Airflow retry: what the earlier attempt judged is this run's
+        state.count(k["outcome"], k["reason_class"])
+        if k["outcome"] == NEW and k["image_id"]:
+            state.first_of.setdefault(k["image_id"], k["source_uri"])
+        if k["outcome"] == DUPLICATE:
+            state.pairs.append({"source_uri": k["source_uri"], "duplicate_of": k["duplicate_of"] or ""})
+    for v in pc.value_counts(plan.known.filter(pc.invert(ours)).column("outcome")).to_pylist():
+        outcome, n = str(v["values"]), int(v["counts"])
+        state.outcomes[PRESENT] = state.outcomes.get(PRESENT, 0) + n
+        state.previously[outcome] = state.previously.get(outcome, 0) + n
 
 
 def _record_unrecorded(lakehouse_uri: str, plan: _Plan, settings: Settings) -> None:
     """Give a ledger row to every listed path known from ``tensors`` only (a kill between a batch's tensors
     commit and its ledger write, or a lakehouse made before the ledger)."""
+    import pyarrow.compute as pc
+
     now = datetime.now(UTC)
+    unrecorded = plan.known.filter(pc.invert(plan.known.column("in_ledger")))
     rows = [
         {
-            "source_uri": f.uri,
-            "source_bytes": f.size,
-            "source_mtime_ms": f.mtime_ms,
-            "outcome": k.outcome,
-            "image_id": k.image_id,
-            "run_id": k.run_id,
+            "source_uri": k["source_uri"],
+            "source_bytes": k["source_bytes"],
+            "source_mtime_ms": k["source_mtime_ms"],
+            "outcome": k["outcome"],
+            "image_id": k["image_id"],
+            "run_id": k["run_id"],
             "judged_at": now,
         }
-        for f, k in plan.known
-        if not k.in_ledger
+        for k in unrecorded.to_pylist()
     ]
     if rows:
         log.info("recording %d files committed to tensors without a ledger row", len(rows))
