@@ -320,14 +320,39 @@ def run_infer(
     progress: bool = True,
     thresholds: str | None = None,
 ) -> InferRun:
-    """Score every tensor that lacks a prediction for ``model_id`` and MERGE the results.
+    """Score every tensor of ``shard`` that lacks a prediction for ``model_id`` and MERGE the results.
 
-    With ``thresholds`` (``latest`` or a Delta version of the ``thresholds`` table), each row also gets
-    ``positive_<pathology>`` = probability >= the model's site threshold, and ``thresholds_version``;
-    without, those columns are null.
+    The latest ``tensors`` version is pinned (``tensors_version``); its ``image_id`` column is read first
+    (:func:`plan_reads`), then the tensors of only the row groups holding rows to score
+    (:func:`iter_rows_to_score`). With ``thresholds`` (``latest`` or a Delta version of the ``thresholds``
+    table), each row also gets ``positive_<pathology>`` = probability >= the model's site threshold, and
+    ``thresholds_version``; without, those columns are null.
+
+    Args:
+        lakehouse_uri: folder or ``s3://bucket/prefix``.
+        settings: storage, ONNX export cache, allocator tuning.
+        model_id: an xrv weights name.
+        weights_dir: a folder in xrv's cache layout holding the weights file.
+        weights_uri: one weights file (local or ``s3://``).
+        allow_untrained: without weights, score with a random-init stand-in (marked in every row).
+        batch_size: images per forward pass.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        amp: mixed precision on CUDA.
+        shard: score only this shard's images.
+        graph: the engine (see :data:`GraphMode`); ``auto`` is ONNX Runtime on CPU, eager on CUDA.
+        channels_last: channels_last memory format.
+        commit_every: MERGE every this many images.
+        run_id: recorded in every row (default: generated).
+        progress: show a progress bar (total = the rows to score).
+        thresholds: ``latest`` or a ``thresholds`` version: add the decisions.
+
+    Returns:
+        The run summary (also written under ``runs/``): counts, engine, seconds, CPU and GPU seconds,
+        and what was read (``extra``: row groups and tensor bytes).
 
     Raises:
         WeightsNotFoundError: no weights and no ``allow_untrained``.
+        CxrError: no tensors table, or bad thresholds.
     """
     import pyarrow as pa
     import torch
