@@ -200,7 +200,11 @@ def compute_drift(
             rate_ref = float((r >= POSITIVE_AT).mean()) if nr else None
             add(m, column, "positive_rate", float((c >= POSITIVE_AT).mean()), rate_ref, nc, nr)
     cur_inputs = _input_frame(lake, settings, sorted(set(current["image_id"])))
-    ref_inputs = _input_frame(lake, settings, sorted(set(reference["image_id"]))) if len(reference) else None
+    ref_inputs = (
+        _reference_inputs(lake, settings, str(reference_id), sorted(set(reference["image_id"])))
+        if len(reference)
+        else None
+    )
     n, n_ref = len(cur_inputs), (len(ref_inputs) if ref_inputs is not None else 0)
     for stat in INPUT_STATS:
         c = cur_inputs[stat].to_numpy(dtype="float64")
@@ -275,6 +279,31 @@ def _input_frame(lake: str, settings: Settings, image_ids: Sequence[str]) -> pd.
             }
         )
     return pd.DataFrame(rows, columns=["image_id", *INPUT_STATS, *MIX_COLUMNS])
+
+
+def _reference_inputs(lake: str, settings: Settings, reference_id: str, image_ids: Sequence[str]) -> pd.DataFrame:
+    """:func:`_input_frame` of the reference sample, computed once per reference run and sample and cached
+    under ``reports/drift_reference/``: every later day reads one small file instead of the tensor bytes
+    of up to ``REFERENCE_SAMPLE`` images (whose row groups are spread over the reference run's files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lakehouse.errors import InputError, StorageError
+
+    uri = storage.drift_reference_uri(lake, reference_id)
+    wanted = list(image_ids[:REFERENCE_SAMPLE])
+    try:
+        cached = pq.read_table(pa.BufferReader(storage.read_bytes(uri, settings, backoff=()))).to_pandas()
+        if sorted(cached["image_id"]) == sorted(wanted):
+            return cached
+        log.info("drift: the reference sample of %s changed: statistics computed again", reference_id)
+    except (InputError, StorageError, pa.ArrowInvalid, KeyError):
+        pass  # not computed yet (or unreadable): compute it
+    frame: pd.DataFrame = _input_frame(lake, settings, wanted)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes(), settings)
+    return frame
 
 
 def _replace_run_rows(lake: str, settings: Settings, run_id: str, rows: list[dict[str, Any]]) -> None:

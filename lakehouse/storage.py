@@ -132,6 +132,11 @@ def evaluation_summary_uri(lakehouse_uri: str, evaluation_id: str) -> str:
     return join(reports_uri(lakehouse_uri), "evaluations", f"{evaluation_id}.json")
 
 
+def drift_reference_uri(lakehouse_uri: str, run_id: str) -> str:
+    """The cached input statistics of a drift reference run: ``<lakehouse>/reports/drift_reference/<run_id>.parquet``."""
+    return join(reports_uri(lakehouse_uri), "drift_reference", f"{run_id}.parquet")
+
+
 def accepted_uri(lakehouse_uri: str) -> str:
     """Runs an operator accepted despite a failed audit (``cxr accept``): ``<lakehouse>/reports/accepted.json``."""
     return join(reports_uri(lakehouse_uri), "accepted.json")

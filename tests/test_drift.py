@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
@@ -76,9 +77,19 @@ def test_a_drifted_run_fails_the_gate_and_publishes_nothing(
     manifest = (lake / "_published" / "predictions" / "manifest").read_text()
     assert json.loads(record)["reference_infer_run_id"] == "inf-day1"
     capsys.readouterr()
+    # the reference's input statistics were computed once, from its tensors, and cached
+    from cxr.drift import _input_frame
+
+    cache = lake / "reports" / "drift_reference" / "inf-day1.parquet"
+    cached = pd.read_parquet(cache).sort_values("image_id").reset_index(drop=True)
+    direct = _input_frame(str(lake), settings, sorted(cached["image_id"])).sort_values("image_id")
+    pd.testing.assert_frame_equal(cached, direct.reset_index(drop=True))
+    assert len(cached) == 150
+    cached_at = cache.stat().st_mtime_ns
 
     # day 3: 30% of the images inverted
     assert run("day3", range(2000, 2060), inverted_share=0.3) == (1, 1)
+    assert cache.stat().st_mtime_ns == cached_at  # read from the cache, not from the reference's tensors
     out = capsys.readouterr().out
     assert "drift of inf-day3 against inf-day1: FAIL" in out and "input.mean" in out
     drift = DeltaTable(str(lake / "drift")).to_pandas()
