@@ -112,7 +112,7 @@ def run_local(
     labels_uri: str | None = None,
     labels_key: str = "file_name",
     thresholds: str | None = None,
-    infer_shards: int = 0,
+    infer_shards: int = 1,
     airflow_home: Path | None = None,
     terminal: TextIO | None = None,
     capture: bool = True,
@@ -129,8 +129,9 @@ def run_local(
         labels_key: what the labels' key holds (``file_name``, ``image_id``, ``sop_instance_uid``).
         thresholds: ``latest`` or a thresholds version: inference adds the decision columns.
         infer_shards: inference tasks (shards), one mapped task instance each; 0 = auto (one per
-            ``CXR_INFER_IMAGES_PER_TASK`` predictions to write, capped by the cores). ``dag.test()`` runs
-            one task at a time: locally the shards run one after another.
+            ``CXR_INFER_IMAGES_PER_TASK`` predictions to write, capped by the cores). Default 1:
+            ``dag.test()`` runs one task at a time, so shards would run one after another, each on its
+            share of the cores (the fan-out pays off under a scheduler with a parallel executor).
         airflow_home: the Airflow home (default ``AIRFLOW_HOME`` or ``.airflow/`` in the repository).
         terminal: where the per-task lines go (default: this process's stdout as it was on entry).
         capture: False leaves Airflow's and the tasks' output on stdout/stderr (``cxr -v run``).

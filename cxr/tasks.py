@@ -230,7 +230,7 @@ def plan_infer_stage(
         cores=cores,
         threads_per_task=air.infer_threads_per_task,
     )
-    wanted = requested or n
+    wanted = requested or -(-to_score // air.infer_images_per_task)
     if n < wanted:
         log.warning(
             "%d shards asked for; %d run (CXR_INFER_MAX_SHARDS=%d%s)",
