@@ -532,6 +532,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     input_uri = args.input or settings.input_uri or "data/samples"
     lakehouse_uri = args.lakehouse or settings.lakehouse_uri or "data/lakehouse"
+    if not 0 <= args.infer_shards <= settings.airflow.infer_max_shards:
+        raise CxrError(f"--infer-shards {args.infer_shards}: give 0 (auto) to {settings.airflow.infer_max_shards}")
     result = run_local(
         input_uri=input_uri,
         lakehouse_uri=lakehouse_uri,
@@ -541,6 +543,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         labels_uri=args.labels,
         labels_key=args.labels_key,
         thresholds=args.thresholds,
+        infer_shards=args.infer_shards,
         capture=not args.verbose,  # `cxr -v run`: Airflow's and the tasks' output on the terminal too
     )
     sys.stdout.write("".join(f"{line}\n" for line in summary_lines(result, lakehouse_uri=lakehouse_uri)))
@@ -732,6 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the labels' key",
     )
     run.add_argument("--thresholds", help="latest or a thresholds version: decision columns (cxr infer --thresholds)")
+    run.add_argument(
+        "--infer-shards",
+        type=int,
+        default=1,
+        metavar="N",
+        help="inference tasks (the DAG's infer_shards Param; 0 = from the number of images to score). "
+        "dag.test() runs tasks one at a time, so shards here run one after another (default 1)",
+    )
     run.set_defaults(func=_cmd_run)
 
     mnt = sub.add_parser(

@@ -184,7 +184,7 @@ def build_report(
         "quarantine_reasons": sorted((run.quarantine_reasons if run else {}).items()),
         "run_quarantine": _run_quarantine_rows(quarantine, selected_id),
         "totals": _totals(tensors, quarantine, predictions, selected_id),
-        "infer_runs": [r.body for r in infer_runs],
+        "infer_runs": _per_run_and_model(infer_runs),
         "models": models,
         "untrained": untrained,
         "top": top,
@@ -232,6 +232,23 @@ def write_report(
 
 
 # --- reading ------------------------------------------------------------------------------------------
+def _per_run_and_model(runs: list[InferRun]) -> list[dict[str, Any]]:
+    """One row per inference run and model: a run fanned out over N shards has N summaries, added up
+    (counts summed; seconds of the slowest shard, as they run side by side)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in runs:
+        key = (r.run_id, r.model_id)
+        if key not in rows:
+            rows[key] = {**r.body, "shards": 0}
+        else:
+            row = rows[key]
+            for field in ("candidates", "already_predicted", "predicted"):
+                row[field] = int(row.get(field) or 0) + int(r.body.get(field) or 0)
+            row["seconds"] = max(float(row.get("seconds") or 0), float(r.body.get("seconds") or 0))
+        rows[key]["shards"] += 1
+    return list(rows.values())
+
+
 def _pick_run(runs: list[PreprocessRun], run_id: str | None, lake: str) -> PreprocessRun | None:
     """The requested preprocessing run, or the latest; None when there is none and none was asked for."""
     if run_id is None:

@@ -39,8 +39,7 @@ def new_images_waiting(input_uri: str, lakehouse_uri: str) -> bool:
     if not listing:
         log.info("no files under %s yet", input_uri)
         return False
-    known = ledger.read_known(lakehouse_uri, settings)
-    new = sum(1 for f in listing if ledger.is_known(known, f.uri, f.size, f.mtime_ms) is None)
+    new = len(ledger.split_listing(lakehouse_uri, listing, settings).todo)  # an Arrow join, not a dict per file
     log.info("%d of %d files under %s are new", new, len(listing), input_uri)
     return new > 0
 

@@ -7,7 +7,7 @@ decoded again and does not count against a new run's quarantine share. A changed
 
 One row per path holds its latest judgement (MERGE on ``source_uri``). The ledger is written after each
 batch's tensors are committed, so a kill between the two leaves tensors rows without ledger rows:
-:func:`read_known` also counts those (same path, size and mtime in ``tensors``) as known.
+:func:`split_listing` also counts those (same path, size and mtime in ``tensors``) as known.
 """
 
 from __future__ import annotations
@@ -22,60 +22,6 @@ from lakehouse.tables import FILES, REJUDGED_OUTCOMES, TENSORS, TableSpec, arrow
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-
-@dataclass(frozen=True)
-class KnownFile:
-    """What an earlier run (or an earlier attempt of this run) decided about one path."""
-
-    size: int
-    mtime_ms: int
-    outcome: str
-    image_id: str | None
-    run_id: str
-    reason_class: str | None = None
-    duplicate_of: str | None = None
-    #: False for a path known from ``tensors`` only (no ledger row yet): the run records one
-    in_ledger: bool = True
-
-
-def read_known(lakehouse_uri: str, settings: Settings) -> dict[str, KnownFile]:
-    """Every path judged before whose judgement still holds (not retryable, not requeued), by URI.
-
-    Paths in ``tensors`` missing from the ledger (lakehouses older than the ledger, or a kill between a
-    batch's tensors commit and its ledger commit) are known as ``new`` of the run that committed them
-    (``in_ledger`` False: the next run records them).
-    """
-    known: dict[str, KnownFile] = {}
-    tensors = _read(
-        lakehouse_uri, TENSORS, settings, ["image_id", "source_uri", "source_bytes", "source_modified_at", "run_id"]
-    )
-    for iid, uri, size, ts, run_id in zip(*(tensors.column(c).to_pylist() for c in tensors.column_names), strict=True):
-        if ts is not None:
-            known[uri] = KnownFile(size, int(ts.timestamp() * 1000), "new", iid, run_id, in_ledger=False)
-    ledger = _read(
-        lakehouse_uri,
-        FILES,
-        settings,
-        [
-            "source_uri",
-            "source_bytes",
-            "source_mtime_ms",
-            "outcome",
-            "image_id",
-            "run_id",
-            "reason_class",
-            "duplicate_of",
-        ],
-    )
-    for uri, size, mtime, outcome, iid, run_id, reason, dup in zip(
-        *(ledger.column(c).to_pylist() for c in ledger.column_names), strict=True
-    ):
-        if outcome in REJUDGED_OUTCOMES:
-            known.pop(uri, None)
-        else:
-            known[uri] = KnownFile(size, mtime, outcome, iid, run_id, reason, dup)
-    return known
 
 
 #: the columns of :attr:`Split.known`
@@ -104,9 +50,12 @@ class Split:
 def split_listing(lakehouse_uri: str, listing: Sequence[ListedFile], settings: Settings) -> Split:
     """Split ``listing`` into files judged before (unchanged: same path, size and mtime) and files to judge.
 
-    The same rules as :func:`read_known`, computed with Arrow joins instead of a Python object per row:
-    the ledger's and the listing's columns are read and joined in C, and only the files to judge become
-    Python objects (the known ones stay one Arrow table). 400k known files cost about a second, not ten.
+    Known: a ledger row whose outcome holds (not retryable, not requeued); or, for a path the ledger has no
+    row for at all, a ``tensors`` row (a lakehouse older than the ledger, or a kill between a batch's
+    tensors commit and its ledger commit: ``in_ledger`` False, outcome ``new`` of the run that committed
+    it; the next run records it). Computed with Arrow joins, not a Python object per row: the ledger's and
+    the listing's columns are joined in C, and only the files to judge become Python objects (the known
+    ones stay one Arrow table).
     """
     import numpy as np
     import pyarrow as pa
@@ -180,14 +129,6 @@ def _read(lakehouse_uri: str, spec: TableSpec, settings: Settings, columns: list
         return delta_rs.open_table(lakehouse_uri, spec, settings).to_pyarrow_table(columns=columns)
     except TableNotFoundError:
         return arrow_schema(spec).empty_table().select(columns)
-
-
-def is_known(known: Mapping[str, KnownFile], uri: str, size: int, mtime_ms: int) -> KnownFile | None:
-    """The earlier judgement of ``uri`` when the file is unchanged since (same size and mtime), else None."""
-    k = known.get(uri)
-    if k is not None and k.size == size and k.mtime_ms == mtime_ms:
-        return k
-    return None
 
 
 def record(lakehouse_uri: str, rows: Iterable[Mapping[str, Any]], settings: Settings) -> int:

@@ -273,3 +273,7 @@ def test_dag_maps_inference_over_two_shards(tmp_path: Path, samples_dir: Path, c
     assert f"{len(tensors)} predictions to write: 2 shard(s), 2 asked for" in plan_line
     (infer_line,) = [ln for ln in lines if ln.startswith("  infer ")]
     assert f"{sum(predicted)} predicted (0 before), {MODEL}" in infer_line and "2 shards" in infer_line
+    # the report's inference table: one row for the run and model, the shards added up
+    html = (lake / "reports" / "report.html").read_text()
+    assert f'data-infer-predicted="{run_id}|{MODEL}">{sum(predicted)}<' in html
+    assert f'data-infer-shards="{run_id}|{MODEL}">2<' in html and html.count("data-infer-predicted=") == 1

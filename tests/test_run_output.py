@@ -47,7 +47,12 @@ def _summary(lines: list[str]) -> dict[str, str]:
 
 
 def _task_log(home: Path, task_id: str) -> Path:
-    [log] = (home / "logs" / "dag_id=xray_inference_pipeline").glob(f"run_id=*/task_id={task_id}/attempt=1.log")
+    root = home / "logs" / "dag_id=xray_inference_pipeline"
+    # a mapped task (infer: one instance per shard) logs under map_index=<i>/
+    [log] = [
+        *root.glob(f"run_id=*/task_id={task_id}/attempt=1.log"),
+        *root.glob(f"run_id=*/task_id={task_id}/map_index=0/attempt=1.log"),
+    ]
     return log
 
 
@@ -80,7 +85,8 @@ def test_cxr_run_prints_one_line_per_task_and_logs_to_files(tmp_path: Path, cli_
     assert rows["evaluate"].endswith("no labels_uri: skipped")
     # the real weights when they can be downloaded, else the stand-in (marked in its model id)
     assert re.search(
-        rf"  {n_valid} predicted \(0 before\), densenet121-res224-all(\+untrained-random-init)?, \w+$", rows["infer"]
+        rf"  {n_valid} predicted \(0 before\), densenet121-res224-all(\+untrained-random-init)?, cpu\+onnxruntime-[\d.]+$",
+        rows["infer"],
     )
     assert re.search(r"tensors v1, quarantine v\d, predictions v1, files v1, drift v1$", rows["publish"]), rows[
         "publish"
