@@ -314,6 +314,9 @@ def _build_batches(
     def read(spec: Any, columns: list[str] | None = None) -> Any:
         return read_arrow(lake, spec, settings, columns=columns, version=versions.get(spec.name))
 
+    def ids_of(spec: Any, columns: list[str]) -> Any:  # an id projection of every row
+        return frames.read_rows(lake, spec, settings, columns=columns, version=versions.get(spec.name))
+
     out: list[_Batch] = []
     audited: dict[str, list[str] | None] = {}
 
@@ -326,7 +329,7 @@ def _build_batches(
 
     def all_tensor_ids() -> Any:
         if not tensor_ids:
-            tensor_ids.append(read(TENSORS, ["image_id", "run_id"]))
+            tensor_ids.append(ids_of(TENSORS, ["image_id", "run_id"]))
         return tensor_ids[0]
 
     if "tensors" in chosen:
@@ -357,14 +360,14 @@ def _build_batches(
             )
         )
     if "files" in chosen:
-        ids = read(FILES, ["source_uri", "run_id"])
+        ids = ids_of(FILES, ["source_uri", "run_id"])
         runs = scope("files", ids, "files")
         columns = ["source_uri", "outcome", "run_id", "reason_class", "image_id"]
         ledger = frames.read_rows(lake, FILES, settings, columns=columns, version=versions.get("files"), runs=runs)
         out.append(_Batch("files", "files", suites.files_suite, frames.files_frame(ledger)))
         out.append(_Batch("files", "files_keys", suites.files_keys_suite, frames.files_keys_frame(ids)))
     if "predictions" in chosen:
-        ids = read(PREDICTIONS, frames.PREDICTION_ID_COLUMNS)
+        ids = ids_of(PREDICTIONS, frames.PREDICTION_ID_COLUMNS)
         runs = scope("predictions", ids, "predictions")
         rows = frames.read_rows(
             lake,

@@ -245,7 +245,8 @@ def test_a_corrupt_row_fails_its_own_audit_and_a_published_run_is_not_read_again
     assert not report.success
     failed = _failed(report, "tensors")
     assert set(failed) == {BYTES, RANGE}
-    assert failed[BYTES].unexpected_count == 1 and failed[BYTES].examples == [{"image_id": bad}]
+    assert failed[BYTES].unexpected_count == 1
+    assert failed[BYTES].examples == [{"image_id": bad, "tensor_nbytes": 100350, "expected_nbytes": 100352}]
     assert report.tables["tensors"].rows == 3
 
     # the same corruption in the published run: the audit of pre-day2 neither reads nor fails it
@@ -259,7 +260,7 @@ def test_a_corrupt_row_fails_its_own_audit_and_a_published_run_is_not_read_again
     # a full validation still finds it: the corruption is there to be found
     full = validate_lakehouse(str(lake), settings=settings, tables=["tensors"])
     failed = _failed(full, "tensors")
-    assert set(failed) == {BYTES, RANGE} and failed[BYTES].examples == [{"image_id": bad}]
+    assert set(failed) == {BYTES, RANGE} and failed[BYTES].examples[0]["image_id"] == bad
 
 
 def test_key_orphan_and_coverage_checks_span_every_run(two_days: Path, tmp_path: Path, settings: Settings) -> None:
