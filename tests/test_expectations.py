@@ -6,6 +6,7 @@ stages) with one table rewritten by delta-rs. Real GX, real Delta, real local S3
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -135,6 +136,35 @@ def test_coverage_models_and_frame() -> None:
         ("c", "m2", False),
     ]
     assert frames.coverage_frame(predictions, ["a"], ["m1", "m2"]).empty
+
+
+def test_key_frames_hold_exactly_the_rows_that_break_a_key_rule() -> None:
+    ids = pa.table({"image_id": ["a", "b", "a", "c", "a"], "run_id": ["r1", "r1", "r2", "r2", "r3"]})
+    assert frames.duplicated_rows(ids, ["image_id"]).to_pylist() == [0, 2, 4]
+    dups = frames.tensors_keys_frame(ids)
+    assert list(zip(dups["image_id"], dups["run_id"], strict=True)) == [("a", "r1"), ("a", "r2"), ("a", "r3")]
+    assert frames.tensors_keys_frame(ids.slice(1, 3)).empty  # b, a, c: unique
+
+    predictions = pa.table(
+        {
+            "image_id": ["a", "a", "b", "z", "b"],
+            "model_id": ["m1", "m2", "m1", "m1", "m1"],
+            "run_id": ["x", "x", "x", "y", "y"],
+        }
+    )
+    keys = frames.predictions_keys_frame(predictions, ["a", "b"])
+    # (b, m1) twice, across runs; z is no tensor; (a, m1) and (a, m2) are fine
+    assert list(zip(keys["image_id"], keys["model_id"], keys["run_id"], keys["in_tensors"], strict=True)) == [
+        ("b", "m1", "x", True),
+        ("z", "m1", "y", False),
+        ("b", "m1", "y", True),
+    ]
+    assert frames.predictions_keys_frame(predictions.slice(0, 3), ["a", "b"]).empty
+
+    ledger = pa.table({"source_uri": ["/in/p.png", "/in/q.png", "/in/p.png"], "run_id": ["r1", "r1", "r2"]})
+    paths = frames.files_keys_frame(ledger)
+    key = hashlib.sha256(b"/in/p.png").hexdigest()
+    assert list(zip(paths["path_key"], paths["run_id"], strict=True)) == [(key, "r1"), (key, "r2")]
 
 
 # --- stage errors -------------------------------------------------------------------------------------
