@@ -26,7 +26,7 @@ S3_ENV := CXR_S3_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT) AWS_ACCESS_KEY_ID=test
 RUN_FLAGS ?= --allow-untrained
 RUN_ENV := CXR_MAX_QUARANTINE_SHARE=0.5
 
-.PHONY: help setup run run-s3 s3 airflow sample test test-fast lint bench lock clean
+.PHONY: help setup run run-s3 s3 airflow sample test test-fast lint bench bench-scale lock clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -102,6 +102,9 @@ lint: setup ## ruff + mypy
 bench: setup ## preprocessing and inference benchmarks (results -> docs/benchmarks.md by hand)
 	$(PY) bench/preprocess.py
 	$(PY) bench/infer.py
+
+bench-scale: setup ## a day of 10 new images at 200 vs 50,000 rows, every step a process (~45 min: builds cached in /tmp/cxr-scale)
+	$(PY) bench/scale.py --small 200 --large 50000 --rounds 3 --out bench/out/scale.json
 
 lock: ## re-resolve and rewrite constraints.txt from the current .venv
 	$(PIP) freeze --exclude-editable > constraints.txt
