@@ -31,7 +31,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,7 +287,7 @@ def _audited_runs(table: str, present: set[str], *, run_id: str | None, pending:
         return None
     if run_id in present:
         return {run_id}
-    log.info("run %s has no rows in %s: checking every row of it", run_id, table)
+    log.info("run %s has no rows in %s: checking every row of the table", run_id, table)
     return None
 
 
@@ -325,12 +325,9 @@ def _build_batches(
         audited[table] = None if runs is None else sorted(runs)
         return runs
 
-    tensor_ids: list[Any] = []  # image_id and run_id of every tensor, read once
-
-    def all_tensor_ids() -> Any:
-        if not tensor_ids:
-            tensor_ids.append(ids_of(TENSORS, ["image_id", "run_id"]))
-        return tensor_ids[0]
+    @cache
+    def all_tensor_ids() -> Any:  # image_id and run_id of every tensor, read once
+        return ids_of(TENSORS, ["image_id", "run_id"])
 
     if "tensors" in chosen:
         ids = all_tensor_ids()
