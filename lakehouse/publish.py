@@ -215,14 +215,12 @@ def pending_runs(lakehouse_uri: str, settings: Settings, tables: Iterable[str]) 
     A run is published once any of its rows in these tables is, so a table published for the first time
     (a lakehouse upgraded from a release that published fewer tables) does not make old runs pending.
     """
-    import pyarrow.compute as pc
     from deltalake.exceptions import TableNotFoundError
 
-    from lakehouse.delta_rs import open_table
+    from lakehouse.delta_rs import run_ids
 
     def runs_of(name: str, version: int | None) -> set[str]:
-        table = open_table(lakehouse_uri, spec(name), settings, version=version).to_pyarrow_table(columns=["run_id"])
-        return {str(r) for r in pc.unique(table.column("run_id")).to_pylist()}
+        return run_ids(lakehouse_uri, spec(name), settings, version=version)  # from the log's statistics
 
     published = published_versions(lakehouse_uri, settings)
     latest: set[str] = set()

@@ -302,3 +302,49 @@ def test_rows_by_id_read_only_the_row_groups_that_hold_them(tmp_path: Path) -> N
     assert everything > 3 * 256 * 100_000  # the tensors are incompressible: the whole table is ~77 MB
     assert few < 2.5 * 64 * 100_000  # two row groups of 64 tensors, plus ids and footers
     assert delta_rs.read_rows_by_id(lake, TENSORS, settings, [], columns=["image_id"]).num_rows == 0
+
+
+def test_run_ids_come_from_the_log_statistics(tmp_path: Path) -> None:
+    """run_ids: one-run files are known from their min = max statistics without being opened; files that
+    mix runs, and run ids too long for exact statistics, are read."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+
+    from lakehouse import delta_rs
+
+    settings, lake = load_settings({}), str(tmp_path)
+    long_id = "pre-manual__2026-12-01T10_00_00.123456_00_00-" + "x" * 40  # longer than the 64-char statistics
+
+    def rows(run_ids: list[str], start: int) -> pa.Table:
+        n = len(run_ids)
+        return pa.table(
+            {
+                "source_uri": [f"s3://b/{start + i}.png" for i in range(n)],
+                "content_sha256": [None] * n,
+                "source_bytes": [1] * n,
+                "stage": ["preprocess"] * n,
+                "error_class": ["DecodeError"] * n,
+                "error_message": ["bad"] * n,
+                "run_id": run_ids,
+                "quarantined_at": [datetime.now(UTC)] * n,
+            }
+        )
+
+    delta_rs.merge_insert_new(lake, QUARANTINE, rows(["pre-a", "pre-a"], 0), settings)
+    delta_rs.merge_insert_new(lake, QUARANTINE, rows(["pre-b", "pre-c"], 10), settings)  # one file, two runs
+    delta_rs.merge_insert_new(lake, QUARANTINE, rows([long_id], 20), settings)
+    first = delta_rs.open_table(lake, QUARANTINE, settings).version()
+    delta_rs.merge_insert_new(lake, QUARANTINE, rows(["pre-d"], 30), settings)
+    assert delta_rs.run_ids(lake, QUARANTINE, settings) == {"pre-a", "pre-b", "pre-c", long_id, "pre-d"}
+    assert delta_rs.run_ids(lake, QUARANTINE, settings, version=first) == {"pre-a", "pre-b", "pre-c", long_id}
+    # a one-run file is not opened: with its data gone, its run is still known from the log
+    actions = pa.table(delta_rs.open_table(lake, QUARANTINE, settings).get_add_actions(flatten=True))
+    single = [
+        str(p)
+        for p, lo, hi in zip(*(actions.column(c).to_pylist() for c in ("path", "min.run_id", "max.run_id")), strict=True)
+        if lo == hi == "pre-d"
+    ]
+    assert len(single) == 1
+    (tmp_path / "quarantine" / single[0]).unlink()
+    assert "pre-d" in delta_rs.run_ids(lake, QUARANTINE, settings)
