@@ -387,8 +387,8 @@ def run_infer(
     )
     predictions = delta_rs.ensure_table(lakehouse_uri, PREDICTIONS, settings)
     done = scored_ids(predictions, predictor.model_id, shard=shard)
-    dataset = tensors.to_pyarrow_dataset()
-    plan = plan_reads(dataset, shard=shard, done=done)
+    # over the columns read only: delta-rs builds a statistics guarantee per file and dataset column
+    plan = plan_reads(delta_rs.projected_dataset(tensors, SCORE_COLUMNS), shard=shard, done=done)
     summary = InferRun(
         run_id=run_id or new_run_id("inf"),
         model_id=predictor.model_id,
@@ -580,7 +580,9 @@ def scored_ids(predictions: Any, model_id: str, *, shard: Shard = Shard()) -> se
     """
     import pyarrow.compute as pc
 
-    table = predictions.to_pyarrow_dataset().to_table(
+    from lakehouse.delta_rs import projected_dataset
+
+    table = projected_dataset(predictions, ["image_id", "model_id"]).to_table(
         columns=["image_id"], filter=pc.field("model_id") == pc.scalar(model_id)
     )
     return {i for i in table.column("image_id").to_pylist() if shard.owns(i)}
