@@ -612,8 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--graph",
         choices=["auto", "eager", "frozen", "onnx"],
         default="auto",
-        help="frozen TorchScript graph (default on CPU, bit-identical to eager), eager, or onnx "
-        "(ONNX Runtime on CPU: ~2x faster, outputs within 1e-4 of PyTorch; needs the [onnx] extra)",
+        help="engine: auto (default: ONNX Runtime on CPU, the frozen graph when onnxruntime is missing or the "
+        "model cannot be exported; eager on CUDA), frozen (TorchScript, bit-identical to eager), eager, or onnx "
+        "(ONNX Runtime on CPU; outputs within 1e-4 of xrv)",
     )
     inf.add_argument(
         "--channels-last", action="store_true", help="channels_last memory format (see docs/benchmarks.md)"

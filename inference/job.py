@@ -469,6 +469,7 @@ def run_infer(
         raise CxrError(f"planned {plan.rows} rows to score but read {scored}: tensors v{summary.tensors_version}")
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.cpu_seconds = round(time.process_time() - cpu_started, 3)
+    summary.cores = int(torch.get_num_threads())
     summary.gpu_seconds = round(compute, 3) if predictor.device.type == "cuda" else 0.0
     # share of the scoring loop the model spent waiting for the next batch (reading + decoding)
     summary.extra.update(data_wait_s=round(data_wait, 3), compute_s=round(compute, 3))

@@ -282,6 +282,12 @@ def test_spark_and_the_delta_log_see_the_worker_written_files(spark, first_run, 
     assert min(ids) == min(s["minValues"]["image_id"] for s in log_stats)
     assert max(ids) == max(s["maxValues"]["image_id"] for s in log_stats)
     assert all(s["nullCount"]["tensor"] == 0 for s in log_stats)
+    # each data file is sorted by image_id (inference shards are id ranges: they skip other row groups)
+    import pyarrow.parquet as pq
+
+    for f in _data_files(lake):
+        file_ids = pq.read_table(lake / "tensors" / f, columns=["image_id"]).column("image_id").to_pylist()
+        assert file_ids == sorted(file_ids), f
 
 
 def test_keys_committed_meanwhile_and_uncommitted_files(settings: Settings, tmp_path: Path) -> None:

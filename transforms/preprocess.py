@@ -121,7 +121,9 @@ def process_files(
     def flush() -> None:
         if not pending:
             return
-        table = pa.Table.from_pylist([t for t, _ in pending], schema=tensor_schema)
+        # sorted by image_id: each row group's min/max statistics then cover a narrow id range, so an
+        # inference shard (a contiguous id range) skips the row groups outside it
+        table = pa.Table.from_pylist([t for t, _ in pending], schema=tensor_schema).sort_by("image_id")
         written = delta_rs.write_data_file(lakehouse_uri, TENSORS, table, settings)
         for _, res in pending:
             res["data_file"] = written.path
