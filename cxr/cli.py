@@ -810,6 +810,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxr`` console script."""
+    import os
+
+    # Arrow's jemalloc pool returns freed memory to the system where the default (mimalloc) keeps it:
+    # measured on a 50k-row lakehouse, `cxr validate` of one run peaked at 481 MB instead of 566 MB
+    # (the 200-row lakehouse: 447 / 455 MB) and `cxr report` at 296 instead of 355 MB, same speed.
+    # Read by pyarrow when it is first imported (after this line); a user's own choice wins.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

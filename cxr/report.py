@@ -130,7 +130,7 @@ def build_report(
         versions = reader_versions(lake, settings, published=published)
     except NothingPublishedError:
         versions = {}  # nothing audited yet: no table is shown
-    tensors = _read_table(lake, "tensors", settings, ["image_id", "source_format", "run_id"], versions)
+    tensors = _tensor_facts(lake, settings, versions)
     quarantine = _read_table(
         lake, "quarantine", settings, ["source_uri", "error_class", "error_message", "run_id"], versions
     )
@@ -155,7 +155,7 @@ def build_report(
     cutoffs = _thresholds(lake, settings, versions)
     # thumbnails of the run's own images (a daily report shows what that day found, and reads the tensor
     # bytes of at most top x findings images of it: O(run), not O(table)); every image without a run
-    scope = _run_image_ids(tensors, selected_id) if selected_id else None
+    scope = tensors.run_image_ids(selected_id) if tensors and selected_id else None
     models = _model_reports(
         lake,
         predictions,
@@ -272,7 +272,7 @@ def _read_table(
     """Some columns of a table at the version readers see, or None when it does not exist (or is unpublished)."""
     from deltalake.exceptions import TableNotFoundError
 
-    from lakehouse.delta_rs import open_table
+    from lakehouse.delta_rs import open_table, projected_dataset
 
     if name not in versions:
         return None
@@ -283,7 +283,7 @@ def _read_table(
     if optional_columns:
         present = set(dt.schema().to_arrow().names)
         columns = [c for c in columns if c in present]
-    return dt.to_pyarrow_table(columns=columns)
+    return projected_dataset(dt, columns).to_table(columns=columns)  # a dataset over these columns only
 
 
 def _counts(table: pa.Table, column: str) -> list[tuple[str, int]]:
@@ -294,19 +294,57 @@ def _counts(table: pa.Table, column: str) -> list[tuple[str, int]]:
     return sorted(((str(v["values"]), int(v["counts"])) for v in vc), key=lambda x: (-x[1], x[0]))
 
 
+@dataclass(frozen=True)
+class _TensorFacts:
+    """What the report shows of ``tensors`` at the version readers see, without reading its data files:
+    row counts per format and per run from the Delta log's statistics (one-value files are not opened)."""
+
+    dt: Any
+    rows: int
+    by_format: dict[str, int]
+    by_run: dict[str, int]
+
+    def run_image_ids(self, run_id: str) -> pa.Array:
+        """The image ids the run added (a filter on run_id: only that run's data files are opened)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from lakehouse.delta_rs import projected_dataset
+
+        if not self.by_run.get(run_id):
+            return pa.array([], pa.string())
+        dataset = projected_dataset(self.dt, ["image_id", "run_id"])
+        table = dataset.to_table(columns=["image_id"], filter=pc.field("run_id") == run_id)
+        return table.column("image_id").combine_chunks()
+
+
+def _tensor_facts(lake: str, settings: Settings, versions: dict[str, int | None]) -> _TensorFacts | None:
+    """:class:`_TensorFacts` of the version readers see; None when the table does not exist (or is unpublished)."""
+    from deltalake.exceptions import TableNotFoundError
+
+    from lakehouse.delta_rs import open_table, value_counts
+
+    if "tensors" not in versions:
+        return None
+    try:
+        dt = open_table(lake, TENSORS, settings, version=versions["tensors"])
+    except TableNotFoundError:
+        return None
+    by_run = value_counts(dt, "run_id")
+    return _TensorFacts(dt, sum(by_run.values()), value_counts(dt, "source_format"), by_run)
+
+
 def _totals(
-    tensors: pa.Table | None, quarantine: pa.Table | None, predictions: pa.Table | None, run_id: str | None
+    tensors: _TensorFacts | None, quarantine: pa.Table | None, predictions: pa.Table | None, run_id: str | None
 ) -> dict[str, Any]:
     """Whole-lakehouse counts from the tables (None for a table that does not exist)."""
     import pyarrow.compute as pc
 
     totals: dict[str, Any] = {"tensors": None, "quarantine": None, "predictions": None}
     if tensors is not None:
-        totals["tensors"] = tensors.num_rows
-        totals["tensors_by_format"] = _counts(tensors, "source_format")
-        totals["tensors_of_run"] = (
-            int(pc.sum(pc.equal(tensors.column("run_id"), run_id)).as_py() or 0) if run_id else None
-        )
+        totals["tensors"] = tensors.rows
+        totals["tensors_by_format"] = sorted(tensors.by_format.items(), key=lambda x: (-x[1], x[0]))
+        totals["tensors_of_run"] = tensors.by_run.get(run_id, 0) if run_id else None
     if quarantine is not None:
         totals["quarantine"] = quarantine.num_rows
         totals["quarantine_by_class"] = _counts(quarantine, "error_class")
@@ -332,16 +370,6 @@ def _run_quarantine_rows(quarantine: pa.Table | None, run_id: str | None) -> dic
         key=lambda r: (r["error_class"], r["file"]),
     )
     return {"rows": rows[:MAX_QUARANTINE_ROWS], "total": len(rows)}
-
-
-def _run_image_ids(tensors: pa.Table | None, run_id: str) -> pa.Array:
-    """The image ids the run added to ``tensors`` (empty when it added none, or there is no table)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if tensors is None:
-        return pa.array([], pa.string())
-    return tensors.filter(pc.equal(tensors.column("run_id"), run_id)).column("image_id").combine_chunks()
 
 
 def _model_reports(
@@ -379,12 +407,9 @@ def _model_reports(
             run_ids=distinct("run_id"),
             untrained=model_id.endswith(UNTRAINED_SUFFIX) or "untrained" in sources,
         )
-        ids = np.asarray(sub.column("image_id").to_pylist(), dtype=object)
-        in_scope = (
-            np.ones(len(ids), dtype=bool)
-            if scope is None
-            else pc.is_in(sub.column("image_id"), value_set=scope).to_numpy(zero_copy_only=False)
-        )
+        # the thumbnails' candidates: the scope's rows only become Python objects
+        shown_rows = sub if scope is None else sub.filter(pc.is_in(sub.column("image_id"), value_set=scope))
+        ids = np.asarray(shown_rows.column("image_id").to_pylist(), dtype=object)
         for name, col in PATHOLOGY_COLUMNS.items():
             if col not in sub.column_names:
                 report.not_predicted.append(name)
@@ -407,8 +432,9 @@ def _model_reports(
                 site_positive=int((scores >= site).sum()) if site is not None else None,
             )
             report.findings.append(finding)
-            shown = ok & in_scope
-            wanted.setdefault(model_id, []).append((finding, _top_k(ids[shown], values[shown], top)))
+            shown = shown_rows.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+            keep = ~np.isnan(shown)
+            wanted.setdefault(model_id, []).append((finding, _top_k(ids[keep], shown[keep], top)))
         models.append(report)
     _attach_thumbs(lake, wanted, settings, tensors_version)
     return models

@@ -165,35 +165,46 @@ def projected_dataset(dt: DeltaTable, columns: Sequence[str]) -> pa.dataset.Data
     return dt.to_pyarrow_dataset(schema=pa.schema([schema.field(c) for c in columns]))
 
 
-def run_ids(lakehouse_uri: str, spec: TableSpec, settings: Settings, *, version: int | None = None) -> set[str]:
-    """The distinct ``run_id`` values of the table at ``version``, from the Delta log: a data file whose
-    statistics say min = max holds one run and is not opened; only files with several runs (a MERGE or a
-    compaction mixed them) or without statistics have their ``run_id`` column read."""
+def value_counts(dt: DeltaTable, column: str) -> dict[str, int]:
+    """Rows per value of a string ``column``, from the Delta log where it can be: a data file whose
+    statistics say min = max and no nulls holds one value in all its ``numRecords`` rows and is not
+    opened; only files that mix values (or lack exact statistics: strings over 64 characters) are read."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    dt = open_table(lakehouse_uri, spec, settings, version=version)
     actions = pa.table(dt.get_add_actions(flatten=True))
+    counts: dict[str, int] = {}
     if not actions.num_rows:
-        return set()
+        return counts
     names = actions.column_names
-    if "min.run_id" in names and "max.run_id" in names:
-        lo, hi = actions.column("min.run_id"), actions.column("max.run_id")
+    if f"min.{column}" in names and f"max.{column}" in names:
+        lo, hi = actions.column(f"min.{column}"), actions.column(f"max.{column}")
         single = pc.fill_null(pc.equal(lo, hi), False)
-        found = {str(r) for r in pc.unique(lo.filter(single)).to_pylist() if r is not None}
+        if f"null_count.{column}" in names:
+            single = pc.and_(single, pc.fill_null(pc.equal(actions.column(f"null_count.{column}"), 0), False))
+        for value, n in zip(
+            lo.filter(single).to_pylist(), actions.column("num_records").filter(single).to_pylist(), strict=True
+        ):
+            counts[str(value)] = counts.get(str(value), 0) + int(n)
         unknown = {str(p) for p in actions.column("path").filter(pc.invert(single)).to_pylist()}
     else:
-        found, unknown = set(), {str(p) for p in actions.column("path").to_pylist()}
+        unknown = {str(p) for p in actions.column("path").to_pylist()}
     if unknown:
         from urllib.parse import unquote
 
         unknown = {unquote(p) for p in unknown}
-        for fragment in projected_dataset(dt, ["run_id"]).get_fragments():
+        for fragment in projected_dataset(dt, [column]).get_fragments():
             if unquote(fragment.path) in unknown:
-                found.update(
-                    str(r) for r in pc.unique(fragment.to_table(columns=["run_id"]).column("run_id")).to_pylist()
-                )
-    return found
+                for v in pc.value_counts(fragment.to_table(columns=[column]).column(column)).to_pylist():
+                    key = str(v["values"])
+                    counts[key] = counts.get(key, 0) + int(v["counts"])
+    return counts
+
+
+def run_ids(lakehouse_uri: str, spec: TableSpec, settings: Settings, *, version: int | None = None) -> set[str]:
+    """The distinct ``run_id`` values of the table at ``version``, from the Delta log: a data file whose
+    statistics say min = max holds one run and is not opened (see :func:`value_counts`)."""
+    return set(value_counts(open_table(lakehouse_uri, spec, settings, version=version), "run_id"))
 
 
 def read_rows_by_id(

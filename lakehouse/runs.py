@@ -221,7 +221,9 @@ def reindex(lakehouse_uri: str, settings: Settings) -> int:
         The number of summaries added to the index.
     """
     dt = _open_index(lakehouse_uri, settings)
-    have = set() if dt is None else set(dt.to_pyarrow_table(columns=["name"]).column("name").to_pylist())
+    from lakehouse.delta_rs import projected_dataset
+
+    have = set() if dt is None else set(projected_dataset(dt, ["name"]).to_table().column("name").to_pylist())
     folder = storage.runs_uri(lakehouse_uri)
     try:
         listed = [f for f in storage.list_prefix(folder, "", settings) if f.uri.endswith(".json")]
@@ -300,7 +302,10 @@ def _indexed(lakehouse_uri: str, settings: Settings) -> list[tuple[str, int, str
         dt = _open_index(lakehouse_uri, settings)
         if dt is None:
             return []
-    rows = dt.to_pyarrow_table(columns=["name", "uri", "written_at", "body"]).to_pylist()
+    from lakehouse.delta_rs import projected_dataset
+
+    columns = ["name", "uri", "written_at", "body"]
+    rows = projected_dataset(dt, columns).to_table(columns=columns).to_pylist()
     latest: dict[str, dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["written_at"]):
         latest[r["name"]] = r
