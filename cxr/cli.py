@@ -605,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="without weights, use a random-init stand-in (marked in every row)",
     )
-    inf.add_argument("--batch-size", type=int, default=16)
+    inf.add_argument(
+        "--batch-size", type=int, default=0, help="images per forward pass (default: 16 on the CPU, 256 on CUDA)"
+    )
     inf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     inf.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
     inf.add_argument(

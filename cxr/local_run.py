@@ -458,10 +458,11 @@ def infer_detail(summaries: Sequence[InferRun], *, map_index: int = -1) -> str:
         ``"<predicted> predicted (<before> before), <model>, <device>[, N shards]"`` per model, joined
         by "; ".
     """
-    shards = [(r, *_shard_of(r)) for r in summaries]
-    if shards:  # a cleared and rerun run may have left an earlier fan-out's files: the newest N counts
-        newest = max(shards, key=lambda s: s[0].mtime_ms)[2]
-        shards = [s for s in shards if s[2] == newest and (map_index < 0 or s[1] == map_index)]
+    from lakehouse.runs import newest_fanout, shard_of
+
+    # a cleared and rerun run may have left an earlier fan-out's files: the newest N counts
+    shards = [(r, *shard_of(r)) for r in newest_fanout(summaries)]
+    shards = [s for s in shards if map_index < 0 or s[1] == map_index]
     by_model: dict[str, list[InferRun]] = {}
     for r, _, _ in shards:
         by_model.setdefault(r.model_id, []).append(r)
@@ -472,15 +473,6 @@ def infer_detail(summaries: Sequence[InferRun], *, map_index: int = -1) -> str:
         text = f"{predicted} predicted ({before} before), {model}, {devices}"
         parts.append(text + (f", {len(runs)} shards" if len(runs) > 1 else ""))
     return "; ".join(parts)
-
-
-def _shard_of(summary: InferRun) -> tuple[int, int]:
-    """(i, N) of the shard an inference summary covers ((0, 1): the whole run)."""
-    try:
-        i, n = (int(x) for x in str(summary.body.get("shard") or "0/1").split("/"))
-    except ValueError:
-        return 0, 1
-    return i, n
 
 
 def _mapped_instances(ti: Any) -> int:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from lakehouse import storage
 from lakehouse.errors import CxrError, StorageError
 from lakehouse.publish import NothingPublishedError, reader_versions
-from lakehouse.runs import InferRun, PreprocessRun, RunRecord, read_summaries
+from lakehouse.runs import InferRun, PreprocessRun, RunRecord, newest_fanout, read_summaries
 from lakehouse.tables import PATHOLOGY_COLUMNS, TABLE_NAMES, TENSORS, UNTRAINED_SUFFIX, decode_tensor, spec
 
 if TYPE_CHECKING:
@@ -164,6 +164,7 @@ def build_report(
         tensors_version=versions.get("tensors"),
         cutoffs=cutoffs,
         scope=scope,
+        scope_run=selected_id if scope is not None else None,
     )
     untrained = sorted({m.model_id for m in models if m.untrained} | {r.model_id for r in infer_runs if r.untrained})
     context = {
@@ -236,7 +237,7 @@ def _per_run_and_model(runs: list[InferRun]) -> list[dict[str, Any]]:
     """One row per inference run and model: a run fanned out over N shards has N summaries, added up
     (counts summed; seconds of the slowest shard, as they run side by side)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in runs:
+    for r in newest_fanout(runs):
         key = (r.run_id, r.model_id)
         if key not in rows:
             rows[key] = {**r.body, "shards": 0}
@@ -381,9 +382,10 @@ def _model_reports(
     tensors_version: int | None,
     cutoffs: dict[tuple[str, str], float] | None = None,
     scope: pa.Array | None = None,
+    scope_run: str | None = None,
 ) -> list[ModelReport]:
     """Per model: identity, per-pathology histograms (every prediction) and the top images per finding
-    (among the ``scope`` image ids when given: the selected run's)."""
+    (among the ``scope`` image ids when given: those ``scope_run`` added, whose files alone are read)."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -436,7 +438,7 @@ def _model_reports(
             keep = ~np.isnan(shown)
             wanted.setdefault(model_id, []).append((finding, _top_k(ids[keep], shown[keep], top)))
         models.append(report)
-    _attach_thumbs(lake, wanted, settings, tensors_version)
+    _attach_thumbs(lake, wanted, settings, tensors_version, scope_run)
     return models
 
 
@@ -457,15 +459,19 @@ def _attach_thumbs(
     wanted: dict[str, list[tuple[Finding, list[tuple[str, float]]]]],
     settings: Settings,
     tensors_version: int | None,
+    run_id: str | None = None,
 ) -> None:
-    """Read only the tensors of the images shown and attach one thumbnail per (finding, image)."""
+    """Read only the tensors of the images shown (of the data files of ``run_id`` when given: the run that
+    added them) and attach one thumbnail per (finding, image)."""
     from lakehouse.delta_rs import read_rows_by_id
 
     ids = sorted({i for per_model in wanted.values() for _, top in per_model for i, _ in top})
     if not ids:
         return
     columns = ["image_id", "tensor", "tensor_dtype", "tensor_shape", "source_uri"]
-    table = read_rows_by_id(lake, TENSORS, settings, ids, columns=columns, version=tensors_version)
+    table = read_rows_by_id(
+        lake, TENSORS, settings, ids, columns=columns, version=tensors_version, run_ids=[run_id] if run_id else None
+    )
     if not table.num_rows:
         return
     images: dict[str, tuple[str, str]] = {}

@@ -309,7 +309,7 @@ def run_infer(
     weights_dir: str | None = None,
     weights_uri: str | None = None,
     allow_untrained: bool = False,
-    batch_size: int = 16,
+    batch_size: int = 0,
     device: DeviceChoice = "auto",
     amp: bool = False,
     shard: Shard = Shard(),
@@ -335,7 +335,8 @@ def run_infer(
         weights_dir: a folder in xrv's cache layout holding the weights file.
         weights_uri: one weights file (local or ``s3://``).
         allow_untrained: without weights, score with a random-init stand-in (marked in every row).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; 0: 16 on the CPU, 256 on CUDA (the fast GPU setting, measured
+            in docs/benchmarks.md).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         amp: mixed precision on CUDA.
         shard: score only this shard's images.
@@ -439,6 +440,8 @@ def run_infer(
             batch.column("tensor_shape").to_pylist(),
         )
 
+    batch_size = batch_size or (256 if predictor.device.type == "cuda" else 16)
+    summary.extra.update(batch_size=batch_size)
     reader = iter_rows_to_score(plan, batch_size=batch_size)
     data_wait = compute = 0.0
     scored = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
@@ -213,17 +213,43 @@ def read_summaries(lakehouse_uri: str, settings: Settings, *, kind: type[R], run
     return out
 
 
+def shard_of(record: RunRecord) -> tuple[int, int]:
+    """(i, N) of the inference shard a summary covers ((0, 1): a whole, unsharded run)."""
+    try:
+        i, n = (int(x) for x in str(record.body.get("shard") or "0/1").split("/"))
+    except ValueError:
+        return 0, 1
+    return i, n
+
+
+def newest_fanout(records: Sequence[R]) -> list[R]:
+    """Per run id, the summaries of its newest fan-out: a run cleared and rerun with another shard count
+    leaves the earlier fan-out's files (``-shard-i-of-N-``) beside the new ones, which must not be added up."""
+    newest: dict[str, tuple[int, int]] = {}  # run id -> (mtime, N) of its newest summary
+    for r in records:
+        if r.mtime_ms >= newest.get(r.run_id, (-1, 0))[0]:
+            newest[r.run_id] = (r.mtime_ms, shard_of(r)[1])
+    return [r for r in records if shard_of(r)[1] == newest[r.run_id][1]]
+
+
 def reindex(lakehouse_uri: str, settings: Settings) -> int:
-    """Add every summary under ``runs/`` that the run index lacks (a lakehouse made before the index, or a
-    summary whose index row was not written); creates the index. Lists the folder: O(runs).
+    """Add every summary under ``runs/`` that the run index lacks, or holds an older copy of (a lakehouse
+    made before the index, or a summary whose index row was not written); creates the index. Lists the
+    folder: O(runs).
 
     Returns:
         The number of summaries added to the index.
     """
-    dt = _open_index(lakehouse_uri, settings)
     from lakehouse.delta_rs import projected_dataset
 
-    have = set() if dt is None else set(projected_dataset(dt, ["name"]).to_table().column("name").to_pylist())
+    dt = _open_index(lakehouse_uri, settings)
+    indexed: dict[str, int] = {}  # name -> when its latest index row was written (ms)
+    if dt is not None:
+        rows_read = projected_dataset(dt, ["name", "written_at"]).to_table()
+        for name, at in zip(
+            rows_read.column("name").to_pylist(), rows_read.column("written_at").to_pylist(), strict=True
+        ):
+            indexed[name] = max(indexed.get(name, 0), int(at.timestamp() * 1000))
     folder = storage.runs_uri(lakehouse_uri)
     try:
         listed = [f for f in storage.list_prefix(folder, "", settings) if f.uri.endswith(".json")]
@@ -232,7 +258,7 @@ def reindex(lakehouse_uri: str, settings: Settings) -> int:
     rows = []
     for f in listed:
         name = f.uri[len(folder) + 1 : -len(".json")]
-        if name not in have:
+        if name not in indexed or f.mtime_ms > indexed[name]:  # missing, or rewritten after it was indexed
             rows.append(
                 (name, f.uri, datetime.fromtimestamp(f.mtime_ms / 1000, tz=UTC), storage.read_text(f.uri, settings))
             )

@@ -302,6 +302,13 @@ def test_rows_by_id_read_only_the_row_groups_that_hold_them(tmp_path: Path) -> N
     assert everything > 3 * 256 * 100_000  # the tensors are incompressible: the whole table is ~77 MB
     assert few < 2.5 * 64 * 100_000  # two row groups of 64 tensors, plus ids and footers
     assert delta_rs.read_rows_by_id(lake, TENSORS, settings, [], columns=["image_id"]).num_rows == 0
+    # the run that wrote them, when known, prunes the other runs' files: none opened here
+    assert delta_rs.read_rows_by_id(lake, TENSORS, settings, wanted, columns=["image_id"], run_ids=["x"]).num_rows == 3
+    before = _read_chars()
+    assert (
+        delta_rs.read_rows_by_id(lake, TENSORS, settings, wanted, columns=["tensor"], run_ids=["other"]).num_rows == 0
+    )
+    assert _read_chars() - before < 64 * 100_000 / 4
 
 
 def test_run_ids_come_from_the_log_statistics(tmp_path: Path) -> None:
@@ -342,9 +349,48 @@ def test_run_ids_come_from_the_log_statistics(tmp_path: Path) -> None:
     actions = pa.table(delta_rs.open_table(lake, QUARANTINE, settings).get_add_actions(flatten=True))
     single = [
         str(p)
-        for p, lo, hi in zip(*(actions.column(c).to_pylist() for c in ("path", "min.run_id", "max.run_id")), strict=True)
+        for p, lo, hi in zip(
+            *(actions.column(c).to_pylist() for c in ("path", "min.run_id", "max.run_id")), strict=True
+        )
         if lo == hi == "pre-d"
     ]
     assert len(single) == 1
     (tmp_path / "quarantine" / single[0]).unlink()
     assert "pre-d" in delta_rs.run_ids(lake, QUARANTINE, settings)
+
+
+def test_newest_fanout_and_a_rewritten_summary_is_reindexed(tmp_path: Path) -> None:
+    """A run rerun with another shard count keeps only its newest fan-out's summaries; a summary rewritten
+    after its index row (the index append failed) is indexed again by reindex."""
+    import os
+    import time
+
+    from lakehouse.runs import InferRun, RunRecord, newest_fanout, read_summaries, reindex, write_summary
+
+    settings, lake = load_settings({}), str(tmp_path)
+
+    def shard(i: int, n: int, predicted: int) -> None:
+        rec = InferRun(run_id="inf-x", model_id="m", weights_sha256="s", tensors_version=1, device="cpu")
+        rec.predicted = predicted
+        write_summary(lake, rec, settings, name=f"inf-x-shard-{i}-of-{n}-m", extra_keys={"shard": f"{i}/{n}"})
+
+    for i in range(3):
+        shard(i, 3, 10)
+    time.sleep(0.01)
+    for i in range(2):
+        shard(i, 2, 7)  # the rerun, with two shards
+    every = read_summaries(lake, settings, kind=InferRun)
+    assert len(every) == 5
+    kept = newest_fanout(every)
+    assert sorted(r.body["shard"] for r in kept) == ["0/2", "1/2"] and sum(r.predicted for r in kept) == 14
+
+    # rewritten on disk after it was indexed, without an index row: maintain's reindex picks it up
+    path = tmp_path / "runs" / "inf-x-shard-0-of-2-m.json"
+    path.write_text(path.read_text().replace('"predicted": 7', '"predicted": 9'))
+    later = time.time() + 5
+    os.utime(path, (later, later))
+    before = {r.uri: r.predicted for r in read_summaries(lake, settings, kind=RunRecord)}  # type: ignore[attr-defined]
+    assert before[str(path)] == 7
+    assert reindex(lake, settings) == 1
+    after = {r.uri: r.predicted for r in read_summaries(lake, settings, kind=RunRecord)}  # type: ignore[attr-defined]
+    assert after[str(path)] == 9 and reindex(lake, settings) == 0

@@ -86,6 +86,10 @@ HEADER_BYTES = 256 << 10
 
 #: rows per data file a worker writes (~18 MB of float16 224x224 tensors): few files, bounded memory
 ROWS_PER_FILE = 256
+#: rows per Parquet row group of a tensors data file (~1.2 MB of tensors): the unit a reader of some rows
+#: fetches (inference shards, thumbnails, drift inputs); a sorted 256-row file then holds 16 id ranges,
+#: so up to 16 shards each read about 1/N of it
+ROW_GROUP_ROWS = 16
 
 
 # --- the per-partition function (runs in Spark's Python workers) ------------------------------------
@@ -124,7 +128,7 @@ def process_files(
         # sorted by image_id: each row group's min/max statistics then cover a narrow id range, so an
         # inference shard (a contiguous id range) skips the row groups outside it
         table = pa.Table.from_pylist([t for t, _ in pending], schema=tensor_schema).sort_by("image_id")
-        written = delta_rs.write_data_file(lakehouse_uri, TENSORS, table, settings)
+        written = delta_rs.write_data_file(lakehouse_uri, TENSORS, table, settings, row_group_size=ROW_GROUP_ROWS)
         for _, res in pending:
             res["data_file"] = written.path
         pending[0][1]["data_file_meta"] = json.dumps(asdict(written))
