@@ -384,7 +384,8 @@ def test_older_summaries_without_cpu_seconds_count_wall_times_cores(
     lake = tmp_path / "lake"
     shutil.copytree(built_lakehouse, lake)
     [record] = read_summaries(str(lake), settings, kind=PreprocessRun, run_id="pre-test")
-    record.cpu_seconds = 0.0  # as a summary written before the field existed reads
+    record.cpu_seconds = 0.0  # as a summary written before the fields existed reads
+    record.cores = 0
     write_summary(str(lake), record, settings)  # rewritten as a retried run rewrites its summary
     body = summaries(lake)["pre-test"]
     assert body["cpu_seconds"] == 0.0
