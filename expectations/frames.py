@@ -99,14 +99,12 @@ def projection(
     built (in Python) from its statistics of every column of the schema, which over the whole schema of
     ``tensors`` costs ~3 ms per data file (0.58 s for 200 files, measured), and ~0.1 ms over two columns.
     """
-    import pyarrow as pa
-
-    from lakehouse.delta_rs import open_table
+    from lakehouse.delta_rs import open_table, projected_dataset
 
     dt = open_table(lakehouse_uri, spec, settings, version=version)
-    schema = pa.schema(dt.schema().to_arrow())
-    have = [c for c in dict.fromkeys(columns) if c in schema.names]
-    return dt.to_pyarrow_dataset(schema=pa.schema([schema.field(c) for c in have])), have
+    names = set(dt.schema().to_arrow().names)
+    have = [c for c in dict.fromkeys(columns) if c in names]
+    return projected_dataset(dt, have), have
 
 
 def _with_nulls(batch: pa.RecordBatch, columns: Sequence[str]) -> pa.RecordBatch:
