@@ -136,7 +136,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             allow_untrained=args.allow_untrained,
             batch_size=args.batch_size,
             device=args.device,
-            amp=args.amp,
+            amp=args.amp or settings.inference.amp,  # the flag first, the environment second
             shard=shard,
             graph=args.graph,
             channels_last=args.channels_last,

@@ -410,7 +410,7 @@ def run_infer(
         "torch_version": torch.__version__,
         "xrv_version": xrv.__version__,
     }
-    summary.extra.update(graph=predictor.graph, malloc_tuned=malloc_tuned, **plan.stats())
+    summary.extra.update(graph=predictor.graph, amp=predictor.amp, malloc_tuned=malloc_tuned, **plan.stats())
     cutoffs, thresholds_version = load_thresholds(lakehouse_uri, settings, predictor.model_id, thresholds)
     summary.extra.update(thresholds_version=thresholds_version)
     schema = arrow_schema(PREDICTIONS)

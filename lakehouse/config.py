@@ -106,6 +106,9 @@ class InferenceSettings:
 
     #: glibc allocator tuning in the inference process (see docs/benchmarks.md); False to disable.
     malloc_tuning: bool = True
+    #: mixed precision on CUDA when ``cxr infer`` is not given ``--amp`` (e.g. set in a GPU job definition's
+    #: environment); ignored on the CPU. It changes the numbers: float16 activations.
+    amp: bool = False
     #: where `--graph onnx` keeps its exported models; empty = ~/.cache/cxr/onnx.
     onnx_cache: str = ""
     #: a mirror of xrv's weights release (air-gapped download); empty = GitHub.
@@ -318,6 +321,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CXR_ECS_LAUNCH_TYPE", "aws.ecs_launch_type", _choice(*get_args(EcsLaunchType))),
     Variable("CXR_INFER_BACKEND", "aws.infer_backend", _choice(*get_args(InferBackend))),
     Variable("CXR_MALLOC_TUNING", "inference.malloc_tuning", _bool),
+    Variable("CXR_INFER_AMP", "inference.amp", _bool),
     Variable("CXR_ONNX_CACHE", "inference.onnx_cache"),
     Variable("CXR_WEIGHTS_BASE_URL", "inference.weights_base_url"),
 )

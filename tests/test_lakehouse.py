@@ -166,12 +166,14 @@ def test_every_variable_lands_in_its_setting_with_its_source() -> None:
         "CXR_INFER_RUNNER": "process",
         "CXR_EMR_MODE": "cluster",
         "CXR_MALLOC_TUNING": "0",
+        "CXR_INFER_AMP": "1",
         "CXR_WEIGHTS_SHA256_DENSENET121_RES224_ALL": "ABCDEF",
         "AWS_ENDPOINT_URL": "http://127.0.0.1:5000",
     }
     s = load_settings(env)
     assert (s.spark.ui, s.spark.shuffle_partitions, s.airflow.retry_delay_s) == (True, 3, 5)
     assert (s.airflow.infer_runner, s.aws.emr_mode, s.inference.malloc_tuning) == ("process", "cluster", False)
+    assert s.inference.amp is True and load_settings({}).inference.amp is False
     assert s.weights_sha256_for("densenet121-res224-all") == "abcdef" and s.weights_sha256_for("other") is None
     assert s.s3_endpoint_url == "http://127.0.0.1:5000" and s.source("s3_endpoint_url") == "env"
     assert (s.source("profile"), s.source("spark.ui"), s.source("spark.log_level")) == ("env", "env", "default")
