@@ -308,14 +308,13 @@ class _TensorFacts:
     def run_image_ids(self, run_id: str) -> pa.Array:
         """The image ids the run added (a filter on run_id: only that run's data files are opened)."""
         import pyarrow as pa
-        import pyarrow.compute as pc
 
-        from lakehouse.delta_rs import projected_dataset
+        from lakehouse.delta_rs import projected_dataset, run_filter
 
         if not self.by_run.get(run_id):
             return pa.array([], pa.string())
         dataset = projected_dataset(self.dt, ["image_id", "run_id"])
-        table = dataset.to_table(columns=["image_id"], filter=pc.field("run_id") == run_id)
+        table = dataset.to_table(columns=["image_id"], filter=run_filter([run_id]))
         return table.column("image_id").combine_chunks()
 
 

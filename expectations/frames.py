@@ -29,6 +29,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lakehouse.config import Settings
+from lakehouse.delta_rs import run_filter
 from lakehouse.tables import DIRECT_IDENTIFIERS, NUMPY_DTYPES, PATHOLOGY_COLUMNS, TENSORS, TableSpec
 
 if TYPE_CHECKING:
@@ -82,14 +83,6 @@ def pseudonym_form(value: str | None) -> str | None:
 
 
 # --- reading: the audited runs' rows, or id projections of the whole table ---------------------------
-def run_filter(runs: Collection[str]) -> Any:
-    """The pyarrow dataset filter selecting the rows of ``runs`` (files without them are never opened)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pc.field("run_id").isin(pa.array(sorted(set(runs)), type=pa.string()))
-
-
 def projection(
     lakehouse_uri: str, spec: TableSpec, settings: Settings, *, columns: Sequence[str], version: int | None = None
 ) -> tuple[Any, list[str]]:

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from lakehouse.tables import TableSpec, arrow_schema
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.dataset
     from deltalake import DeltaTable
 
@@ -165,6 +166,22 @@ def projected_dataset(dt: DeltaTable, columns: Sequence[str]) -> pa.dataset.Data
     return dt.to_pyarrow_dataset(schema=pa.schema([schema.field(c) for c in columns]))
 
 
+def data_file_paths(dt: DeltaTable) -> set[str]:
+    """The data files of ``dt``'s version, as paths relative to the table root (unquoted), from its log."""
+    from urllib.parse import unquote
+
+    return {unquote(p) for p in dt.get_add_actions(flatten=True).column("path").to_pylist()}
+
+
+def run_filter(runs: Collection[str]) -> pc.Expression:
+    """The pyarrow dataset filter selecting the rows of ``runs``: a data file whose ``run_id`` statistics
+    admit none of them is not opened."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.field("run_id").isin(pa.array(sorted(set(runs)), type=pa.string()))
+
+
 def value_counts(dt: DeltaTable, column: str) -> dict[str, int]:
     """Rows per value of a string ``column``, from the Delta log where it can be: a data file whose
     statistics say min = max and no nulls holds one value in all its ``numRecords`` rows and is not
@@ -234,7 +251,7 @@ def read_rows_by_id(
     dataset = projected_dataset(
         open_table(lakehouse_uri, spec, settings, version=version), list(dict.fromkeys(["image_id", *extra, *columns]))
     )
-    within = pc.field("run_id").isin(pa.array(list(run_ids), pa.string())) if run_ids is not None else None
+    within = run_filter(run_ids) if run_ids is not None else None
     parts = []
     for fragment in dataset.get_fragments(filter=within) if len(wanted) else ():
         hits = np.flatnonzero(
@@ -267,17 +284,7 @@ def ids_added_since(
     """
     from urllib.parse import unquote
 
-    before = (
-        {
-            unquote(p)
-            for p in open_table(lakehouse_uri, spec, settings, version=version)
-            .get_add_actions(flatten=True)
-            .column("path")
-            .to_pylist()
-        }
-        if version >= 0
-        else set()
-    )
+    before = data_file_paths(open_table(lakehouse_uri, spec, settings, version=version)) if version >= 0 else set()
     ids: set[str] = set()
     for fragment in projected_dataset(open_table(lakehouse_uri, spec, settings), ["image_id"]).get_fragments():
         rel = unquote(fragment.path)

@@ -99,9 +99,8 @@ def split_listing(lakehouse_uri: str, listing: Sequence[ListedFile], settings: S
             "in_ledger": pa.repeat(False, n),
         }
     )
-    candidates = pa.concat_tables(
-        [ledger.select(KNOWN_COLUMNS), from_tensors.cast(ledger.select(KNOWN_COLUMNS).schema)]
-    )
+    ledger = ledger.select(KNOWN_COLUMNS)
+    candidates = pa.concat_tables([ledger, from_tensors.cast(ledger.schema)])
     joined = listed.join(candidates, keys="source_uri", join_type="inner")
     same = joined.filter(
         pc.and_(

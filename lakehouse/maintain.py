@@ -196,8 +196,7 @@ def _note(out: LogPaths, action: dict[str, object]) -> None:
 def _active_paths(lakehouse_uri: str, spec: TableSpec, settings: Settings, version: int | None) -> set[str]:
     from lakehouse import delta_rs
 
-    dt = delta_rs.open_table(lakehouse_uri, spec, settings, version=version)
-    return {unquote(p) for p in dt.get_add_actions(flatten=True).column("path").to_pylist()}
+    return delta_rs.data_file_paths(delta_rs.open_table(lakehouse_uri, spec, settings, version=version))
 
 
 def _sweep(
