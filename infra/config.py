@@ -1,0 +1,82 @@
+"""What one deployment may choose, read from CDK context (``cdk.json``, ``-c key=value``, or
+``python -m infra synth --context key=value``), each with a default that stands the pipeline up as is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+#: The custom metrics the DAG publishes (lakehouse/config.py: CXR_METRICS_NAMESPACE) and the alarms watch.
+METRICS_NAMESPACE = "CXR/Pipeline"
+
+#: Where things live in the buckets: the DAG's default input and lakehouse, Athena's results.
+INPUT_PREFIX = "images/"
+LAKEHOUSE_PREFIX = "lakehouse/"
+ATHENA_PREFIX = "athena-results/"
+#: The code bucket (also MWAA's source bucket): the bundle `python -m infra.bundle` writes.
+DAGS_PREFIX = "dags/"
+CODE_PREFIX = "code/"
+REQUIREMENTS_KEY = "requirements.txt"
+PLUGINS_KEY = "plugins.zip"
+STARTUP_KEY = "startup.sh"
+#: Airflow Variables the DAG reads, served from SSM Parameter Store under this prefix (MWAA's secrets backend).
+VARIABLES_PREFIX = "/cxr/variables"
+CONNECTIONS_PREFIX = "/cxr/connections"
+INFER_CONTAINER = "cxr-infer"  # the container name the DAG's EcsRunTaskOperator overrides
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """The deployment's choices. Every field is a context key of the same name."""
+
+    prefix: str = "cxr"
+    #: the inference image tag in ECR (tags are immutable: the deploy workflow pushes the commit SHA)
+    image_tag: str = "latest"
+    #: S3 object versions of the MWAA files in the code bucket (MWAA re-installs when they change);
+    #: empty: the newest version (first deploy, before anything was uploaded, MWAA gets none)
+    requirements_version: str = ""
+    plugins_version: str = ""
+    startup_version: str = ""
+    #: the GitHub repository (owner/name) and environment whose workflow may assume the deploy role
+    github_repo: str = "example-org/cxr-lakehouse"
+    github_environment: str = "production"
+    #: NAT gateways for egress (PyPI for MWAA's requirements, TorchXRayVision weights from GitHub); 0: none
+    nat_gateways: int = 1
+    emr_max_vcpu: int = 64
+    emr_max_memory_gb: int = 256
+    #: pre-initialised EMR Serverless capacity (a driver and two executors kept warm while the app runs)
+    emr_prewarm: bool = False
+    fargate_cpu: int = 4096
+    fargate_memory_mib: int = 16384
+    batch_max_vcpus: int = 64
+    batch_instance_types: str = "g5.xlarge,g5.2xlarge,g6.xlarge,g6.2xlarge"
+    athena_bytes_scanned_limit: int = 100 * 1024**3
+    mwaa_environment_class: str = "mw1.small"
+    mwaa_max_workers: int = 5
+    alarm_email: str = ""
+    #: alarm when a run quarantines more than this share of its files
+    max_quarantine_share: float = 0.05
+    log_retention_days: int = 90
+
+    @classmethod
+    def from_context(cls, get: Any) -> DeployConfig:
+        """Build from a context getter (``app.node.try_get_context``): unset keys keep their default;
+        values given as strings (``-c nat_gateways=0``) are converted to the field's type."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = get(f.name)
+            if raw is None:
+                continue
+            default = getattr(cls, f.name)
+            if isinstance(default, bool):
+                values[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            elif isinstance(default, float):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = str(raw)
+        config = cls(**values)
+        if "/" not in config.github_repo:
+            raise ValueError(f"github_repo must be owner/name, got {config.github_repo!r}")
+        return config

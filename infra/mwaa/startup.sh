@@ -1,0 +1,17 @@
+#!/bin/sh
+# Amazon MWAA startup script (the environment's StartupScriptS3Path, `startup.sh` in the code bucket;
+# `python -m infra.bundle` copies it to <bundle>/startup.sh). MWAA runs it on every scheduler, worker and web
+# server before Airflow starts, and what it exports is in Airflow's environment, where lakehouse/config.py
+# reads it when the DAG is parsed and when tasks run.
+# https://docs.aws.amazon.com/mwaa/latest/userguide/using-startup-script.html
+#
+# A startup script cannot read stack outputs: the CDK stack (infra/orchestration.py) passes the deployment's
+# values as Airflow configuration options `cxr.*`, which MWAA sets as AIRFLOW__CXR__* variables; they are
+# copied to the CXR_* settings here. Everything else is the aws profile's committed defaults or an Airflow
+# Variable (cxr_code_uri, cxr_emr_serverless_app_id, ...; see README "Airflow on AWS").
+# CXR_PSEUDONYM_KEY is not exported: only the Spark job (on EMR) makes pseudonyms.
+export CXR_PROFILE=aws
+export CXR_EMR_MODE=serverless
+if [ -n "${AIRFLOW__CXR__INPUT_URI:-}" ]; then export CXR_INPUT_URI="$AIRFLOW__CXR__INPUT_URI"; fi
+if [ -n "${AIRFLOW__CXR__LAKEHOUSE_URI:-}" ]; then export CXR_LAKEHOUSE_URI="$AIRFLOW__CXR__LAKEHOUSE_URI"; fi
+if [ -n "${AIRFLOW__CXR__METRICS_NAMESPACE:-}" ]; then export CXR_METRICS_NAMESPACE="$AIRFLOW__CXR__METRICS_NAMESPACE"; fi
