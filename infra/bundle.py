@@ -142,10 +142,7 @@ def merge_constraints(essential: str, lock: str, *, header: Iterable[str] = ()) 
 
 def requirements_text(wheel_name: str, *, extra: str = WORKER_EXTRA) -> str:
     """MWAA's requirements.txt: our constraints first, then the wheel shipped in plugins.zip with ``extra``."""
-    return (
-        f"-c {MWAA_DAGS_DIR}/{CONSTRAINTS_NAME}\n"
-        f"cxr-lakehouse[{extra}] @ file://{MWAA_PLUGINS_DIR}/{wheel_name}\n"
-    )
+    return f"-c {MWAA_DAGS_DIR}/{CONSTRAINTS_NAME}\ncxr-lakehouse[{extra}] @ file://{MWAA_PLUGINS_DIR}/{wheel_name}\n"
 
 
 def build_wheel(out_dir: Path, *, root: Path = ROOT) -> Path:
@@ -174,7 +171,8 @@ def build_wheel(out_dir: Path, *, root: Path = ROOT) -> Path:
             shutil.copy2(root / name, src / name)
         for package in PACKAGES:
             shutil.copytree(root / package, src / package, ignore=ignore)
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)]
+        pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        cmd = [*pip, "-w", str(dist), str(src)]
         env = {**os.environ, "SOURCE_DATE_EPOCH": _SOURCE_DATE_EPOCH}  # the wheel's timestamps: reproducible
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
@@ -272,7 +270,9 @@ def build_bundle(out: Path, *, root: Path = ROOT, airflow_version: str = AIRFLOW
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m infra.bundle [--out DIR]``."""
     parser = argparse.ArgumentParser(prog="python -m infra.bundle", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "infra" / "build", help="bundle folder (default infra/build)")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "infra" / "build", help="bundle folder (default infra/build)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bundle = build_bundle(args.out)
