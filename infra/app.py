@@ -54,9 +54,18 @@ def build_app(
     compute = ComputeStack(app, "Cxr-Compute", config=config, storage=storage, network=network, env=env)
     catalog = CatalogStack(app, "Cxr-Catalog", config=config, storage=storage, env=env)
     orchestration = OrchestrationStack(
-        app, "Cxr-Orchestration", config=config, storage=storage, network=network, compute=compute, catalog=catalog, env=env
+        app,
+        "Cxr-Orchestration",
+        config=config,
+        storage=storage,
+        network=network,
+        compute=compute,
+        catalog=catalog,
+        env=env,
     )
-    MonitoringStack(app, "Cxr-Monitoring", config=config, storage=storage, compute=compute, orchestration=orchestration, env=env)
+    MonitoringStack(
+        app, "Cxr-Monitoring", config=config, storage=storage, compute=compute, orchestration=orchestration, env=env
+    )
     CiStack(app, "Cxr-Ci", config=config, storage=storage, env=env)
     for key, value in tags.items():
         cdk.Tags.of(app).add(key, value)

@@ -15,7 +15,9 @@ from infra.storage import StorageStack
 class CatalogStack(cdk.Stack):
     """Glue database + Athena workgroup."""
 
-    def __init__(self, scope: Construct, cid: str, *, config: DeployConfig, storage: StorageStack, **kwargs: object) -> None:
+    def __init__(
+        self, scope: Construct, cid: str, *, config: DeployConfig, storage: StorageStack, **kwargs: object
+    ) -> None:
         super().__init__(scope, cid, **kwargs)  # type: ignore[arg-type]
         self.database_name = config.prefix.replace("-", "_")
         self.database = glue.CfnDatabase(
@@ -39,7 +41,9 @@ class CatalogStack(cdk.Stack):
                 enforce_work_group_configuration=True,
                 publish_cloud_watch_metrics_enabled=True,
                 bytes_scanned_cutoff_per_query=config.athena_bytes_scanned_limit,
-                engine_version=athena.CfnWorkGroup.EngineVersionProperty(selected_engine_version="Athena engine version 3"),
+                engine_version=athena.CfnWorkGroup.EngineVersionProperty(
+                    selected_engine_version="Athena engine version 3"
+                ),
                 result_configuration=athena.CfnWorkGroup.ResultConfigurationProperty(
                     output_location=self.results_uri,
                     encryption_configuration=athena.CfnWorkGroup.EncryptionConfigurationProperty(

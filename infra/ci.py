@@ -19,9 +19,13 @@ CDK_QUALIFIER = "hnb659fds"
 class CiStack(cdk.Stack):
     """GitHub OIDC provider + deploy role."""
 
-    def __init__(self, scope: Construct, cid: str, *, config: DeployConfig, storage: StorageStack, **kwargs: object) -> None:
+    def __init__(
+        self, scope: Construct, cid: str, *, config: DeployConfig, storage: StorageStack, **kwargs: object
+    ) -> None:
         super().__init__(scope, cid, **kwargs)  # type: ignore[arg-type]
-        provider = iam.CfnOIDCProvider(self, "GitHubOidc", url=f"https://{GITHUB_OIDC}", client_id_list=["sts.amazonaws.com"])
+        provider = iam.CfnOIDCProvider(
+            self, "GitHubOidc", url=f"https://{GITHUB_OIDC}", client_id_list=["sts.amazonaws.com"]
+        )
         subject = f"repo:{config.github_repo}:environment:{config.github_environment}"
         self.deploy_role = iam.Role(
             self,
@@ -42,25 +46,42 @@ class CiStack(cdk.Stack):
             # `cdk deploy` works through the bootstrap roles (CloudFormation does the rest with its own role)
             iam.PolicyStatement(
                 actions=["sts:AssumeRole"],
-                resources=[f"{boot}-{kind}-role-{self.account}-{self.region}" for kind in ("deploy", "file-publishing", "image-publishing", "lookup")],
+                resources=[
+                    f"{boot}-{kind}-role-{self.account}-{self.region}"
+                    for kind in ("deploy", "file-publishing", "image-publishing", "lookup")
+                ],
             ),
             # the inference image, tagged by commit
             iam.PolicyStatement(actions=["ecr:GetAuthorizationToken"], resources=["*"]),  # no resource type
             iam.PolicyStatement(
-                actions=["ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart",
-                         "ecr:CompleteLayerUpload", "ecr:PutImage", "ecr:BatchGetImage", "ecr:DescribeImages"],
+                actions=[
+                    "ecr:BatchCheckLayerAvailability",
+                    "ecr:InitiateLayerUpload",
+                    "ecr:UploadLayerPart",
+                    "ecr:CompleteLayerUpload",
+                    "ecr:PutImage",
+                    "ecr:BatchGetImage",
+                    "ecr:DescribeImages",
+                ],
                 resources=[storage.repository.repository_arn],
             ),
             # the bundle: DAGs, code, MWAA's requirements/plugins/startup script (their versions feed the deploy)
             iam.PolicyStatement(
                 actions=["s3:PutObject", "s3:GetObject", "s3:GetObjectVersion", "s3:DeleteObject"],
-                resources=[code.arn_for_objects(k) for k in (f"{DAGS_PREFIX}*", f"{CODE_PREFIX}*", REQUIREMENTS_KEY, PLUGINS_KEY, STARTUP_KEY)],
+                resources=[
+                    code.arn_for_objects(k)
+                    for k in (f"{DAGS_PREFIX}*", f"{CODE_PREFIX}*", REQUIREMENTS_KEY, PLUGINS_KEY, STARTUP_KEY)
+                ],
             ),
             iam.PolicyStatement(actions=["s3:ListBucket"], resources=[code.bucket_arn]),
-            iam.PolicyStatement(actions=["kms:Encrypt", "kms:GenerateDataKey", "kms:Decrypt"], resources=[storage.key.key_arn]),
+            iam.PolicyStatement(
+                actions=["kms:Encrypt", "kms:GenerateDataKey", "kms:Decrypt"], resources=[storage.key.key_arn]
+            ),
             iam.PolicyStatement(
                 actions=["cloudformation:DescribeStacks"],
-                resources=[f"arn:{self.partition}:cloudformation:{self.region}:{self.account}:stack/{config.prefix.capitalize()}*/*"],
+                resources=[
+                    f"arn:{self.partition}:cloudformation:{self.region}:{self.account}:stack/{config.prefix.capitalize()}*/*"
+                ],
             ),
         ]
         policy = iam.Policy(self, "Access", statements=statements)

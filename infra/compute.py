@@ -27,8 +27,13 @@ INFER_WRITES = ("predictions/", "runs/", "run_index/")
 
 def retention_days(days: int) -> logs.RetentionDays:
     """The CloudWatch Logs retention for a number of days (30, 90, 180, 365 or 731)."""
-    known = {30: logs.RetentionDays.ONE_MONTH, 90: logs.RetentionDays.THREE_MONTHS, 180: logs.RetentionDays.SIX_MONTHS,
-             365: logs.RetentionDays.ONE_YEAR, 731: logs.RetentionDays.TWO_YEARS}
+    known = {
+        30: logs.RetentionDays.ONE_MONTH,
+        90: logs.RetentionDays.THREE_MONTHS,
+        180: logs.RetentionDays.SIX_MONTHS,
+        365: logs.RetentionDays.ONE_YEAR,
+        731: logs.RetentionDays.TWO_YEARS,
+    }
     if days not in known:
         raise ValueError(f"log_retention_days must be one of {sorted(known)}, got {days}")
     return known[days]
@@ -117,14 +122,20 @@ class ComputeStack(cdk.Stack):
             release_label=EMR_RELEASE_LABEL,
             architecture="X86_64",
             auto_start_configuration=emr.CfnApplication.AutoStartConfigurationProperty(enabled=True),
-            auto_stop_configuration=emr.CfnApplication.AutoStopConfigurationProperty(enabled=True, idle_timeout_minutes=15),
+            auto_stop_configuration=emr.CfnApplication.AutoStopConfigurationProperty(
+                enabled=True, idle_timeout_minutes=15
+            ),
             maximum_capacity=emr.CfnApplication.MaximumAllowedResourcesProperty(
-                cpu=f"{config.emr_max_vcpu} vCPU", memory=f"{config.emr_max_memory_gb} GB", disk=f"{config.emr_max_vcpu * 20} GB"
+                cpu=f"{config.emr_max_vcpu} vCPU",
+                memory=f"{config.emr_max_memory_gb} GB",
+                disk=f"{config.emr_max_vcpu * 20} GB",
             ),
             initial_capacity=[
                 emr.CfnApplication.InitialCapacityConfigKeyValuePairProperty(
                     key=kind,
-                    value=emr.CfnApplication.InitialCapacityConfigProperty(worker_count=count, worker_configuration=worker),
+                    value=emr.CfnApplication.InitialCapacityConfigProperty(
+                        worker_count=count, worker_configuration=worker
+                    ),
                 )
                 for kind, count in (("Driver", 1), ("Executor", 2))
             ]
@@ -139,7 +150,9 @@ class ComputeStack(cdk.Stack):
                 )
             ),
             runtime_configuration=[
-                emr.CfnApplication.ConfigurationObjectProperty(classification="spark-defaults", properties=spark_defaults)
+                emr.CfnApplication.ConfigurationObjectProperty(
+                    classification="spark-defaults", properties=spark_defaults
+                )
             ],
         )
 
@@ -193,7 +206,9 @@ class ComputeStack(cdk.Stack):
         image = ecs.ContainerImage.from_registry(f"{storage.repository.repository_uri}:{config.image_tag}")
         environment = {"CXR_PROFILE": "aws", "CXR_METRICS_NAMESPACE": METRICS_NAMESPACE}
         # imported by ARN: the grant then stays on the execution role (the key policy in Cxr-Storage is untouched)
-        pseudonym = secretsmanager.Secret.from_secret_complete_arn(self, "Pseudonym", storage.pseudonym_secret.secret_arn)
+        pseudonym = secretsmanager.Secret.from_secret_complete_arn(
+            self, "Pseudonym", storage.pseudonym_secret.secret_arn
+        )
         secrets = {"CXR_PSEUDONYM_KEY": ecs.Secret.from_secrets_manager(pseudonym)}
 
         # ECS: a cluster with Container Insights and the Fargate task definition (CPU inference)
@@ -233,22 +248,34 @@ class ComputeStack(cdk.Stack):
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
         )
         batch_clusters = f"arn:{self.partition}:ecs:{self.region}:{self.account}:cluster/AWSBatch-{config.prefix}-gpu*"
-        batch_instances = f"arn:{self.partition}:ecs:{self.region}:{self.account}:container-instance/AWSBatch-{config.prefix}-gpu*"
+        batch_instances = (
+            f"arn:{self.partition}:ecs:{self.region}:{self.account}:container-instance/AWSBatch-{config.prefix}-gpu*"
+        )
         access.attach(
             self.batch_instance_role,
             "EcsAgent",
             [
                 iam.PolicyStatement(
-                    actions=["ecs:RegisterContainerInstance", "ecs:DeregisterContainerInstance", "ecs:SubmitContainerStateChange",
-                             "ecs:SubmitTaskStateChange", "ecs:SubmitAttachmentStateChanges", "ecs:UpdateContainerInstancesState",
-                             "ecs:Poll", "ecs:StartTelemetrySession", "ecs:PutSystemLogEvents"],
+                    actions=[
+                        "ecs:RegisterContainerInstance",
+                        "ecs:DeregisterContainerInstance",
+                        "ecs:SubmitContainerStateChange",
+                        "ecs:SubmitTaskStateChange",
+                        "ecs:SubmitAttachmentStateChanges",
+                        "ecs:UpdateContainerInstancesState",
+                        "ecs:Poll",
+                        "ecs:StartTelemetrySession",
+                        "ecs:PutSystemLogEvents",
+                    ],
                     resources=[batch_clusters, batch_instances],
                 ),
                 # the agent asks where to poll before it knows its cluster: no resource type
                 iam.PolicyStatement(actions=["ecs:DiscoverPollEndpoint"], resources=["*"]),
             ],
         )
-        instance_profile = iam.CfnInstanceProfile(self, "BatchInstanceProfile", roles=[self.batch_instance_role.role_name])
+        instance_profile = iam.CfnInstanceProfile(
+            self, "BatchInstanceProfile", roles=[self.batch_instance_role.role_name]
+        )
         self.compute_environment = batch.CfnComputeEnvironment(
             self,
             "GpuComputeEnvironment",
@@ -264,7 +291,9 @@ class ComputeStack(cdk.Stack):
                 subnets=subnets,
                 security_group_ids=[network.jobs_sg.security_group_id],
                 instance_role=instance_profile.attr_arn,
-                ec2_configuration=[batch.CfnComputeEnvironment.Ec2ConfigurationObjectProperty(image_type="ECS_AL2023_NVIDIA")],
+                ec2_configuration=[
+                    batch.CfnComputeEnvironment.Ec2ConfigurationObjectProperty(image_type="ECS_AL2023_NVIDIA")
+                ],
             ),
         )
         self.job_queue = batch.CfnJobQueue(
@@ -273,7 +302,9 @@ class ComputeStack(cdk.Stack):
             job_queue_name=f"{config.prefix}-gpu",
             priority=1,
             compute_environment_order=[
-                batch.CfnJobQueue.ComputeEnvironmentOrderProperty(order=1, compute_environment=self.compute_environment.ref)
+                batch.CfnJobQueue.ComputeEnvironmentOrderProperty(
+                    order=1, compute_environment=self.compute_environment.ref
+                )
             ],
         )
         self.job_definition = batch.CfnJobDefinition(
@@ -297,11 +328,16 @@ class ComputeStack(cdk.Stack):
                     for k, v in {**environment, "CXR_INFER_AMP": "1"}.items()
                 ],
                 secrets=[
-                    batch.CfnJobDefinition.SecretProperty(name="CXR_PSEUDONYM_KEY", value_from=storage.pseudonym_secret.secret_arn)
+                    batch.CfnJobDefinition.SecretProperty(
+                        name="CXR_PSEUDONYM_KEY", value_from=storage.pseudonym_secret.secret_arn
+                    )
                 ],
                 log_configuration=batch.CfnJobDefinition.LogConfigurationProperty(
                     log_driver="awslogs",
-                    options={"awslogs-group": self.log_groups["infer"].log_group_name, "awslogs-stream-prefix": "batch"},
+                    options={
+                        "awslogs-group": self.log_groups["infer"].log_group_name,
+                        "awslogs-stream-prefix": "batch",
+                    },
                 ),
             ),
         )

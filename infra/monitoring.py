@@ -20,8 +20,14 @@ from infra.orchestration import OrchestrationStack
 from infra.storage import StorageStack
 
 #: the custom metrics the DAG publishes (namespace CXR/Pipeline, no dimensions)
-PIPELINE_METRICS = ("QuarantineShare", "ValidationFailures", "TaskFailures", "ImagesPreprocessed", "ImagesQuarantined",
-                    "PredictionsWritten")
+PIPELINE_METRICS = (
+    "QuarantineShare",
+    "ValidationFailures",
+    "TaskFailures",
+    "ImagesPreprocessed",
+    "ImagesQuarantined",
+    "PredictionsWritten",
+)
 
 
 class MonitoringStack(cdk.Stack):
@@ -39,13 +45,17 @@ class MonitoringStack(cdk.Stack):
         **kwargs: object,
     ) -> None:
         super().__init__(scope, cid, **kwargs)  # type: ignore[arg-type]
-        self.topic = sns.Topic(self, "Alarms", topic_name=f"{config.prefix}-alarms", master_key=storage.key, enforce_ssl=True)
+        self.topic = sns.Topic(
+            self, "Alarms", topic_name=f"{config.prefix}-alarms", master_key=storage.key, enforce_ssl=True
+        )
         if config.alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(config.alarm_email))
         action = cw_actions.SnsAction(self.topic)
 
         def pipeline(metric: str, statistic: str) -> cw.Metric:
-            return cw.Metric(namespace=METRICS_NAMESPACE, metric_name=metric, statistic=statistic, period=cdk.Duration.minutes(5))
+            return cw.Metric(
+                namespace=METRICS_NAMESPACE, metric_name=metric, statistic=statistic, period=cdk.Duration.minutes(5)
+            )
 
         self.alarms: dict[str, cw.Alarm] = {}
 
@@ -66,10 +76,26 @@ class MonitoringStack(cdk.Stack):
             made.add_alarm_action(action)
             self.alarms[cid] = made
 
-        alarm("task-failures", pipeline("TaskFailures", "Sum"), 1, "a task of the cxr DAG failed (Airflow on_failure_callback)", above=False)
-        alarm("quarantine-share", pipeline("QuarantineShare", "Maximum"), config.max_quarantine_share,
-              f"a preprocessing run quarantined more than {config.max_quarantine_share:.0%} of its files")
-        alarm("validation-failures", pipeline("ValidationFailures", "Sum"), 1, "a Great Expectations validation failed", above=False)
+        alarm(
+            "task-failures",
+            pipeline("TaskFailures", "Sum"),
+            1,
+            "a task of the cxr DAG failed (Airflow on_failure_callback)",
+            above=False,
+        )
+        alarm(
+            "quarantine-share",
+            pipeline("QuarantineShare", "Maximum"),
+            config.max_quarantine_share,
+            f"a preprocessing run quarantined more than {config.max_quarantine_share:.0%} of its files",
+        )
+        alarm(
+            "validation-failures",
+            pipeline("ValidationFailures", "Sum"),
+            1,
+            "a Great Expectations validation failed",
+            above=False,
+        )
 
         # EMR job, Batch job and ECS task failures: EventBridge rules -> the topic, and an alarm on each rule
         patterns = {
@@ -81,7 +107,12 @@ class MonitoringStack(cdk.Stack):
             "batch-job-failed": events.EventPattern(
                 source=["aws.batch"],
                 detail_type=["Batch Job State Change"],
-                detail={"status": ["FAILED"], "jobQueue": [f"arn:{self.partition}:batch:{self.region}:{self.account}:job-queue/{config.prefix}-gpu"]},
+                detail={
+                    "status": ["FAILED"],
+                    "jobQueue": [
+                        f"arn:{self.partition}:batch:{self.region}:{self.account}:job-queue/{config.prefix}-gpu"
+                    ],
+                },
             ),
             "ecs-task-failed": events.EventPattern(
                 source=["aws.ecs"],
@@ -97,25 +128,44 @@ class MonitoringStack(cdk.Stack):
             rule = events.Rule(self, f"{cid}-rule", rule_name=f"{config.prefix}-{cid}", event_pattern=pattern)
             rule.add_target(targets.SnsTopic(self.topic))
             matched = cw.Metric(
-                namespace="AWS/Events", metric_name="TriggeredRules", dimensions_map={"RuleName": rule.rule_name},
-                statistic="Sum", period=cdk.Duration.minutes(5),
+                namespace="AWS/Events",
+                metric_name="TriggeredRules",
+                dimensions_map={"RuleName": rule.rule_name},
+                statistic="Sum",
+                period=cdk.Duration.minutes(5),
             )
             alarm(cid, matched, 1, f"{cid.replace('-', ' ')} (EventBridge rule {config.prefix}-{cid})", above=False)
 
         dashboard = cw.Dashboard(self, "Dashboard", dashboard_name=config.prefix)
         dashboard.add_widgets(
-            cw.GraphWidget(title="Images per run", left=[pipeline("ImagesPreprocessed", "Sum"), pipeline("ImagesQuarantined", "Sum"),
-                                                        pipeline("PredictionsWritten", "Sum")]),
-            cw.GraphWidget(title="Quarantine share", left=[pipeline("QuarantineShare", "Maximum")],
-                           left_annotations=[cw.HorizontalAnnotation(value=config.max_quarantine_share, label="alarm")]),
+            cw.GraphWidget(
+                title="Images per run",
+                left=[
+                    pipeline("ImagesPreprocessed", "Sum"),
+                    pipeline("ImagesQuarantined", "Sum"),
+                    pipeline("PredictionsWritten", "Sum"),
+                ],
+            ),
+            cw.GraphWidget(
+                title="Quarantine share",
+                left=[pipeline("QuarantineShare", "Maximum")],
+                left_annotations=[cw.HorizontalAnnotation(value=config.max_quarantine_share, label="alarm")],
+            ),
             cw.AlarmStatusWidget(title="Alarms", alarms=list(self.alarms.values())),
         )
         dashboard.add_widgets(
-            cw.GraphWidget(title="Failures", left=[pipeline("ValidationFailures", "Sum"), pipeline("TaskFailures", "Sum")]),
+            cw.GraphWidget(
+                title="Failures", left=[pipeline("ValidationFailures", "Sum"), pipeline("TaskFailures", "Sum")]
+            ),
             cw.LogQueryWidget(
                 title="Inference errors",
                 log_group_names=[compute.log_groups["infer"].log_group_name],
-                query_lines=["fields @timestamp, @message", "filter @message like /(?i)error/", "sort @timestamp desc", "limit 50"],
+                query_lines=[
+                    "fields @timestamp, @message",
+                    "filter @message like /(?i)error/",
+                    "sort @timestamp desc",
+                    "limit 50",
+                ],
             ),
         )
         cdk.CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn)

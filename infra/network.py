@@ -39,15 +39,17 @@ INTERFACE_ENDPOINTS = {
 class NetworkStack(cdk.Stack):
     """The VPC, its endpoints, flow logs, and the security groups of the jobs and of MWAA."""
 
-    def __init__(
-        self, scope: Construct, cid: str, *, config: DeployConfig, log_key: object, **kwargs: object
-    ) -> None:
+    def __init__(self, scope: Construct, cid: str, *, config: DeployConfig, log_key: object, **kwargs: object) -> None:
         super().__init__(scope, cid, **kwargs)  # type: ignore[arg-type]
-        subnets = [ec2.SubnetConfiguration(name="private", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=20)]
+        subnets = [
+            ec2.SubnetConfiguration(name="private", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=20)
+        ]
         if config.nat_gateways:
             subnets.insert(0, ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=24))
         else:
-            subnets = [ec2.SubnetConfiguration(name="private", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED, cidr_mask=20)]
+            subnets = [
+                ec2.SubnetConfiguration(name="private", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED, cidr_mask=20)
+            ]
         self.vpc = ec2.Vpc(
             self,
             "Vpc",
@@ -71,14 +73,14 @@ class NetworkStack(cdk.Stack):
         self.private_selection = ec2.SubnetSelection(
             subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS if config.nat_gateways else ec2.SubnetType.PRIVATE_ISOLATED
         )
-        self.private_subnets = self.vpc.select_subnets(
-            subnet_type=self.private_selection.subnet_type
-        )
+        self.private_subnets = self.vpc.select_subnets(subnet_type=self.private_selection.subnet_type)
         # the jobs (EMR Serverless, ECS tasks, Batch instances): no inbound, HTTPS out
         self.jobs_sg = ec2.SecurityGroup(
             self, "JobsSg", vpc=self.vpc, description="cxr jobs: no inbound, HTTPS out", allow_all_outbound=False
         )
-        self.jobs_sg.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs, S3, PyPI/GitHub via NAT")
+        self.jobs_sg.add_egress_rule(
+            ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs, S3, PyPI/GitHub via NAT"
+        )
         # MWAA: its web server, schedulers and workers talk to each other inside this group (self-referencing)
         self.mwaa_sg = ec2.SecurityGroup(
             self, "MwaaSg", vpc=self.vpc, description="cxr MWAA: self-referencing, HTTPS out", allow_all_outbound=False
@@ -86,9 +88,15 @@ class NetworkStack(cdk.Stack):
         self.mwaa_sg.add_ingress_rule(self.mwaa_sg, ec2.Port.all_traffic(), "MWAA components among themselves")
         self.mwaa_sg.add_egress_rule(self.mwaa_sg, ec2.Port.all_traffic(), "MWAA components among themselves")
         self.mwaa_sg.add_egress_rule(ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs and S3")
-        self.mwaa_sg.add_egress_rule(ec2.Peer.ipv4(self.vpc.vpc_cidr_block), ec2.Port.tcp(5432), "MWAA metadata database")
+        self.mwaa_sg.add_egress_rule(
+            ec2.Peer.ipv4(self.vpc.vpc_cidr_block), ec2.Port.tcp(5432), "MWAA metadata database"
+        )
         endpoints_sg = ec2.SecurityGroup(
-            self, "EndpointsSg", vpc=self.vpc, description="cxr interface endpoints: HTTPS from the VPC", allow_all_outbound=False
+            self,
+            "EndpointsSg",
+            vpc=self.vpc,
+            description="cxr interface endpoints: HTTPS from the VPC",
+            allow_all_outbound=False,
         )
         endpoints_sg.add_ingress_rule(ec2.Peer.ipv4(self.vpc.vpc_cidr_block), ec2.Port.tcp(443), "HTTPS from the VPC")
         for name, service in INTERFACE_ENDPOINTS.items():

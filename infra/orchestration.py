@@ -75,7 +75,10 @@ class OrchestrationStack(cdk.Stack):
         }
         for variable, value in self.variables.items():
             ssm.StringParameter(
-                self, f"Var-{variable}", parameter_name=f"{VARIABLES_PREFIX}/{variable}", string_value=value,
+                self,
+                f"Var-{variable}",
+                parameter_name=f"{VARIABLES_PREFIX}/{variable}",
+                string_value=value,
                 description=f"Airflow Variable {variable} of the cxr DAG",
             )
 
@@ -97,18 +100,32 @@ class OrchestrationStack(cdk.Stack):
             # MWAA itself: its metrics, logs, Celery queue and the source bucket
             iam.PolicyStatement(actions=["airflow:PublishMetrics"], resources=[env_arn]),
             iam.PolicyStatement(
-                actions=["logs:CreateLogStream", "logs:CreateLogGroup", "logs:PutLogEvents", "logs:GetLogEvents",
-                         "logs:GetLogRecord", "logs:GetLogGroupFields", "logs:GetQueryResults"],
+                actions=[
+                    "logs:CreateLogStream",
+                    "logs:CreateLogGroup",
+                    "logs:PutLogEvents",
+                    "logs:GetLogEvents",
+                    "logs:GetLogRecord",
+                    "logs:GetLogGroupFields",
+                    "logs:GetQueryResults",
+                ],
                 resources=[f"{arn}:logs:{region_account}:log-group:airflow-{name}-*"],
             ),
             iam.PolicyStatement(actions=["logs:DescribeLogGroups"], resources=["*"]),  # no resource type
             iam.PolicyStatement(
-                actions=["sqs:ChangeMessageVisibility", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
-                         "sqs:ReceiveMessage", "sqs:SendMessage"],
+                actions=[
+                    "sqs:ChangeMessageVisibility",
+                    "sqs:DeleteMessage",
+                    "sqs:GetQueueAttributes",
+                    "sqs:GetQueueUrl",
+                    "sqs:ReceiveMessage",
+                    "sqs:SendMessage",
+                ],
                 resources=[f"{arn}:sqs:{self.region}:*:airflow-celery-*"],  # MWAA's queue lives in an AWS account
             ),
             iam.PolicyStatement(
-                actions=["kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey", "kms:Encrypt"], resources=[key.key_arn]
+                actions=["kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey", "kms:Encrypt"],
+                resources=[key.key_arn],
             ),
             iam.PolicyStatement(
                 actions=["cloudwatch:PutMetricData"],
@@ -129,15 +146,23 @@ class OrchestrationStack(cdk.Stack):
                     f"{arn}:ssm:{region_account}:parameter{CONNECTIONS_PREFIX}/*",
                 ],
             ),
-            iam.PolicyStatement(actions=["secretsmanager:GetSecretValue"], resources=[storage.pseudonym_secret.secret_arn]),
+            iam.PolicyStatement(
+                actions=["secretsmanager:GetSecretValue"], resources=[storage.pseudonym_secret.secret_arn]
+            ),
             # sensor: list new images; validation, publish, report, maintain: the lakehouse; Athena's results
             *access.s3_access(raw, [INPUT_PREFIX]),
             *access.s3_access(lake, [LAKEHOUSE_PREFIX], write=True),
             *access.s3_access(lake, [ATHENA_PREFIX], write=True),
-            iam.PolicyStatement(actions=["s3:GetBucketLocation"], resources=[lake.bucket_arn]),  # Athena's results check
+            iam.PolicyStatement(
+                actions=["s3:GetBucketLocation"], resources=[lake.bucket_arn]
+            ),  # Athena's results check
             # preprocess: EMR Serverless
             iam.PolicyStatement(
-                actions=["emr-serverless:StartJobRun", "emr-serverless:GetApplication", "emr-serverless:StartApplication"],
+                actions=[
+                    "emr-serverless:StartJobRun",
+                    "emr-serverless:GetApplication",
+                    "emr-serverless:StartApplication",
+                ],
                 resources=[emr_app],
             ),
             iam.PolicyStatement(
@@ -169,13 +194,25 @@ class OrchestrationStack(cdk.Stack):
             iam.PolicyStatement(actions=["batch:DescribeJobs"], resources=["*"]),  # no resource type
             # athena_ddl / athena_publish: the workgroup and the Glue database's tables
             iam.PolicyStatement(
-                actions=["athena:StartQueryExecution", "athena:GetQueryExecution", "athena:GetQueryResults",
-                         "athena:StopQueryExecution", "athena:GetWorkGroup"],
+                actions=[
+                    "athena:StartQueryExecution",
+                    "athena:GetQueryExecution",
+                    "athena:GetQueryResults",
+                    "athena:StopQueryExecution",
+                    "athena:GetWorkGroup",
+                ],
                 resources=[f"{arn}:athena:{region_account}:workgroup/{catalog.workgroup_name}"],
             ),
             iam.PolicyStatement(
-                actions=["glue:GetDatabase", "glue:GetTable", "glue:GetTables", "glue:CreateTable", "glue:UpdateTable",
-                         "glue:DeleteTable", "glue:GetPartitions"],
+                actions=[
+                    "glue:GetDatabase",
+                    "glue:GetTable",
+                    "glue:GetTables",
+                    "glue:CreateTable",
+                    "glue:UpdateTable",
+                    "glue:DeleteTable",
+                    "glue:GetPartitions",
+                ],
                 resources=[
                     f"{arn}:glue:{region_account}:catalog",
                     f"{arn}:glue:{region_account}:database/{glue_db}",
@@ -187,11 +224,6 @@ class OrchestrationStack(cdk.Stack):
 
         subnet_ids = network.private_subnets.subnet_ids[:2]
         logging = mwaa.CfnEnvironment.ModuleLoggingConfigurationProperty(enabled=True, log_level="INFO")
-        versions = {
-            "requirements_s3_object_version": config.requirements_version or None,
-            "plugins_s3_object_version": config.plugins_version or None,
-            "startup_script_s3_object_version": config.startup_version or None,
-        }
         self.airflow = mwaa.CfnEnvironment(
             self,
             "Airflow",
@@ -208,12 +240,17 @@ class OrchestrationStack(cdk.Stack):
             requirements_s3_path=REQUIREMENTS_KEY,
             plugins_s3_path=PLUGINS_KEY,
             startup_script_s3_path=STARTUP_KEY,
-            **versions,
+            requirements_s3_object_version=config.requirements_version or None,
+            plugins_s3_object_version=config.plugins_version or None,
+            startup_script_s3_object_version=config.startup_version or None,
             network_configuration=mwaa.CfnEnvironment.NetworkConfigurationProperty(
                 subnet_ids=subnet_ids, security_group_ids=[network.mwaa_sg.security_group_id]
             ),
             logging_configuration=mwaa.CfnEnvironment.LoggingConfigurationProperty(
-                dag_processing_logs=logging, scheduler_logs=logging, task_logs=logging, webserver_logs=logging,
+                dag_processing_logs=logging,
+                scheduler_logs=logging,
+                task_logs=logging,
+                webserver_logs=logging,
                 worker_logs=logging,
             ),
             airflow_configuration_options={

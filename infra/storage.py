@@ -33,11 +33,19 @@ class StorageStack(cdk.Stack):
             iam.PolicyStatement(
                 sid="CloudWatchLogs",
                 principals=[iam.ServicePrincipal(f"logs.{self.region}.amazonaws.com")],
-                actions=["kms:Encrypt", "kms:Decrypt", "kms:ReEncryptFrom", "kms:ReEncryptTo", "kms:GenerateDataKey",
-                         "kms:DescribeKey"],
+                actions=[
+                    "kms:Encrypt",
+                    "kms:Decrypt",
+                    "kms:ReEncryptFrom",
+                    "kms:ReEncryptTo",
+                    "kms:GenerateDataKey",
+                    "kms:DescribeKey",
+                ],
                 resources=["*"],  # in a key policy "*" is this key
                 conditions={
-                    "ArnLike": {"kms:EncryptionContext:aws:logs:arn": f"arn:{self.partition}:logs:{self.region}:{self.account}:*"}
+                    "ArnLike": {
+                        "kms:EncryptionContext:aws:logs:arn": f"arn:{self.partition}:logs:{self.region}:{self.account}:*"
+                    }
                 },
             )
         )
@@ -45,7 +53,10 @@ class StorageStack(cdk.Stack):
         self.key.add_to_resource_policy(
             iam.PolicyStatement(
                 sid="AlarmPublishers",
-                principals=[iam.ServicePrincipal("events.amazonaws.com"), iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                principals=[
+                    iam.ServicePrincipal("events.amazonaws.com"),
+                    iam.ServicePrincipal("cloudwatch.amazonaws.com"),
+                ],
                 actions=["kms:Decrypt", "kms:GenerateDataKey"],
                 resources=["*"],  # in a key policy "*" is this key
                 conditions={"StringEquals": {"aws:SourceAccount": self.account}},
@@ -66,7 +77,10 @@ class StorageStack(cdk.Stack):
                 s3.LifecycleRule(
                     id="age-out",
                     transitions=[
-                        s3.Transition(storage_class=s3.StorageClass.GLACIER_INSTANT_RETRIEVAL, transition_after=cdk.Duration.days(90))
+                        s3.Transition(
+                            storage_class=s3.StorageClass.GLACIER_INSTANT_RETRIEVAL,
+                            transition_after=cdk.Duration.days(90),
+                        )
                     ],
                     expiration=cdk.Duration.days(365),
                     noncurrent_version_expiration=cdk.Duration.days(30),

@@ -161,8 +161,8 @@ def test_deploy_steps_in_order() -> None:
         "aws-actions/amazon-ecr-login",
         'docker build -f inference/Dockerfile -t "$REGISTRY/cxr-infer:$IMAGE_TAG" .\n'
         'docker push "$REGISTRY/cxr-infer:$IMAGE_TAG"',
+        "make bundle",  # the wheel the Spark venv installs
         "bash infra/mwaa/build_spark_env.sh infra/build",
-        "make bundle",
         'make deploy IMAGE_TAG="$IMAGE_TAG"',
     ]
     credentials = deploy["steps"][2]["with"]

