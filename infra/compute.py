@@ -11,7 +11,6 @@ from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_emrserverless as emr
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
-from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from infra import access
@@ -179,7 +178,7 @@ class ComputeStack(cdk.Stack):
         self.infer_execution_role = iam.Role(
             self,
             "InferExecutionRole",
-            description="cxr infer: pulls the image, writes its logs, reads the pseudonym key into the task",
+            description="cxr infer: pulls the image and writes its logs",
             assumed_by=iam.ServicePrincipal(
                 "ecs-tasks.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": self.account}}
             ),
@@ -197,19 +196,11 @@ class ComputeStack(cdk.Stack):
                     actions=["logs:CreateLogStream", "logs:PutLogEvents"],
                     resources=[f"{self.log_groups['infer'].log_group_arn}:*"],
                 ),
-                iam.PolicyStatement(
-                    actions=["secretsmanager:GetSecretValue"], resources=[storage.pseudonym_secret.secret_arn]
-                ),
                 kms_use,
             ],
         )
         image = ecs.ContainerImage.from_registry(f"{storage.repository.repository_uri}:{config.image_tag}")
         environment = {"CXR_PROFILE": "aws", "CXR_METRICS_NAMESPACE": METRICS_NAMESPACE}
-        # imported by ARN: the grant then stays on the execution role (the key policy in Cxr-Storage is untouched)
-        pseudonym = secretsmanager.Secret.from_secret_complete_arn(
-            self, "Pseudonym", storage.pseudonym_secret.secret_arn
-        )
-        secrets = {"CXR_PSEUDONYM_KEY": ecs.Secret.from_secrets_manager(pseudonym)}
 
         # ECS: a cluster with Container Insights and the Fargate task definition (CPU inference)
         self.cluster = ecs.Cluster(
@@ -236,7 +227,6 @@ class ComputeStack(cdk.Stack):
             container_name=INFER_CONTAINER,
             image=image,
             environment=environment,
-            secrets=secrets,
             logging=ecs.LogDrivers.aws_logs(stream_prefix="ecs", log_group=self.log_groups["infer"]),
         )
 
@@ -326,11 +316,6 @@ class ComputeStack(cdk.Stack):
                 environment=[
                     batch.CfnJobDefinition.EnvironmentProperty(name=k, value=v)
                     for k, v in {**environment, "CXR_INFER_AMP": "1"}.items()
-                ],
-                secrets=[
-                    batch.CfnJobDefinition.SecretProperty(
-                        name="CXR_PSEUDONYM_KEY", value_from=storage.pseudonym_secret.secret_arn
-                    )
                 ],
                 log_configuration=batch.CfnJobDefinition.LogConfigurationProperty(
                     log_driver="awslogs",

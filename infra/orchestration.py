@@ -138,16 +138,13 @@ class OrchestrationStack(cdk.Stack):
                 resources=[code.bucket_arn],
             ),
             *access.s3_access(code, [DAGS_PREFIX, REQUIREMENTS_KEY, PLUGINS_KEY, STARTUP_KEY], list_prefix=""),
-            # the DAG's Variables and Connections (SSM), the pseudonym key (the startup script exports it)
+            # the DAG's Variables and Connections (SSM)
             iam.PolicyStatement(
                 actions=["ssm:GetParameter", "ssm:GetParameters"],
                 resources=[
                     f"{arn}:ssm:{region_account}:parameter{VARIABLES_PREFIX}/*",
                     f"{arn}:ssm:{region_account}:parameter{CONNECTIONS_PREFIX}/*",
                 ],
-            ),
-            iam.PolicyStatement(
-                actions=["secretsmanager:GetSecretValue"], resources=[storage.pseudonym_secret.secret_arn]
             ),
             # sensor: list new images; validation, publish, report, maintain: the lakehouse; Athena's results
             *access.s3_access(raw, [INPUT_PREFIX]),
@@ -262,7 +259,6 @@ class OrchestrationStack(cdk.Stack):
                 # read by startup.sh (MWAA exposes them as AIRFLOW__CXR__*) into the CXR_* settings
                 "cxr.input_uri": self.input_uri,
                 "cxr.lakehouse_uri": self.lakehouse_uri,
-                "cxr.pseudonym_secret_arn": storage.pseudonym_secret.secret_arn,
                 "cxr.metrics_namespace": METRICS_NAMESPACE,
             },
         )
