@@ -306,7 +306,7 @@ class ComputeStack(cdk.Stack):
             retry_strategy=batch.CfnJobDefinition.RetryStrategyProperty(attempts=3),  # spot interruptions
             timeout=batch.CfnJobDefinition.TimeoutProperty(attempt_duration_seconds=6 * 3600),
             container_properties=batch.CfnJobDefinition.ContainerPropertiesProperty(
-                image=f"{storage.repository.repository_uri}:{config.image_tag}",
+                image=f"{storage.repository.repository_uri}:{config.image_tag}-cuda",  # the CUDA build of the same commit
                 job_role_arn=self.infer_task_role.role_arn,
                 execution_role_arn=self.infer_execution_role.role_arn,
                 resource_requirements=[

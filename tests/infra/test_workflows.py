@@ -160,7 +160,9 @@ def test_deploy_steps_in_order() -> None:
         "make deploy-foundation",
         "aws-actions/amazon-ecr-login",
         'docker build -f inference/Dockerfile -t "$REGISTRY/cxr-infer:$IMAGE_TAG" .\n'
-        'docker push "$REGISTRY/cxr-infer:$IMAGE_TAG"',
+        'docker push "$REGISTRY/cxr-infer:$IMAGE_TAG"\n'
+        'docker build -f inference/Dockerfile --build-arg TORCH_VARIANT=cuda -t "$REGISTRY/cxr-infer:$IMAGE_TAG-cuda" .\n'
+        'docker push "$REGISTRY/cxr-infer:$IMAGE_TAG-cuda"',
         "make bundle",  # the wheel the Spark venv installs
         "bash infra/mwaa/build_spark_env.sh infra/build",
         'make deploy IMAGE_TAG="$IMAGE_TAG"',
