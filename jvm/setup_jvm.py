@@ -40,7 +40,7 @@ JAVA_MK = HERE / "java.mk"
 CLASSPATH_FILE = HERE / "classpath.txt"
 IVY_CACHE = HERE / "ivy"
 
-MIN_JAVA, MAX_JAVA = 17, 21  # the Java versions Spark 4.1 supports
+MIN_JAVA, MAX_JAVA = 17, 21  # the Java versions Spark 4.0 supports
 VECTOR_MODULE = "jdk.incubator.vector"  # Spark 4 loads it at start-up
 APT_PACKAGE = "openjdk-17-jre-headless"
 #: where JDKs usually live: Linux packages, tarballs, macOS (installers, Homebrew), SDKMAN!, IntelliJ, asdf

@@ -25,15 +25,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DELTA_VERSION = "4.4.0"  # keep in step with jvm/pom.xml and the delta-spark pin
-HADOOP_AWS_PACKAGE = "org.apache.hadoop:hadoop-aws:3.4.2"  # = the hadoop-client jars in pyspark/jars
+# The engines of EMR (infra/versions.py; this floor must not import infra): keep in step with jvm/pom.xml,
+# the pyspark / delta-spark pins and infra/versions.py (tests/test_versions.py compares them all).
+SPARK_VERSION = "4.0.2"
+DELTA_VERSION = "4.0.0"
+#: Delta 4.0.x is published as delta-spark_<scala>, without the Spark-binary infix of later releases
+DELTA_PACKAGE = f"io.delta:delta-spark_2.13:{DELTA_VERSION}"
+HADOOP_VERSION = "3.4.1"  # = the hadoop-client jars in pyspark/jars
+HADOOP_AWS_PACKAGE = f"org.apache.hadoop:hadoop-aws:{HADOOP_VERSION}"
+#: in place of hadoop-aws 3.4.1's AWS SDK bundle 2.24.6, whose unshaded slf4j 1.x turns Spark's own logging
+#: into a no-op (aws/aws-sdk-java-v2#5108); the bundle of Hadoop 3.4.2, as in jvm/pom.xml
+AWS_SDK_PACKAGE = "software.amazon.awssdk:bundle:2.29.52"
 CLASSPATH_FILE = Path(__file__).resolve().parent.parent / "jvm" / "classpath.txt"
 #: a JVM class-data-sharing archive of the classes a run loads (made by `make setup`): seconds off start-up
 CDS_ARCHIVE = CLASSPATH_FILE.parent / "cxr-classes.jsa"
 
 
 def _artifact_id(jar: Path) -> str:
-    """``delta-storage-4.4.0.jar`` -> ``delta-storage`` (the name without its version)."""
+    """``delta-storage-4.0.0.jar`` -> ``delta-storage`` (the name without its version)."""
     parts = jar.stem.split("-")
     for i, p in enumerate(parts):
         if p[:1].isdigit():
@@ -163,7 +172,7 @@ def get_spark(settings: Settings, *, app_name: str = "cxr") -> SparkSession:
             DELTA_VERSION,
             HADOOP_AWS_PACKAGE,
         )
-        builder = configure_spark_with_delta_pip(builder, extra_packages=[HADOOP_AWS_PACKAGE])
+        builder = configure_spark_with_delta_pip(builder, extra_packages=[HADOOP_AWS_PACKAGE, AWS_SDK_PACKAGE])
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.spark.log_level)
     return spark
@@ -230,7 +239,7 @@ def spark_submit_options(settings: Settings) -> dict[str, Any]:
     opts: dict[str, Any] = {"master": master}
     jars = local_jars(settings)
     if jars is None:
-        opts["packages"] = f"io.delta:delta-spark_4.1_2.13:{DELTA_VERSION},{HADOOP_AWS_PACKAGE}"
+        opts["packages"] = f"{DELTA_PACKAGE},{HADOOP_AWS_PACKAGE},{AWS_SDK_PACKAGE}"
     elif master.startswith("local"):
         opts["driver_class_path"] = os.pathsep.join(jars)
     else:

@@ -77,16 +77,18 @@ def test_jar_resolution_prefers_local_maven_and_falls_back_to_delta_pip(
     jars = sp.local_jars(load_settings({}))
     assert jars is not None, "run `make setup`: jvm/classpath.txt is missing"
     names = {Path(j).name for j in jars}
-    assert any(n.startswith("delta-spark_4.1_2.13-") for n in names) and any(
-        n.startswith("hadoop-aws-3.4.2") for n in names
-    )
+    assert f"delta-spark_2.13-{sp.DELTA_VERSION}.jar" in names
+    assert f"hadoop-aws-{sp.HADOOP_VERSION}.jar" in names
+    # the AWS SDK bundle of hadoop-aws 3.4.1 (2.24.6) carries an unshaded slf4j 1.x that silences Spark's log
+    assert not any(n.startswith("bundle-2.24.") for n in names)
     assert not any(
         n.startswith(("jackson-databind", "scala-library", "hadoop-client-api")) for n in names
     )  # Spark's own win
     missing = load_settings({"CXR_SPARK_CLASSPATH_FILE": str(tmp_path / "missing.txt")})
     assert sp.local_jars(missing) is None
     opts = sp.spark_submit_options(missing)
-    assert opts["packages"] == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
+    packages = f"io.delta:delta-spark_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
+    assert opts["packages"] == f"{packages},{sp.AWS_SDK_PACKAGE}"  # the SDK bundle jvm/pom.xml resolves too
     assert "driver_class_path" not in opts and "jars" not in opts
 
     # the standard path for machines with internet: configure_spark_with_delta_pip asks Ivy for the same jar
@@ -94,8 +96,7 @@ def test_jar_resolution_prefers_local_maven_and_falls_back_to_delta_pip(
     from pyspark.sql import SparkSession
 
     builder = configure_spark_with_delta_pip(SparkSession.builder, extra_packages=[sp.HADOOP_AWS_PACKAGE])
-    packages = builder._options["spark.jars.packages"]  # type: ignore[attr-defined]
-    assert packages == f"io.delta:delta-spark_4.1_2.13:{sp.DELTA_VERSION},{sp.HADOOP_AWS_PACKAGE}"
+    assert builder._options["spark.jars.packages"] == packages  # type: ignore[attr-defined]
 
 
 def test_symlinked_folders_are_listed_once(tmp_path: Path) -> None:
