@@ -335,7 +335,9 @@ def aws_infer_task(plan: Any, *, outlets: list[Any]) -> Any:
 def aws_athena_tasks(lakehouse: str) -> Any:
     """Athena DDL (one query per statement, mapped over the list ``athena_ddl`` returns).
 
-    Airflow Variable: ``cxr_athena_output`` (s3:// folder for query results); database ``cxr_athena_db``.
+    Airflow Variables: ``cxr_athena_output`` (s3:// folder for query results); database ``cxr_athena_db``
+    (default ``cxr``); ``cxr_athena_workgroup`` (default ``primary``; the CDK stack's workgroup enforces its
+    own result location and encryption, which then win over ``cxr_athena_output``).
     """
     from airflow.providers.amazon.aws.operators.athena import AthenaOperator
     from airflow.providers.standard.operators.python import PythonOperator
@@ -352,6 +354,7 @@ def aws_athena_tasks(lakehouse: str) -> Any:
             task_id="athena_publish",
             database="default",
             output_location="{{ var.value.cxr_athena_output }}",
+            workgroup="{{ var.value.get('cxr_athena_workgroup', 'primary') }}",
         ).expand(query=ddl.output)
         ddl >> run
     return group

@@ -365,11 +365,17 @@ def test_rendered_sensor_key_and_athena_ddl(aws_env: pytest.MonkeyPatch) -> None
 
     athena = dag.get_task("athena_publish").unmap({"query": ddl("cxr_prod")[2]})
     athena.render_template_fields(ctx)
-    assert (athena.output_location, athena.database, athena.query) == (
+    assert (athena.output_location, athena.database, athena.query, athena.workgroup) == (
         "s3://athena-results/cxr/",
         "default",
         ddl("cxr_prod")[2],
+        "primary",  # cxr_athena_workgroup unset
     )
+    aws_env.setenv("AIRFLOW_VAR_CXR_ATHENA_WORKGROUP", "cxr")
+    dag = load_dag(aws_env, "serverless")
+    athena = dag.get_task("athena_publish").unmap({"query": "SELECT 1"})
+    athena.render_template_fields(context(dag))
+    assert athena.workgroup == "cxr"
 
 
 # --- the AWS calls, against the local moto server ----------------------------------------------------
