@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lakehouse.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from expectations.runner import ValidationReport
+    from lakehouse.storage import MetricUnit
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,10 @@ def validate_stage(
     retrying) when any expectation failed, so that no later stage runs on it: no inference on failing
     tensors, no published versions, no Athena declaration, no report.
 
+    With ``CXR_METRICS_NAMESPACE`` set, the audit publishes the run's CloudWatch metrics first (before a
+    failure is raised, so that the alarms see it): ``ValidationFailures`` and the audited run's stage
+    metrics (:func:`run_metrics`). A metric that cannot be published logs a warning and fails nothing.
+
     Returns:
         Per-table success and the Data Docs URI (an XCom for the report and the logs).
     """
@@ -66,9 +74,10 @@ def validate_stage(
         import ast
 
         models = [str(m) for m in ast.literal_eval(models)] if models.strip() else None
+    settings = load_settings()
     report = validate_lakehouse(
         lakehouse_uri,
-        settings=load_settings(),
+        settings=settings,
         tables=list(tables),
         run_id=run_id,
         models=list(models or []) or None,
@@ -82,12 +91,114 @@ def validate_stage(
         "versions": report.versions,  # what the publish step may publish
     }
     log.info("validation of %s: %s (Data Docs: %s)", ", ".join(tables), summary["tables"], report.data_docs_uri)
+    if settings.metrics_namespace:
+        metrics: dict[str, tuple[float, MetricUnit]] = {
+            "ValidationFailures": (float(validation_failures(report)), "Count")
+        }
+        if run_id:
+            metrics.update(run_metrics(lakehouse_uri, settings, run_id=run_id, versions=report.versions))
+        publish_metrics(settings, metrics)
     if not report.success:
         failed = [name for name, ok in per_table.items() if not ok]
         raise AirflowFailException(
             f"validation failed for {', '.join(failed)}: the run stops here (no publish); see {report.data_docs_uri}"
         )
     return summary
+
+
+# --- CloudWatch metrics (the monitoring stack's alarms; published where CXR_METRICS_NAMESPACE is set) --
+
+
+def validation_failures(report: ValidationReport) -> int:
+    """The ``ValidationFailures`` metric of one audit: the GX expectations that failed, summed over the
+    suites of every table it validated (0 when all passed; at least 1 when the audit failed)."""
+    failed = sum(result.failed_count for result in report.tables.values())
+    return failed if report.success or failed else 1
+
+
+def run_metrics(
+    lakehouse_uri: str, settings: Settings, *, run_id: str, versions: Mapping[str, int] | None = None
+) -> dict[str, tuple[float, MetricUnit]]:
+    """The stage metrics of the run an audit task audits, from the run's summaries (``runs/<run_id>*.json``).
+
+    A preprocessing run gives ``ImagesPreprocessed`` (its new ``tensors`` rows), ``ImagesQuarantined`` and
+    ``QuarantineShare``, the quarantined files over the files it saw first and did not skip, counted
+    exactly as the quarantine share gate (``CXR_MAX_QUARANTINE_SHARE``) counts them
+    (:func:`expectations.frames.quarantine_runs_frame`); an inference run gives ``PredictionsWritten``,
+    its predictions summed over models and the shards of its newest fan-out.
+
+    Args:
+        lakehouse_uri: the lakehouse.
+        settings: for the storage endpoint.
+        run_id: the audited run (``pre-...`` or ``inf-...``).
+        versions: the table versions the audit read (the quarantine rows are read at that version).
+
+    Returns:
+        Metric name -> (value, unit); empty when the run has no summary or its summaries cannot be read
+        (logged: a metric is not worth failing the task for).
+    """
+    import pandas as pd
+    from deltalake.exceptions import DeltaError
+
+    from expectations import frames
+    from lakehouse.errors import StorageError
+    from lakehouse.runs import InferRun, PreprocessRun, RunRecord, newest_fanout, read_summaries
+    from lakehouse.tables import QUARANTINE
+
+    metrics: dict[str, tuple[float, MetricUnit]] = {}
+    try:
+        records = read_summaries(lakehouse_uri, settings, kind=RunRecord, run_id=run_id)
+        preprocess = [r for r in records if isinstance(r, PreprocessRun)]
+        if preprocess:
+            latest = max(preprocess, key=lambda r: r.mtime_ms)  # one file per run: a retry rewrites it
+            quarantine = frames.read_rows(
+                lakehouse_uri,
+                QUARANTINE,
+                settings,
+                columns=["run_id", "stage"],
+                version=(versions or {}).get("quarantine"),
+                runs={run_id},
+            )
+            gate = frames.quarantine_runs_frame(quarantine, [latest], run_id=run_id).iloc[0]
+            quarantined, share = int(gate["quarantined"]), gate["quarantine_share"]
+            metrics["ImagesPreprocessed"] = (float(latest.new), "Count")
+            metrics["ImagesQuarantined"] = (float(quarantined), "Count")
+            if not pd.isna(share):  # NA: the run saw no file first (every file skipped or judged before)
+                metrics["QuarantineShare"] = (float(share), "None")
+            elif not quarantined:
+                metrics["QuarantineShare"] = (0.0, "None")
+        infer = newest_fanout([r for r in records if isinstance(r, InferRun)])
+        if infer:
+            metrics["PredictionsWritten"] = (float(sum(r.predicted for r in infer)), "Count")
+    except (StorageError, DeltaError, OSError) as exc:
+        log.warning("the metrics of run %s are not published: its summaries cannot be read (%s)", run_id, exc)
+        return {}
+    if not metrics:
+        log.info("run %s has no summary: no stage metrics to publish", run_id)
+    return metrics
+
+
+def publish_metrics(settings: Settings, metrics: Mapping[str, tuple[float, MetricUnit]]) -> bool:
+    """Publish ``metrics`` to CloudWatch in ``settings.metrics_namespace`` (nothing when it is empty).
+
+    Returns:
+        True when published; False when off, or when they could not be published: a warning is logged and
+        the task goes on (a monitoring outage must not fail the pipeline).
+    """
+    from lakehouse import storage
+    from lakehouse.errors import StorageError
+
+    namespace = settings.metrics_namespace
+    if not namespace or not metrics:
+        return False
+    shown = ", ".join(f"{name}={value:g}" for name, (value, _) in metrics.items())
+    try:
+        storage.put_metrics(namespace, metrics, settings)
+    except StorageError as exc:
+        log.warning("CloudWatch metrics NOT published (%s); the task goes on: %s", shown, exc)
+        return False
+    log.info("published CloudWatch metrics to %s: %s", namespace, shown)
+    return True
 
 
 # --- the fan-out of inference ------------------------------------------------------------------------
@@ -327,6 +438,7 @@ def evaluate_stage(lakehouse_uri: str, *, labels_uri: str = "", key: str = "file
     # the run under audit is not published yet: evaluate the latest versions
     summary = evaluate(lakehouse_uri, labels_uri, settings=settings, key=key, run_id=run_id, published=False)  # type: ignore[arg-type]
     report = validate_lakehouse(lakehouse_uri, settings=settings, tables=["evaluation"])
+    publish_metrics(settings, {"ValidationFailures": (float(validation_failures(report)), "Count")})
     if not report.success:
         raise AirflowFailException(f"the evaluation table failed its audit: see {report.data_docs_uri}")
     return {"evaluated": True, **summary.to_dict(), "versions": report.versions}

@@ -31,11 +31,17 @@ Source = Literal["flag", "env", "profile", "default"]
 #: Built-in pseudonym key for demos and tests only. Pseudonyms made with it are not secret.
 DEV_PSEUDONYM_KEY = "cxr-dev-key-not-secret"
 
+#: the CloudWatch namespace of the pipeline's metrics on AWS (the monitoring stack alarms on it)
+METRICS_NAMESPACE = "CXR/Pipeline"
+#: ``CXR_METRICS_NAMESPACE`` values that turn publishing off (an empty variable means "not set")
+_METRICS_OFF = ("off", "none")
+
 _PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
     "local": {
         "input_uri": "data/samples",
         "lakehouse_uri": "data/lakehouse",
         "spark_master": "local[*]",
+        "metrics_namespace": "",
     },
     "aws": {
         # On AWS the URIs must be given (CLI flag or CXR_INPUT_URI / CXR_LAKEHOUSE_URI);
@@ -43,6 +49,8 @@ _PROFILE_DEFAULTS: dict[str, dict[str, str]] = {
         "input_uri": "",
         "lakehouse_uri": "",
         "spark_master": "",
+        # the CloudWatch namespace the monitoring stack's alarms watch (infra/)
+        "metrics_namespace": METRICS_NAMESPACE,
     },
 }
 
@@ -161,6 +169,10 @@ class Settings:
     drift_min_images: int = 20
     #: the inference run drift is measured against; empty: the first published inference run.
     drift_reference_run: str = ""
+    #: the CloudWatch namespace the DAG's tasks publish the run's metrics to (QuarantineShare,
+    #: ValidationFailures, ImagesPreprocessed, ImagesQuarantined, PredictionsWritten); empty = not published
+    #: (the local profile's default; ``off`` turns the aws profile's ``CXR/Pipeline`` off).
+    metrics_namespace: str = ""
     spark: SparkSettings = field(default_factory=SparkSettings)
     airflow: AirflowSettings = field(default_factory=AirflowSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
@@ -211,6 +223,12 @@ class Settings:
             raise ConfigError(f"max quarantine share must be within [0, 1] (got {self.max_quarantine_share})")
         if not self.drift_max_psi > 0 or self.drift_min_images < 1:
             raise ConfigError("the drift PSI limit must be positive and the minimum images at least 1")
+        ns = self.metrics_namespace
+        if ns and (len(ns) > 255 or ns.startswith("AWS/") or not all(c.isalnum() or c in "._-/#: " for c in ns)):
+            raise ConfigError(
+                f"metrics namespace {ns!r} is not a CloudWatch custom namespace (at most 255 letters, digits and "
+                "'.-_/#: ', not starting with 'AWS/'); 'off' publishes no metrics"
+            )
         for name in ("retry_delay_s", "poke_interval_s", "wait_timeout_s"):
             if getattr(self.airflow, name) < 0:
                 raise ConfigError(f"airflow {name} must be 0 or more (got {getattr(self.airflow, name)})")
@@ -259,6 +277,10 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+def _namespace(name: str, raw: str) -> str:
+    return "" if raw.strip().lower() in _METRICS_OFF else raw.strip()
+
+
 def _upper_list(name: str, raw: str) -> tuple[str, ...]:
     items = tuple(dict.fromkeys(p.strip().upper() for p in raw.split(",") if p.strip()))
     if not items:
@@ -300,6 +322,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CXR_DRIFT_MAX_PSI", "drift_max_psi", _float),
     Variable("CXR_DRIFT_MIN_IMAGES", "drift_min_images", _int),
     Variable("CXR_DRIFT_REFERENCE_RUN", "drift_reference_run"),
+    Variable("CXR_METRICS_NAMESPACE", "metrics_namespace", _namespace),
     Variable("CXR_SPARK_DRIVER_MEMORY", "spark.driver_memory"),
     Variable("CXR_SPARK_UI", "spark.ui", _bool),
     Variable("CXR_SHUFFLE_PARTITIONS", "spark.shuffle_partitions", _int),

@@ -2,7 +2,8 @@
 
 Nothing outside ``lakehouse/`` builds a table path or an object-store client by hand. A URI is either
 a local path (relative or absolute) or ``s3://bucket/prefix``. An S3-compatible endpoint (moto, MinIO)
-is honoured everywhere through ``Settings.s3_endpoint_url``.
+is honoured everywhere through ``Settings.s3_endpoint_url``. The pipeline's CloudWatch metrics are
+published here too (:func:`put_metrics`): boto3 lives in this module only.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from lakehouse.errors import SourceReadError, StorageError, TransientReadError
 from lakehouse.tables import INTERNAL_SPECS, TABLE_NAMES, TableSpec
+
+#: the CloudWatch units the pipeline's metrics use ("None": a ratio or other unitless number)
+MetricUnit = Literal["None", "Count", "Seconds", "Percent"]
 
 if TYPE_CHECKING:
     from lakehouse.config import Settings
@@ -168,6 +172,55 @@ def _s3_client(endpoint_url: str, region: str, max_attempts: int = 5) -> Any:
 def s3_client(settings: Settings) -> Any:
     """A boto3 S3 client for the configured endpoint (cached per process)."""
     return _s3_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_max_attempts)
+
+
+@lru_cache(maxsize=4)
+def _cloudwatch_client(endpoint_url: str, region: str, max_attempts: int) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # short timeouts: a metric is worth less than the task that publishes it
+    return boto3.client(
+        "cloudwatch",
+        endpoint_url=endpoint_url or None,
+        region_name=region,
+        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=10),
+    )
+
+
+def put_metrics(namespace: str, metrics: Mapping[str, tuple[float, MetricUnit]], settings: Settings) -> None:
+    """Publish custom CloudWatch metrics (one data point each, now, without dimensions) in one request.
+
+    The client is built like the S3 client: ``settings.s3_endpoint_url`` (``CXR_S3_ENDPOINT_URL`` /
+    ``AWS_ENDPOINT_URL``: moto, LocalStack) when set, else AWS in ``settings.s3_region``; the same retries.
+
+    Args:
+        namespace: the CloudWatch namespace (``Settings.metrics_namespace``, e.g. ``CXR/Pipeline``).
+        metrics: metric name -> (value, unit).
+        settings: for the endpoint, region and retries.
+
+    Raises:
+        StorageError: when the metrics cannot be published (endpoint unreachable, no credentials, denied,
+            a value CloudWatch refuses).
+    """
+    import math
+
+    if not metrics:
+        return
+    bad = sorted(name for name, (value, _) in metrics.items() if not math.isfinite(value))
+    if bad:
+        raise StorageError(f"cannot publish metrics {bad} to CloudWatch: not finite numbers")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = _cloudwatch_client(settings.s3_endpoint_url, settings.s3_region, settings.s3_max_attempts)
+    data = [{"MetricName": name, "Value": float(value), "Unit": unit} for name, (value, unit) in metrics.items()]
+    try:
+        client.put_metric_data(Namespace=namespace, MetricData=data)
+    except (BotoCoreError, ClientError) as exc:
+        where = settings.s3_endpoint_url or f"AWS ({settings.s3_region})"
+        raise StorageError(
+            f"cannot publish metrics {sorted(metrics)} to CloudWatch {namespace!r} at {where}: {exc}"
+        ) from exc
 
 
 def delta_storage_options(uri: str, settings: Settings) -> dict[str, str]:
