@@ -468,7 +468,8 @@ def maintain_stage(lakehouse_uri: str, *, older_than_hours: float = 24.0) -> dic
 
 
 def on_failure(context: Mapping[str, Any]) -> None:
-    """``on_failure_callback``: one summary line a person can act on (no data, no identifiers)."""
+    """``on_failure_callback``: one summary line a person can act on (no data, no identifiers), and the
+    ``TaskFailures`` metric (1) in ``CXR_METRICS_NAMESPACE`` when that is set."""
     ti = context.get("task_instance") or context.get("ti")
     exc = context.get("exception")
     params = context.get("params") or {}
@@ -484,6 +485,13 @@ def on_failure(context: Mapping[str, Any]) -> None:
         params.get("lakehouse_uri"),
         getattr(ti, "log_url", ""),
     )
+    # the alarm on DAG task failures (infra/monitoring.py) watches this metric
+    try:
+        settings = load_settings()
+    except Exception as exc:  # the callback must not raise: the failure it reports is the one that matters
+        log.warning("TaskFailures metric NOT published: settings unreadable: %s", exc)
+        return
+    publish_metrics(settings, {"TaskFailures": (1.0, "Count")})
 
 
 def safe_id(run_id: str) -> str:

@@ -33,6 +33,7 @@ UNITS = {
     "ImagesPreprocessed": "Count",
     "ImagesQuarantined": "Count",
     "PredictionsWritten": "Count",
+    "TaskFailures": "Count",
 }
 
 
@@ -181,3 +182,19 @@ def test_the_namespace_setting(monkeypatch: pytest.MonkeyPatch, caplog: pytest.L
     with caplog.at_level(logging.WARNING):
         assert tasks.publish_metrics(off, {"ValidationFailures": (1.0, "Count")}) is False
     assert caplog.records == []
+
+
+@pytest.mark.slow
+def test_a_failed_task_publishes_task_failures(tmp_path: Path, namespace: str, cloudwatch: Any) -> None:
+    """The DAG's on_failure_callback, given the exception a real task callable raised (validation of a
+    lakehouse that has no tables), publishes TaskFailures = 1: the metric the task-failure alarm watches."""
+    from types import SimpleNamespace
+
+    from cxr import tasks
+
+    with pytest.raises(Exception) as failed:
+        tasks.validate_stage(str(tmp_path / "no-lakehouse"), ["tensors"], run_id=PRE)
+    ti = SimpleNamespace(dag_id=tasks.DAG_ID, task_id="validate_tensors", try_number=1, max_tries=0, log_url="")
+    assert _values(cloudwatch, namespace, "TaskFailures", "Sum") == []
+    tasks.on_failure({"task_instance": ti, "exception": failed.value, "run_id": "manual__x", "params": {}})
+    assert _values(cloudwatch, namespace, "TaskFailures", "Sum") == [1.0]
