@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import aws_cdk as cdk
 from aws_cdk import aws_batch as batch
+from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_emrserverless as emr
 from aws_cdk import aws_iam as iam
@@ -266,6 +267,24 @@ class ComputeStack(cdk.Stack):
         instance_profile = iam.CfnInstanceProfile(
             self, "BatchInstanceProfile", roles=[self.batch_instance_role.role_name]
         )
+        # IMDSv2 only, one hop: the jobs' containers (bridge network) cannot reach the instance role's
+        # credentials (they have the task role); the root volume (image layers, scratch files) is encrypted
+        launch_template = ec2.CfnLaunchTemplate(
+            self,
+            "GpuLaunchTemplate",
+            launch_template_name=f"{config.prefix}-gpu",
+            launch_template_data=ec2.CfnLaunchTemplate.LaunchTemplateDataProperty(
+                metadata_options=ec2.CfnLaunchTemplate.MetadataOptionsProperty(
+                    http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1
+                ),
+                block_device_mappings=[
+                    ec2.CfnLaunchTemplate.BlockDeviceMappingProperty(
+                        device_name="/dev/xvda",
+                        ebs=ec2.CfnLaunchTemplate.EbsProperty(encrypted=True, volume_type="gp3"),
+                    )
+                ],
+            ),
+        )
         self.compute_environment = batch.CfnComputeEnvironment(
             self,
             "GpuComputeEnvironment",
@@ -281,6 +300,9 @@ class ComputeStack(cdk.Stack):
                 subnets=subnets,
                 security_group_ids=[network.jobs_sg.security_group_id],
                 instance_role=instance_profile.attr_arn,
+                launch_template=batch.CfnComputeEnvironment.LaunchTemplateSpecificationProperty(
+                    launch_template_id=launch_template.ref, version=launch_template.attr_latest_version_number
+                ),
                 ec2_configuration=[
                     batch.CfnComputeEnvironment.Ec2ConfigurationObjectProperty(image_type="ECS_AL2023_NVIDIA")
                 ],

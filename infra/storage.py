@@ -20,6 +20,9 @@ class StorageStack(cdk.Stack):
 
     def __init__(self, scope: Construct, cid: str, *, config: DeployConfig, **kwargs: object) -> None:
         super().__init__(scope, cid, **kwargs)  # type: ignore[arg-type]
+        # S3 delivers the access logs under a bucket policy (logging.s3.amazonaws.com, this account's buckets),
+        # not the legacy log-delivery ACL: the logs bucket can then disable ACLs (BucketOwnerEnforced)
+        self.node.set_context("@aws-cdk/aws-s3:serverAccessLogsUseBucketPolicy", True)
         self.key = kms.Key(
             self,
             "Key",
@@ -71,7 +74,7 @@ class StorageStack(cdk.Stack):
             enforce_ssl=True,
             minimum_tls_version=1.2,
             versioned=True,
-            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_PREFERRED,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
             removal_policy=cdk.RemovalPolicy.RETAIN,
             lifecycle_rules=[
                 s3.LifecycleRule(
