@@ -399,3 +399,33 @@ def moto_deployment(
         dep = deploy(endpoint, moto_templates)
         dep.log = log
         yield dep
+
+
+# --- IAM enforcement (tests/infra/test_least_privilege.py) ------------------------------------------------
+def enforce_iam_auth(endpoint: str) -> None:
+    """``enforce_iam`` that moto's server accepts: the count goes as a plain-text body (a form-encoded body,
+    urllib's default, is parsed away by the server and reaches moto empty: HTTP 500)."""
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def role_logical_id(template: dict[str, Any], prefix: str) -> str:
+    """The logical id of the template's one ``AWS::IAM::Role`` whose id starts with ``prefix``."""
+    (found,) = [k for k, r in template["Resources"].items() if r["Type"] == "AWS::IAM::Role" and k.startswith(prefix)]
+    return found
+
+
+def role_policy_statements(template: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    """Every statement of the template's ``AWS::IAM::Policy`` resources attached to role ``role`` (logical id)."""
+    return [
+        statement
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::IAM::Policy" and {"Ref": role} in r["Properties"].get("Roles", [])
+        for statement in r["Properties"]["PolicyDocument"]["Statement"]
+    ]
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
