@@ -15,8 +15,17 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from constructs import IConstruct
 
+from infra.catalog import CatalogStack
 from infra.compute import ComputeStack
-from infra.config import ATHENA_PREFIX, CODE_PREFIX, CONNECTIONS_PREFIX, DAGS_PREFIX, INPUT_PREFIX, LAKEHOUSE_PREFIX
+from infra.config import (
+    ATHENA_PREFIX,
+    CODE_PREFIX,
+    CONNECTIONS_PREFIX,
+    DAGS_PREFIX,
+    INPUT_PREFIX,
+    LAKEHOUSE_PREFIX,
+    DeployConfig,
+)
 from infra.config import VARIABLES_PREFIX as VARIABLES
 from infra.storage import StorageStack
 
@@ -36,9 +45,11 @@ def acknowledge(app: cdk.App) -> None:
     storage, compute = cast(StorageStack, _at(app, "Cxr-Storage")), cast(ComputeStack, _at(app, "Cxr-Compute"))
     raw, lake, code = storage.raw_bucket, storage.lake_bucket, storage.code_bucket
     emr_logs, infer_logs = compute.log_groups["emr"], compute.log_groups["infer"]
+    catalog = cast(CatalogStack, _at(app, "Cxr-Catalog"))
+    prefix = DeployConfig.from_context(app.node.try_get_context).prefix
 
-    def objects(bucket: s3.IBucket, prefix: str) -> str:  # as seen from another stack than the bucket's
-        return f"{_export(bucket.bucket_arn)}/{prefix}*"
+    def objects(bucket: s3.IBucket, key_prefix: str) -> str:  # as seen from another stack than the bucket's
+        return f"{_export(bucket.bucket_arn)}/{key_prefix}*"
 
     _ack(
         storage,
@@ -92,7 +103,7 @@ def acknowledge(app: cdk.App) -> None:
     )
     _iam5(compute, "InferExecutionRole/Access", {"*": ecr_token, f"{_local(infer_logs)}:*": LOG_STREAMS})
     ecs = f"{ARN}:ecs:{REGION_ACCOUNT}"
-    batch_names = "Batch names the ECS cluster of the compute environment cxr-gpu AWSBatch-cxr-gpu-<uuid>"
+    batch_names = "Batch names the ECS cluster of the compute environment <name> AWSBatch-<name>-<uuid>"
     _iam5(
         compute,
         "BatchInstanceRole/EcsAgent",
@@ -100,8 +111,8 @@ def acknowledge(app: cdk.App) -> None:
             "*": NO_RESOURCE_TYPE.format(
                 actions="ecs:DiscoverPollEndpoint (the agent asks before it knows its cluster)"
             ),
-            f"{ecs}:cluster/AWSBatch-cxr-gpu*": batch_names,
-            f"{ecs}:container-instance/AWSBatch-cxr-gpu*": f"{batch_names}; its instances are container-instance/<cluster>/<id>",
+            f"{ecs}:cluster/AWSBatch-{prefix}-gpu*": batch_names,
+            f"{ecs}:container-instance/AWSBatch-{prefix}-gpu*": f"{batch_names}; its instances are container-instance/<cluster>/<id>",
         },
     )
 
@@ -115,7 +126,7 @@ def acknowledge(app: cdk.App) -> None:
                 "batch:DescribeJobs, cloudwatch:PutMetricData (namespaces AmazonMWAA and "
                 "CXR/Pipeline by condition)"
             ),
-            f"{ARN}:logs:{REGION_ACCOUNT}:log-group:airflow-cxr-*": "MWAA's own log groups, airflow-<environment>-<component>",
+            f"{ARN}:logs:{REGION_ACCOUNT}:log-group:airflow-{prefix}-*": "MWAA's own log groups, airflow-<environment>-<component>",
             f"{ARN}:sqs:<AWS::Region>:*:airflow-celery-*": "MWAA's Celery queue, which lives in an account of the MWAA "
             "service (its id is not ours to name)",
             objects(code, DAGS_PREFIX): S3_PREFIX,
@@ -125,13 +136,13 @@ def acknowledge(app: cdk.App) -> None:
             f"{ARN}:ssm:{REGION_ACCOUNT}:parameter{VARIABLES}/*": "the DAG's Airflow Variables, one parameter each",
             f"{ARN}:ssm:{REGION_ACCOUNT}:parameter{CONNECTIONS_PREFIX}/*": "the DAG's Airflow Connections",
             f"{ARN}:emr-serverless:{REGION_ACCOUNT}:/applications/{_export(app_id)}/jobruns/*": "the job runs of the one EMR Serverless application (run ids are made at start)",
-            f"{ecs}:task-definition/cxr-infer:*": "the revisions of the one task definition family",
+            f"{ecs}:task-definition/{compute.task_definition.family}:*": "the revisions of the one task definition family",
             f"{ecs}:task/{_export(cluster)}/*": "the tasks of the one ECS cluster (task ids are made at start)",
             f"{_export(infer_logs.log_group_arn)}:*": LOG_STREAMS,
-            f"{ARN}:batch:{REGION_ACCOUNT}:job-definition/cxr-infer-gpu:*": "the revisions of the one job definition",
+            f"{ARN}:batch:{REGION_ACCOUNT}:job-definition/{prefix}-infer-gpu:*": "the revisions of the one job definition",
             f"{ARN}:batch:{REGION_ACCOUNT}:job/*": "batch:TerminateJob on the jobs it submitted: a job's ARN carries only "
             "its id, not its queue",
-            f"{ARN}:glue:{REGION_ACCOUNT}:table/cxr/*": "the tables of the one Glue database, which the DAG creates",
+            f"{ARN}:glue:{REGION_ACCOUNT}:table/{catalog.database_name}/*": "the tables of the one Glue database, which the DAG creates",
         },
     )
     _iam5(
@@ -141,7 +152,7 @@ def acknowledge(app: cdk.App) -> None:
             "*": ecr_token,
             objects(code, DAGS_PREFIX): S3_PREFIX,
             objects(code, CODE_PREFIX): S3_PREFIX,
-            f"{ARN}:cloudformation:{REGION_ACCOUNT}:stack/Cxr*/*": "DescribeStacks on the app's own stacks (Cxr-*; "
+            f"{ARN}:cloudformation:{REGION_ACCOUNT}:stack/{prefix.capitalize()}*/*": "DescribeStacks on the app's own stacks (Cxr-*; "
             "a stack ARN ends in its generated id)",
         },
     )

@@ -128,6 +128,15 @@ def test_every_acknowledgment_matches_a_finding(cdk_app: Any, tmp_path: Path) ->
     assert findings == _acknowledged(cdk_app)
 
 
+def test_nag_passes_for_another_prefix(tmp_path: Path) -> None:
+    """The acknowledgments follow the deployment's prefix (names in ARNs), not the default's."""
+    from infra.app import synth
+
+    with environment_agnostic():
+        synth(tmp_path, {"prefix": "demo"}, nag=True)
+    assert "demo-preprocess" in (tmp_path / "Cxr-Compute.template.json").read_text()
+
+
 # --- storage --------------------------------------------------------------------------------------------------
 
 
