@@ -73,7 +73,7 @@ def synth(context: dict[str, Any]) -> Path:
     from infra.app import synth as synth_app
 
     synth_app(CDK_OUT, context)
-    print(f"templates: {CDK_OUT}")
+    print(f"templates: {CDK_OUT}", file=sys.stderr)
     return CDK_OUT
 
 

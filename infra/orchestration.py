@@ -216,6 +216,16 @@ class OrchestrationStack(cdk.Stack):
                     f"{arn}:glue:{region_account}:table/{glue_db}/*",
                 ],
             ),
+            # the DDL's first statement: CREATE DATABASE IF NOT EXISTS <db>; the queries run in the context
+            # of the database "default" (AthenaOperator's database), which Athena looks up
+            iam.PolicyStatement(
+                actions=["glue:CreateDatabase"],
+                resources=[f"{arn}:glue:{region_account}:catalog", f"{arn}:glue:{region_account}:database/{glue_db}"],
+            ),
+            iam.PolicyStatement(
+                actions=["glue:GetDatabase"],
+                resources=[f"{arn}:glue:{region_account}:database/default"],
+            ),
         ]
         policy = access.attach(self.execution_role, "Access", statements)
 

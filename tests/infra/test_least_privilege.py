@@ -205,7 +205,8 @@ ACTIONS = {
         *("batch:TerminateJob", "cloudwatch:PutMetricData", "ecs:DescribeTasks", "ecs:RunTask", "ecs:StopTask"),
         *("emr-serverless:CancelJobRun", "emr-serverless:GetApplication", "emr-serverless:GetJobRun"),
         *("emr-serverless:StartApplication", "emr-serverless:StartJobRun"),
-        *("glue:CreateTable", "glue:DeleteTable", "glue:GetDatabase", "glue:GetPartitions", "glue:GetTable"),
+        *("glue:CreateDatabase", "glue:CreateTable", "glue:DeleteTable", "glue:GetDatabase", "glue:GetPartitions"),
+        "glue:GetTable",
         *("glue:GetTables", "glue:UpdateTable", "iam:PassRole"),
         *("kms:Decrypt", "kms:DescribeKey", "kms:Encrypt", "kms:GenerateDataKey"),
         *("logs:CreateLogGroup", "logs:CreateLogStream", "logs:DescribeLogGroups", "logs:FilterLogEvents"),
@@ -558,6 +559,8 @@ def test_arn_scoped_statements_and_conditions(
             "batch:TerminateJob": [f"arn:aws:batch:{ra}:job/*"],
             "athena:StartQueryExecution": [f"arn:aws:athena:{ra}:workgroup/cxr"],
             "glue:CreateTable": [f"arn:aws:glue:{ra}:catalog", f"arn:aws:glue:{ra}:database/cxr", f"arn:aws:glue:{ra}:table/cxr/*"],
+            "glue:CreateDatabase": [f"arn:aws:glue:{ra}:catalog", f"arn:aws:glue:{ra}:database/cxr"],
+            "glue:GetDatabase": [f"arn:aws:glue:{ra}:catalog", f"arn:aws:glue:{ra}:database/cxr", f"arn:aws:glue:{ra}:table/cxr/*", f"arn:aws:glue:{ra}:database/default"],
         },
         "ci": {
             "sts:AssumeRole": boot,
