@@ -77,28 +77,51 @@ def synth(context: dict[str, Any]) -> Path:
     return CDK_OUT
 
 
-def upload_bundle(bucket: str, build: Path) -> dict[str, str]:
-    """Upload the bundle to the code bucket; the S3 object versions MWAA's files got, as context."""
-    import boto3  # deployment tooling, not the product: lakehouse.storage stays the product's one S3 module
+def upload_bundle(bucket: str, build: Path, *, client: Any = None) -> dict[str, str]:
+    """Upload the bundle to the code bucket; the S3 object versions MWAA's files have, as context.
+
+    Each object carries the sha256 of its bytes (metadata ``sha256``); a file whose bytes the bucket already
+    holds is not uploaded again, so an unchanged ``requirements.txt``/``plugins.zip``/``startup.sh`` keeps
+    its object version and MWAA is not updated (an update restarts every Airflow container, 20-30 minutes).
+    """
+    import hashlib
 
     from infra.config import CODE_PREFIX, DAGS_PREFIX, PLUGINS_KEY, REQUIREMENTS_KEY, STARTUP_KEY
 
     if not (build / REQUIREMENTS_KEY).exists():
         raise SystemExit(f"no bundle in {build}: run `make bundle` first")
-    s3 = boto3.client("s3")
-    versions: dict[str, str] = {}
+    if client is None:
+        import boto3  # deployment tooling, not the product: lakehouse.storage stays the product's one S3 module
+
+        client = boto3.client("s3")
+
+    def put(path: Path, key: str) -> str | None:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+        except client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        else:
+            if head.get("Metadata", {}).get("sha256") == digest:
+                return head.get("VersionId")
+        return client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest}).get("VersionId")
+
     for folder, prefix in (("dags", DAGS_PREFIX), ("code", CODE_PREFIX)):
         for path in sorted((build / folder).rglob("*")):
             if path.is_file():
-                s3.upload_file(str(path), bucket, prefix + path.relative_to(build / folder).as_posix())
+                put(path, prefix + path.relative_to(build / folder).as_posix())
+    versions: dict[str, str] = {}
     for key, context_key in (
         (REQUIREMENTS_KEY, "requirements_version"),
         (PLUGINS_KEY, "plugins_version"),
         (STARTUP_KEY, "startup_version"),
     ):
         if (build / key).exists():
-            with open(build / key, "rb") as body:
-                versions[context_key] = s3.put_object(Bucket=bucket, Key=key, Body=body)["VersionId"]
+            version = put(build / key, key)
+            if version:
+                versions[context_key] = version
     return versions
 
 
@@ -138,6 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-tag", help="the inference image tag in ECR (the deploy workflow: the commit SHA)")
     parser.add_argument("--foundation-only", action="store_true", help="deploy: only Cxr-Storage (bucket, key, ECR)")
     parser.add_argument("--build", type=Path, default=BUILD, help="the bundle folder (default infra/build)")
+    parser.add_argument(
+        "--execution-policy",
+        action="append",
+        default=[],
+        metavar="ARN",
+        help="bootstrap: the managed policies CloudFormation deploys with (default: AdministratorAccess)",
+    )
     args = parser.parse_args(argv)
     context = parse_context(args.context)
     if args.image_tag:
@@ -149,7 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "deploy":
         deploy(context, foundation_only=args.foundation_only, build=args.build)
     elif args.command == "bootstrap":
-        run_cdk(["bootstrap", "--app", str(synth(context))])
+        policies = (
+            ["--cloudformation-execution-policies", ",".join(args.execution_policy)] if args.execution_policy else []
+        )
+        run_cdk(["bootstrap", "--app", str(synth(context)), *policies])
     else:
         run_cdk(["destroy", "--app", str(synth(context)), "--all", "--force"])
     return 0

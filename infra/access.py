@@ -12,13 +12,22 @@ WRITE = ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
 
 
 def s3_access(
-    bucket: s3.IBucket, prefixes: Iterable[str], *, write: bool = False, list_prefix: str | None = None
+    bucket: s3.IBucket,
+    prefixes: Iterable[str],
+    *,
+    write: bool = False,
+    list_prefix: str | None = None,
+    list_all: bool = False,
 ) -> list[iam.PolicyStatement]:
     """Objects under ``prefixes`` (each a folder ``a/b/`` or one key), read or read+write, and listing of
-    the bucket limited to ``list_prefix`` (default: the first prefix)."""
+    the bucket limited to ``list_prefix`` (default: the first prefix); ``list_all``: listing unconditioned
+    (a service that checks the bucket itself, e.g. MWAA on its source bucket)."""
     prefixes = list(prefixes)
     resources = [bucket.arn_for_objects(p + "*" if p.endswith("/") else p) for p in prefixes]
     statements = [iam.PolicyStatement(actions=READ + (WRITE if write else []), resources=resources)]
+    if list_all:
+        statements.append(iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn]))
+        return statements
     listed = list_prefix if list_prefix is not None else prefixes[0]
     statements.append(
         iam.PolicyStatement(

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from infra.storage import StorageStack
 
 INFRA = Path(__file__).resolve().parent
 CDK_OUT = INFRA / "cdk.out"
+#: the deployment's choices, committed (github_repo, alarm_email, nat_gateways, ...): every synth reads them,
+#: so that the deploy workflow and a person at a terminal deploy the same stacks; -c wins over the file
+CONTEXT_FILE = INFRA / "context.json"
 #: the stacks `make deploy` deploys first: the bucket the bundle goes to and the image repository
 FOUNDATION = ("Cxr-Storage",)
 
@@ -43,7 +47,7 @@ def build_app(
 
     The account and region come from ``CDK_DEFAULT_ACCOUNT``/``CDK_DEFAULT_REGION`` (set by the CDK CLI
     from the caller's credentials) when present; otherwise the templates are environment-agnostic."""
-    app = cdk.App(outdir=str(outdir or CDK_OUT), context=context or {})
+    app = cdk.App(outdir=str(outdir or CDK_OUT), context={**file_context(), **(context or {})})
     config = DeployConfig.from_context(app.node.try_get_context)
     account, region = os.environ.get("CDK_DEFAULT_ACCOUNT"), os.environ.get("CDK_DEFAULT_REGION")
     env = cdk.Environment(account=account, region=region) if account and region else None
@@ -73,6 +77,16 @@ def build_app(
         nags.acknowledge(app)
         cdk.Validations.of(app).add_plugins(cdk_nag.AwsSolutionsChecks(app))
     return app
+
+
+def file_context(path: Path = CONTEXT_FILE) -> dict[str, Any]:
+    """The committed deployment choices (``infra/context.json``), keys starting with ``_`` left out."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON object of context keys expected")
+    return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
 def synth(

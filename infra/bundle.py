@@ -12,9 +12,11 @@
     DIR/code/cxr_lakehouse-<v>-py3-none-any.whl    the package wheel
     DIR/code/cxr-env.tar.gz              the packed venv: infra/mwaa/build_spark_env.sh (Docker, deploy only)
 
-The deploy workflow: ``aws s3 sync DIR/dags s3://<code>/dags --delete``, ``aws s3 sync DIR/code
-s3://<code>/code``, ``aws s3 cp`` of the three MWAA files, then their S3 object versions into the stack's
-context (``requirements_version``, ``plugins_version``, ``startup_version``: MWAA re-installs when they change).
+``make deploy`` (``python -m infra deploy``, ``upload_bundle``) uploads DIR/dags to s3://<code>/dags/, DIR/code
+to s3://<code>/code/ and the three MWAA files to the bucket's root, skipping files whose bytes the bucket
+already holds, then passes the three files' S3 object versions as the stack's context
+(``requirements_version``, ``plugins_version``, ``startup_version``: MWAA re-installs when they change).
+Nothing is deleted from the bucket.
 
 How MWAA installs the package (``safe-pip-install -r requirements.txt`` on every Airflow container at start):
 

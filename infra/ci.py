@@ -48,7 +48,8 @@ class CiStack(cdk.Stack):
                 actions=["sts:AssumeRole"],
                 resources=[
                     f"{boot}-{kind}-role-{self.account}-{self.region}"
-                    for kind in ("deploy", "file-publishing", "image-publishing", "lookup")
+                    # the templates are file assets; the app has no image assets and does no lookups
+                    for kind in ("deploy", "file-publishing")
                 ],
             ),
             # the inference image, tagged by commit
@@ -67,7 +68,7 @@ class CiStack(cdk.Stack):
             ),
             # the bundle: DAGs, code, MWAA's requirements/plugins/startup script (their versions feed the deploy)
             iam.PolicyStatement(
-                actions=["s3:PutObject", "s3:GetObject", "s3:GetObjectVersion", "s3:DeleteObject"],
+                actions=["s3:PutObject", "s3:GetObject", "s3:GetObjectVersion"],
                 resources=[
                     code.arn_for_objects(k)
                     for k in (f"{DAGS_PREFIX}*", f"{CODE_PREFIX}*", REQUIREMENTS_KEY, PLUGINS_KEY, STARTUP_KEY)
@@ -79,9 +80,7 @@ class CiStack(cdk.Stack):
             ),
             iam.PolicyStatement(
                 actions=["cloudformation:DescribeStacks"],
-                resources=[
-                    f"arn:{self.partition}:cloudformation:{self.region}:{self.account}:stack/{config.prefix.capitalize()}*/*"
-                ],
+                resources=[f"arn:{self.partition}:cloudformation:{self.region}:{self.account}:stack/Cxr-*/*"],
             ),
         ]
         policy = iam.Policy(self, "Access", statements=statements)

@@ -20,6 +20,8 @@ from infra.network import NetworkStack
 from infra.storage import StorageStack
 from infra.versions import EMR_RELEASE_LABEL
 
+#: where the EMR runtime keeps its Delta Lake jars
+EMR_DELTA_LIB = "/usr/share/aws/delta/lib"
 #: what the inference job reads and writes under the lakehouse prefix (inference/job.py)
 INFER_READS = ("tensors/", "thresholds/", "reports/published.json")
 INFER_WRITES = ("predictions/", "runs/", "run_index/")
@@ -101,6 +103,11 @@ class ComputeStack(cdk.Stack):
                     actions=["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
                     resources=[self.log_groups["emr"].log_group_arn, f"{self.log_groups['emr'].log_group_arn}:*"],
                 ),
+                # EMR Serverless looks its log group up before it writes (DescribeLogGroups lists by prefix)
+                iam.PolicyStatement(
+                    actions=["logs:DescribeLogGroups"],
+                    resources=[f"arn:{self.partition}:logs:{self.region}:{self.account}:log-group:*"],
+                ),
                 metrics,
             ],
         )
@@ -112,6 +119,11 @@ class ComputeStack(cdk.Stack):
             "spark.emr-serverless.driverEnv.CXR_PROFILE": "aws",
             "spark.executorEnv.CXR_PROFILE": "aws",
             "spark.emr-serverless.driverEnv.CXR_METRICS_NAMESPACE": METRICS_NAMESPACE,
+            # Delta Lake on EMR Serverless: the runtime ships the jars (Delta 4.0.0 on emr-spark-8.0.0) but
+            # does not put them on the class path; the session factory (lakehouse/spark.py) adds the rest
+            "spark.jars": ",".join(f"{EMR_DELTA_LIB}/{jar}" for jar in ("delta-spark.jar", "delta-storage.jar")),
+            "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+            "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
         }
         worker = emr.CfnApplication.WorkerConfigurationProperty(cpu="4 vCPU", memory="16 GB")
         self.emr_app = emr.CfnApplication(

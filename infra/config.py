@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -21,6 +22,8 @@ PLUGINS_KEY = "plugins.zip"
 STARTUP_KEY = "startup.sh"
 #: Airflow Variables the DAG reads, served from SSM Parameter Store under this prefix (MWAA's secrets backend).
 VARIABLES_PREFIX = "/cxr/variables"
+#: the CXR_* settings MWAA's startup script exports (infra/mwaa/startup.sh), served from SSM as well
+SETTINGS_PREFIX = "/cxr/settings"
 CONNECTIONS_PREFIX = "/cxr/connections"
 INFER_CONTAINER = "cxr-infer"  # the container name the DAG's EcsRunTaskOperator overrides
 
@@ -54,6 +57,8 @@ class DeployConfig:
     mwaa_environment_class: str = "mw1.small"
     mwaa_max_workers: int = 5
     alarm_email: str = ""
+    #: where the DAG runs inference shards: ECS Fargate (``ecs``, CPU) or AWS Batch (``batch``, the GPU queue)
+    infer_backend: str = "ecs"
     #: alarm when a run quarantines more than this share of its files
     max_quarantine_share: float = 0.05
     log_retention_days: int = 90
@@ -79,4 +84,9 @@ class DeployConfig:
         config = cls(**values)
         if "/" not in config.github_repo:
             raise ValueError(f"github_repo must be owner/name, got {config.github_repo!r}")
+        if config.infer_backend not in ("ecs", "batch"):
+            raise ValueError(f"infer_backend must be ecs or batch, got {config.infer_backend!r}")
+        # bucket names (airflow-<prefix>-<account>-<region>: 63 characters at most), MWAA's and ECR's names
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,19}", config.prefix):
+            raise ValueError(f"prefix must be 1-20 of a-z, 0-9 and '-', starting with a letter; got {config.prefix!r}")
         return config

@@ -24,6 +24,7 @@ from infra.config import (
     DAGS_PREFIX,
     INPUT_PREFIX,
     LAKEHOUSE_PREFIX,
+    SETTINGS_PREFIX,
     DeployConfig,
 )
 from infra.config import VARIABLES_PREFIX as VARIABLES
@@ -88,6 +89,8 @@ def acknowledge(app: cdk.App) -> None:
             objects(code, CODE_PREFIX): S3_PREFIX,
             objects(lake, LAKEHOUSE_PREFIX): S3_PREFIX,
             f"{_local(emr_logs)}:*": LOG_STREAMS,
+            f"{ARN}:logs:{REGION_ACCOUNT}:log-group:*": "logs:DescribeLogGroups, which EMR Serverless calls before it "
+            "writes: the action lists log groups by name prefix and is authorized on log-group:*",
         },
     )
     _iam5(
@@ -135,10 +138,10 @@ def acknowledge(app: cdk.App) -> None:
             objects(lake, ATHENA_PREFIX): S3_PREFIX,
             f"{ARN}:ssm:{REGION_ACCOUNT}:parameter{VARIABLES}/*": "the DAG's Airflow Variables, one parameter each",
             f"{ARN}:ssm:{REGION_ACCOUNT}:parameter{CONNECTIONS_PREFIX}/*": "the DAG's Airflow Connections",
+            f"{ARN}:ssm:{REGION_ACCOUNT}:parameter{SETTINGS_PREFIX}/*": "the CXR_* settings MWAA's startup script exports",
             f"{ARN}:emr-serverless:{REGION_ACCOUNT}:/applications/{_export(app_id)}/jobruns/*": "the job runs of the one EMR Serverless application (run ids are made at start)",
             f"{ecs}:task-definition/{compute.task_definition.family}:*": "the revisions of the one task definition family",
             f"{ecs}:task/{_export(cluster)}/*": "the tasks of the one ECS cluster (task ids are made at start)",
-            f"{_export(infer_logs.log_group_arn)}:*": LOG_STREAMS,
             f"{ARN}:batch:{REGION_ACCOUNT}:job-definition/{prefix}-infer-gpu:*": "the revisions of the one job definition",
             f"{ARN}:batch:{REGION_ACCOUNT}:job/*": "batch:TerminateJob on the jobs it submitted: a job's ARN carries only "
             "its id, not its queue",
@@ -152,7 +155,7 @@ def acknowledge(app: cdk.App) -> None:
             "*": ecr_token,
             objects(code, DAGS_PREFIX): S3_PREFIX,
             objects(code, CODE_PREFIX): S3_PREFIX,
-            f"{ARN}:cloudformation:{REGION_ACCOUNT}:stack/{prefix.capitalize()}*/*": "DescribeStacks on the app's own stacks (Cxr-*; "
+            f"{ARN}:cloudformation:{REGION_ACCOUNT}:stack/Cxr-*/*": "DescribeStacks on the app's own stacks (Cxr-*; "
             "a stack ARN ends in its generated id)",
         },
     )

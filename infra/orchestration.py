@@ -24,6 +24,7 @@ from infra.config import (
     METRICS_NAMESPACE,
     PLUGINS_KEY,
     REQUIREMENTS_KEY,
+    SETTINGS_PREFIX,
     STARTUP_KEY,
     VARIABLES_PREFIX,
     DeployConfig,
@@ -81,6 +82,21 @@ class OrchestrationStack(cdk.Stack):
                 string_value=value,
                 description=f"Airflow Variable {variable} of the cxr DAG",
             )
+        # --- the CXR_* settings MWAA's startup script exports (read when the DAG is parsed) ---
+        self.settings = {
+            "CXR_INPUT_URI": self.input_uri,
+            "CXR_LAKEHOUSE_URI": self.lakehouse_uri,
+            "CXR_METRICS_NAMESPACE": METRICS_NAMESPACE,
+            "CXR_INFER_BACKEND": config.infer_backend,
+        }
+        for setting, value in self.settings.items():
+            ssm.StringParameter(
+                self,
+                f"Setting-{setting}",
+                parameter_name=f"{SETTINGS_PREFIX}/{setting}",
+                string_value=value,
+                description=f"{setting} of the cxr DAG on MWAA (exported by startup.sh)",
+            )
 
         # --- the MWAA execution role: MWAA's own needs, then each DAG step's calls ---
         self.execution_role = iam.Role(
@@ -134,16 +150,23 @@ class OrchestrationStack(cdk.Stack):
             ),
             iam.PolicyStatement(actions=["s3:GetAccountPublicAccessBlock"], resources=["*"]),  # MWAA's bucket check
             iam.PolicyStatement(
-                actions=["s3:GetBucketPublicAccessBlock", "s3:GetBucketLocation", "s3:GetEncryptionConfiguration"],
+                actions=[
+                    "s3:GetBucketPublicAccessBlock",
+                    "s3:GetBucketLocation",
+                    "s3:GetEncryptionConfiguration",
+                    "s3:GetBucketVersioning",
+                ],
                 resources=[code.bucket_arn],
             ),
-            *access.s3_access(code, [DAGS_PREFIX, REQUIREMENTS_KEY, PLUGINS_KEY, STARTUP_KEY], list_prefix=""),
-            # the DAG's Variables and Connections (SSM)
+            # MWAA lists its source bucket itself (no prefix): the code bucket holds no patient data
+            *access.s3_access(code, [DAGS_PREFIX, REQUIREMENTS_KEY, PLUGINS_KEY, STARTUP_KEY], list_all=True),
+            # the DAG's Variables and Connections, and the settings startup.sh exports (SSM)
             iam.PolicyStatement(
                 actions=["ssm:GetParameter", "ssm:GetParameters"],
                 resources=[
                     f"{arn}:ssm:{region_account}:parameter{VARIABLES_PREFIX}/*",
                     f"{arn}:ssm:{region_account}:parameter{CONNECTIONS_PREFIX}/*",
+                    f"{arn}:ssm:{region_account}:parameter{SETTINGS_PREFIX}/*",
                 ],
             ),
             # sensor: list new images; validation, publish, report, maintain: the lakehouse; Athena's results
@@ -174,10 +197,6 @@ class OrchestrationStack(cdk.Stack):
             ),
             iam.PolicyStatement(actions=["ecs:DescribeTasks", "ecs:StopTask"], resources=[cluster_tasks]),
             access.pass_role([compute.infer_task_role, compute.infer_execution_role], "ecs-tasks.amazonaws.com"),
-            iam.PolicyStatement(
-                actions=["logs:GetLogEvents", "logs:FilterLogEvents"],
-                resources=[f"{compute.log_groups['infer'].log_group_arn}:*"],
-            ),
             # ... or AWS Batch jobs
             iam.PolicyStatement(
                 actions=["batch:SubmitJob"],
@@ -194,9 +213,7 @@ class OrchestrationStack(cdk.Stack):
                 actions=[
                     "athena:StartQueryExecution",
                     "athena:GetQueryExecution",
-                    "athena:GetQueryResults",
                     "athena:StopQueryExecution",
-                    "athena:GetWorkGroup",
                 ],
                 resources=[f"{arn}:athena:{region_account}:workgroup/{catalog.workgroup_name}"],
             ),
@@ -204,11 +221,8 @@ class OrchestrationStack(cdk.Stack):
                 actions=[
                     "glue:GetDatabase",
                     "glue:GetTable",
-                    "glue:GetTables",
                     "glue:CreateTable",
-                    "glue:UpdateTable",
                     "glue:DeleteTable",
-                    "glue:GetPartitions",
                 ],
                 resources=[
                     f"{arn}:glue:{region_account}:catalog",
@@ -266,10 +280,12 @@ class OrchestrationStack(cdk.Stack):
                 "secrets.backend_kwargs": json.dumps(
                     {"variables_prefix": VARIABLES_PREFIX, "connections_prefix": CONNECTIONS_PREFIX}
                 ),
-                # read by startup.sh (MWAA exposes them as AIRFLOW__CXR__*) into the CXR_* settings
+                # read by startup.sh (MWAA exposes them as AIRFLOW__CXR__*) into the CXR_* settings; the
+                # script falls back to the same values in SSM under /cxr/settings/
                 "cxr.input_uri": self.input_uri,
                 "cxr.lakehouse_uri": self.lakehouse_uri,
                 "cxr.metrics_namespace": METRICS_NAMESPACE,
+                "cxr.infer_backend": config.infer_backend,
             },
         )
         self.airflow.node.add_dependency(policy)  # MWAA checks its role's permissions at creation

@@ -15,3 +15,14 @@ export CXR_EMR_MODE=serverless
 if [ -n "${AIRFLOW__CXR__INPUT_URI:-}" ]; then export CXR_INPUT_URI="$AIRFLOW__CXR__INPUT_URI"; fi
 if [ -n "${AIRFLOW__CXR__LAKEHOUSE_URI:-}" ]; then export CXR_LAKEHOUSE_URI="$AIRFLOW__CXR__LAKEHOUSE_URI"; fi
 if [ -n "${AIRFLOW__CXR__METRICS_NAMESPACE:-}" ]; then export CXR_METRICS_NAMESPACE="$AIRFLOW__CXR__METRICS_NAMESPACE"; fi
+if [ -n "${AIRFLOW__CXR__INFER_BACKEND:-}" ]; then export CXR_INFER_BACKEND="$AIRFLOW__CXR__INFER_BACKEND"; fi
+# Fallback: the stack writes the same values to SSM (/cxr/settings/<NAME>); read what is still unset, so
+# that the DAG never falls back to a local default path on MWAA.
+for name in CXR_INPUT_URI CXR_LAKEHOUSE_URI CXR_METRICS_NAMESPACE CXR_INFER_BACKEND; do
+  eval "current=\${$name:-}"
+  if [ -z "$current" ] && command -v aws >/dev/null 2>&1; then
+    value=$(aws ssm get-parameter --name "/cxr/settings/$name" --query Parameter.Value --output text 2>/dev/null) \
+      && [ -n "$value" ] && [ "$value" != "None" ] && export "$name=$value" || true
+  fi
+done
+true  # an SSM miss leaves the setting unset; it does not fail MWAA's start

@@ -256,3 +256,50 @@ def test_requirements_resolve_for_mwaa(built: b.Bundle, tmp_path: Path) -> None:
         "the worker's requirements pull in Spark or torch: check the `quality` extra in pyproject.toml "
         "(great-expectations[spark] pulls pyspark)"
     )
+
+
+@pytest.mark.slow
+def test_startup_script_reads_unset_settings_from_ssm(built: b.Bundle, s3_endpoint: str, tmp_path: Path) -> None:
+    """Settings MWAA did not pass as AIRFLOW__CXR__* are read from SSM (/cxr/settings/<NAME>, written by the
+    stack) with the AWS CLI; here the CLI is a shim that makes the same get-parameter call with boto3 against
+    the local moto server. A value MWAA did pass wins; a parameter that does not exist leaves the setting unset."""
+    import boto3
+
+    ssm = boto3.client("ssm", endpoint_url=s3_endpoint, region_name="us-east-1")
+    ssm.put_parameter(
+        Name="/cxr/settings/CXR_INPUT_URI", Value="s3://raw-from-ssm/images", Type="String", Overwrite=True
+    )
+    ssm.put_parameter(Name="/cxr/settings/CXR_INFER_BACKEND", Value="batch", Type="String", Overwrite=True)
+    ssm.put_parameter(Name="/cxr/settings/CXR_LAKEHOUSE_URI", Value="s3://not-used/lake", Type="String", Overwrite=True)
+    shim = tmp_path / "bin" / "aws"
+    shim.parent.mkdir()
+    shim.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, boto3\n"
+        "args = sys.argv[1:]\n"
+        "assert args[:2] == ['ssm', 'get-parameter'] and '--query' in args, args\n"
+        "name = args[args.index('--name') + 1]\n"
+        f"client = boto3.client('ssm', endpoint_url={s3_endpoint!r}, region_name='us-east-1')\n"
+        "try:\n"
+        "    print(client.get_parameter(Name=name)['Parameter']['Value'])\n"
+        "except client.exceptions.ParameterNotFound:\n"
+        "    sys.exit(255)\n"
+    )
+    shim.chmod(0o755)
+    env = {
+        "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AIRFLOW__CXR__LAKEHOUSE_URI": "s3://lake/lakehouse",
+    }
+    done = subprocess.run(
+        ["sh", "-c", '. "$1" && env', "sh", str(built.startup)], env=env, capture_output=True, text=True, check=True
+    )
+    exported = dict(line.split("=", 1) for line in done.stdout.splitlines() if line.startswith("CXR_"))
+    assert exported == {
+        "CXR_PROFILE": "aws",
+        "CXR_EMR_MODE": "serverless",
+        "CXR_INPUT_URI": "s3://raw-from-ssm/images",
+        "CXR_LAKEHOUSE_URI": "s3://lake/lakehouse",  # MWAA's value, not SSM's
+        "CXR_INFER_BACKEND": "batch",
+    }

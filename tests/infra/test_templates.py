@@ -6,6 +6,7 @@ unacknowledged AwsSolutions finding. The assertions walk the template dicts.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,6 +270,14 @@ def test_emr_serverless_release_and_capacity(compute: Template) -> None:
         "Memory": f"{DEFAULTS.emr_max_memory_gb} GB",
         "Disk": f"{DEFAULTS.emr_max_vcpu * 20} GB",
     }
+    (defaults,) = [c["Properties"] for c in emr["RuntimeConfiguration"] if c["Classification"] == "spark-defaults"]
+    # Delta Lake: EMR ships the jars but does not load them; the pseudonym key comes from Secrets Manager
+    assert (
+        defaults["spark.jars"] == "/usr/share/aws/delta/lib/delta-spark.jar,/usr/share/aws/delta/lib/delta-storage.jar"
+    )
+    assert defaults["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+    assert defaults["spark.sql.catalog.spark_catalog"] == "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+    assert "EMR.secret@" in json.dumps(defaults["spark.executorEnv.CXR_PSEUDONYM_KEY"])  # a name, not a value
 
 
 def test_ecs_cluster_and_fargate_task(compute: Template) -> None:
@@ -327,6 +336,13 @@ def test_mwaa_environment(templates: dict[str, Template]) -> None:
     assert mwaa["KmsKey"]
     assert mwaa["RequirementsS3Path"] and mwaa["StartupScriptS3Path"]
     assert "RequirementsS3ObjectVersion" not in mwaa  # default context: the newest version
+    options = mwaa["AirflowConfigurationOptions"]
+    assert options["secrets.backend"].endswith("SystemsManagerParameterStoreBackend")
+    assert options["cxr.infer_backend"] == "ecs"
+    # what startup.sh exports, also in SSM (its fallback when MWAA does not pass the options)
+    names = {p["Name"] for p in resources(templates["Cxr-Orchestration"], "AWS::SSM::Parameter").values()}
+    settings = {"CXR_INPUT_URI", "CXR_LAKEHOUSE_URI", "CXR_METRICS_NAMESPACE", "CXR_INFER_BACKEND"}
+    assert {n.removeprefix("/cxr/settings/") for n in names if n.startswith("/cxr/settings/")} == settings
 
 
 def test_mwaa_requirements_version_from_context(tmp_path: Path) -> None:

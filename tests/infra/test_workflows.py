@@ -157,7 +157,7 @@ def test_deploy_steps_in_order() -> None:
         "actions/setup-python",
         "aws-actions/configure-aws-credentials",
         "make setup-infra",
-        "make deploy-foundation",
+        'make deploy-foundation INFRA_CTX="-c github_repo=$GITHUB_REPOSITORY"',
         "aws-actions/amazon-ecr-login",
         'docker build -f inference/Dockerfile -t "$REGISTRY/cxr-infer:$IMAGE_TAG" .\n'
         'docker push "$REGISTRY/cxr-infer:$IMAGE_TAG"\n'
@@ -165,7 +165,7 @@ def test_deploy_steps_in_order() -> None:
         'docker push "$REGISTRY/cxr-infer:$IMAGE_TAG-cuda"',
         "make bundle",  # the wheel the Spark venv installs
         "bash infra/mwaa/build_spark_env.sh infra/build",
-        'make deploy IMAGE_TAG="$IMAGE_TAG"',
+        'make deploy IMAGE_TAG="$IMAGE_TAG" INFRA_CTX="-c github_repo=$GITHUB_REPOSITORY"',
     ]
     credentials = deploy["steps"][2]["with"]
     assert credentials == {"role-to-assume": "${{ vars.CXR_DEPLOY_ROLE_ARN }}", "aws-region": "${{ vars.AWS_REGION }}"}
