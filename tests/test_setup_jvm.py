@@ -160,7 +160,12 @@ def test_ivy_resolves_the_pom_from_maven_central(tmp_path: Path) -> None:
     jars = setup_jvm.resolve_with_ivy(setup_jvm.POM, out)
 
     names = {j.name for j in jars}
-    assert {"delta-spark_2.13-4.0.0.jar", "delta-storage-4.0.0.jar", "hadoop-aws-3.4.1.jar", "bundle-2.29.52.jar"} <= names
+    assert {
+        "delta-spark_2.13-4.0.0.jar",
+        "delta-storage-4.0.0.jar",
+        "hadoop-aws-3.4.1.jar",
+        "bundle-2.29.52.jar",
+    } <= names
     assert out.read_text().strip().split(os.pathsep) == [str(j) for j in jars]
     assert all(j.is_file() for j in jars)
 
