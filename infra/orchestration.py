@@ -74,14 +74,6 @@ class OrchestrationStack(cdk.Stack):
             "cxr_athena_db": catalog.database_name,
             "cxr_athena_workgroup": catalog.workgroup_name,
         }
-        for variable, value in self.variables.items():
-            ssm.StringParameter(
-                self,
-                f"Var-{variable}",
-                parameter_name=f"{VARIABLES_PREFIX}/{variable}",
-                string_value=value,
-                description=f"Airflow Variable {variable} of the cxr DAG",
-            )
         # --- the CXR_* settings MWAA's startup script exports (read when the DAG is parsed) ---
         self.settings = {
             "CXR_INPUT_URI": self.input_uri,
@@ -89,14 +81,18 @@ class OrchestrationStack(cdk.Stack):
             "CXR_METRICS_NAMESPACE": METRICS_NAMESPACE,
             "CXR_INFER_BACKEND": config.infer_backend,
         }
-        for setting, value in self.settings.items():
-            ssm.StringParameter(
-                self,
-                f"Setting-{setting}",
-                parameter_name=f"{SETTINGS_PREFIX}/{setting}",
-                string_value=value,
-                description=f"{setting} of the cxr DAG on MWAA (exported by startup.sh)",
-            )
+        for cid, folder, values, what in (
+            ("Var", VARIABLES_PREFIX, self.variables, "Airflow Variable {} of the cxr DAG"),
+            ("Setting", SETTINGS_PREFIX, self.settings, "{} of the cxr DAG on MWAA (exported by startup.sh)"),
+        ):
+            for entry, value in values.items():
+                ssm.StringParameter(
+                    self,
+                    f"{cid}-{entry}",
+                    parameter_name=f"{folder}/{entry}",
+                    string_value=value,
+                    description=what.format(entry),
+                )
 
         # --- the MWAA execution role: MWAA's own needs, then each DAG step's calls ---
         self.execution_role = iam.Role(
