@@ -96,17 +96,22 @@ def upload_bundle(bucket: str, build: Path, *, client: Any = None) -> dict[str, 
         client = boto3.client("s3")
 
     def put(path: Path, key: str) -> str | None:
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        sha256 = digest.hexdigest()
         try:
             head = client.head_object(Bucket=bucket, Key=key)
         except client.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
         else:
-            if head.get("Metadata", {}).get("sha256") == digest:
+            if head.get("Metadata", {}).get("sha256") == sha256:
                 return head.get("VersionId")
-        return client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest}).get("VersionId")
+        # multipart for the large ones (the packed EMR venv); the version is read back after
+        client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
+        return client.head_object(Bucket=bucket, Key=key).get("VersionId")
 
     for folder, prefix in (("dags", DAGS_PREFIX), ("code", CODE_PREFIX)):
         for path in sorted((build / folder).rglob("*")):
@@ -135,9 +140,23 @@ def stack_output(stack: str, key: str) -> str:
     raise SystemExit(f"stack {stack} has no output {key}")
 
 
+def check_deployable(context: dict[str, Any]) -> None:
+    """Refuse a deploy whose CI role would trust the placeholder repository of infra/context.json."""
+    from infra.app import file_context
+    from infra.config import PLACEHOLDER_REPO, DeployConfig
+
+    config = DeployConfig.from_context({**file_context(), **context}.get)
+    if config.github_repo == PLACEHOLDER_REPO:
+        raise SystemExit(
+            f"github_repo is still the placeholder {PLACEHOLDER_REPO!r}: set your repository (owner/name) in "
+            "infra/context.json or pass -c github_repo=owner/name (the deploy role trusts only its workflow)"
+        )
+
+
 def deploy(context: dict[str, Any], *, foundation_only: bool, build: Path) -> None:
     from infra.app import CDK_OUT, FOUNDATION
 
+    check_deployable(context)
     synth(context)
     run_cdk(["deploy", "--app", str(CDK_OUT), "--require-approval", "never", *FOUNDATION])
     if foundation_only:

@@ -41,13 +41,18 @@ FOUNDATION = ("Cxr-Storage",)
 
 
 def build_app(
-    outdir: str | os.PathLike[str] | None = None, context: dict[str, Any] | None = None, *, nag: bool = True
+    outdir: str | os.PathLike[str] | None = None,
+    context: dict[str, Any] | None = None,
+    *,
+    nag: bool = True,
+    context_file: Path | None = CONTEXT_FILE,
 ) -> cdk.App:
     """All stacks in one app; ``context`` overrides ``DeployConfig``'s defaults (see infra/config.py).
 
     The account and region come from ``CDK_DEFAULT_ACCOUNT``/``CDK_DEFAULT_REGION`` (set by the CDK CLI
     from the caller's credentials) when present; otherwise the templates are environment-agnostic."""
-    app = cdk.App(outdir=str(outdir or CDK_OUT), context={**file_context(), **(context or {})})
+    committed = file_context(context_file) if context_file else {}
+    app = cdk.App(outdir=str(outdir or CDK_OUT), context={**committed, **(context or {})})
     config = DeployConfig.from_context(app.node.try_get_context)
     account, region = os.environ.get("CDK_DEFAULT_ACCOUNT"), os.environ.get("CDK_DEFAULT_REGION")
     env = cdk.Environment(account=account, region=region) if account and region else None
@@ -90,7 +95,12 @@ def file_context(path: Path = CONTEXT_FILE) -> dict[str, Any]:
 
 
 def synth(
-    outdir: str | os.PathLike[str] | None = None, context: dict[str, Any] | None = None, *, nag: bool = True
+    outdir: str | os.PathLike[str] | None = None,
+    context: dict[str, Any] | None = None,
+    *,
+    nag: bool = True,
+    context_file: Path | None = CONTEXT_FILE,
 ) -> cdk.cx_api.CloudAssembly:
-    """Synthesize every stack's CloudFormation template into ``outdir`` (default ``infra/cdk.out``)."""
-    return build_app(outdir, context, nag=nag).synth()
+    """Synthesize every stack's CloudFormation template into ``outdir`` (default ``infra/cdk.out``);
+    ``context_file=None``: the defaults of ``DeployConfig`` (the tests), not the committed choices."""
+    return build_app(outdir, context, nag=nag, context_file=context_file).synth()

@@ -41,6 +41,7 @@ How MWAA installs the package (``safe-pip-install -r requirements.txt`` on every
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -142,9 +143,12 @@ def merge_constraints(essential: str, lock: str, *, header: Iterable[str] = ()) 
     return "\n".join(lines) + "\n"
 
 
-def requirements_text(wheel_name: str, *, extra: str = WORKER_EXTRA) -> str:
-    """MWAA's requirements.txt: our constraints first, then the wheel shipped in plugins.zip with ``extra``."""
-    return f"-c {MWAA_DAGS_DIR}/{CONSTRAINTS_NAME}\ncxr-lakehouse[{extra}] @ file://{MWAA_PLUGINS_DIR}/{wheel_name}\n"
+def requirements_text(wheel_name: str, *, extra: str = WORKER_EXTRA, constraints_sha256: str = "") -> str:
+    """MWAA's requirements.txt: our constraints first, then the wheel shipped in plugins.zip with ``extra``;
+    with ``constraints_sha256``, a last comment line naming the constraints' bytes, so that a change of the
+    constraints alone changes requirements.txt too (and with it the object version MWAA installs from)."""
+    text = f"-c {MWAA_DAGS_DIR}/{CONSTRAINTS_NAME}\ncxr-lakehouse[{extra}] @ file://{MWAA_PLUGINS_DIR}/{wheel_name}\n"
+    return text + (f"# constraints sha256 {constraints_sha256}\n" if constraints_sha256 else "")
 
 
 def build_wheel(out_dir: Path, *, root: Path = ROOT) -> Path:
@@ -256,7 +260,8 @@ def build_bundle(out: Path, *, root: Path = ROOT, airflow_version: str = AIRFLOW
         )
     )
     requirements = out / "requirements.txt"
-    requirements.write_text(requirements_text(wheel.name))
+    digest = hashlib.sha256(constraints.read_bytes()).hexdigest()
+    requirements.write_text(requirements_text(wheel.name, constraints_sha256=digest))
     plugins = _write_zip(out / "plugins.zip", [(wheel, wheel.name)])
     startup = out / "startup.sh"
     shutil.copyfile(MWAA_DIR / "startup.sh", startup)

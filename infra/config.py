@@ -25,7 +25,9 @@ VARIABLES_PREFIX = "/cxr/variables"
 #: the CXR_* settings MWAA's startup script exports (infra/mwaa/startup.sh), served from SSM as well
 SETTINGS_PREFIX = "/cxr/settings"
 CONNECTIONS_PREFIX = "/cxr/connections"
-INFER_CONTAINER = "cxr-infer"  # the container name the DAG's EcsRunTaskOperator overrides
+INFER_CONTAINER = "cxr-infer"
+#: github_repo until a deployment names its own (``python -m infra deploy`` refuses it)
+PLACEHOLDER_REPO = "example-org/cxr-lakehouse"  # the container name the DAG's EcsRunTaskOperator overrides
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class DeployConfig:
     plugins_version: str = ""
     startup_version: str = ""
     #: the GitHub repository (owner/name) and environment whose workflow may assume the deploy role
-    github_repo: str = "example-org/cxr-lakehouse"
+    github_repo: str = PLACEHOLDER_REPO
     github_environment: str = "production"
     #: NAT gateways for egress (PyPI for MWAA's requirements, TorchXRayVision weights from GitHub); 0: none
     nat_gateways: int = 1

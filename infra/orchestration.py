@@ -219,6 +219,7 @@ class OrchestrationStack(cdk.Stack):
                     "glue:GetTable",
                     "glue:CreateTable",
                     "glue:DeleteTable",
+                    "glue:GetPartitions",  # Athena's DROP TABLE looks the table's partitions up
                 ],
                 resources=[
                     f"{arn}:glue:{region_account}:catalog",

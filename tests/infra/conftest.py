@@ -22,7 +22,7 @@ def cdk_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from infra.app import build_app
 
     with environment_agnostic():
-        app = build_app(tmp_path_factory.mktemp("cdk.out"), nag=True)
+        app = build_app(tmp_path_factory.mktemp("cdk.out"), nag=True, context_file=None)
         app.synth()
     return app
 

@@ -61,7 +61,7 @@ def synth_templates(outdir: Path) -> dict[str, dict[str, Any]]:
     saved = {k: os.environ.get(k) for k in ("CDK_DEFAULT_ACCOUNT", "CDK_DEFAULT_REGION")}
     os.environ.update(CDK_DEFAULT_ACCOUNT=ACCOUNT, CDK_DEFAULT_REGION=REGION)
     try:
-        synth(outdir, CONTEXT, nag=False)
+        synth(outdir, CONTEXT, nag=False, context_file=None)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -4,6 +4,7 @@ against the package index) the requirements re-resolve for MWAA's Python with Ai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -98,6 +99,8 @@ def test_requirements_point_where_mwaa_puts_the_files(built: b.Bundle) -> None:
     assert lines == [
         "-c /usr/local/airflow/dags/cxr-constraints.txt",
         f"cxr-lakehouse[quality] @ file:///usr/local/airflow/plugins/{built.wheel.name}",
+        # a change of the constraints alone is a new requirements.txt: MWAA re-installs
+        f"# constraints sha256 {hashlib.sha256(built.constraints.read_bytes()).hexdigest()}",
     ]
     # MWAA's DAGs folder is the bundle's dags/, plugins.zip is unpacked to /usr/local/airflow/plugins/
     constraints_at = lines[0].removeprefix("-c ")

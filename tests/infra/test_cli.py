@@ -110,3 +110,22 @@ def test_the_bundle_upload_keeps_versions_of_unchanged_files(tmp_path: Path, s3_
     }
     versions = s3.list_object_versions(Bucket=bucket, Prefix="requirements.txt")["Versions"]
     assert len(versions) == 2
+
+
+def test_explicit_context_wins_over_the_committed_file(tmp_path: Path) -> None:
+    from infra.app import build_app
+
+    committed = tmp_path / "context.json"
+    committed.write_text(json.dumps({"github_repo": "file/repo", "nat_gateways": 0}))
+    app = build_app(tmp_path / "out", {"github_repo": "flag/repo"}, nag=False, context_file=committed)
+    config = DeployConfig.from_context(app.node.try_get_context)
+    assert (config.github_repo, config.nat_gateways) == ("flag/repo", 0)
+
+
+def test_deploy_refuses_the_placeholder_repository() -> None:
+    from infra.__main__ import check_deployable
+    from infra.config import PLACEHOLDER_REPO
+
+    with pytest.raises(SystemExit, match="placeholder"):
+        check_deployable({"github_repo": PLACEHOLDER_REPO})
+    check_deployable({"github_repo": "hospital/cxr-lakehouse"})  # the workflow passes its own repository

@@ -118,7 +118,7 @@ def test_every_acknowledgment_matches_a_finding(cdk_app: Any, tmp_path: Path) ->
     from infra.app import build_app
 
     with environment_agnostic():
-        bare = build_app(tmp_path, nag=False)
+        bare = build_app(tmp_path, nag=False, context_file=None)
         bare.synth()
     report = cdk_nag.AwsSolutionsChecks(bare).validate_scope(bare)
     findings = {
@@ -134,7 +134,7 @@ def test_nag_passes_for_another_prefix(tmp_path: Path) -> None:
     from infra.app import synth
 
     with environment_agnostic():
-        synth(tmp_path, {"prefix": "demo"}, nag=True)
+        synth(tmp_path, {"prefix": "demo"}, nag=True, context_file=None)
     assert "demo-preprocess" in (tmp_path / "Cxr-Compute.template.json").read_text()
 
 
@@ -349,7 +349,7 @@ def test_mwaa_requirements_version_from_context(tmp_path: Path) -> None:
     from infra.app import synth
 
     with environment_agnostic():
-        synth(tmp_path, {"requirements_version": "abc"}, nag=False)
+        synth(tmp_path, {"requirements_version": "abc"}, nag=False, context_file=None)
     mwaa = one(read_templates(tmp_path)["Cxr-Orchestration"], "AWS::MWAA::Environment")
     assert mwaa["RequirementsS3ObjectVersion"] == "abc"
 
