@@ -47,6 +47,9 @@ class DeployConfig:
     github_environment: str = "production"
     #: NAT gateways for egress (PyPI for MWAA's requirements, TorchXRayVision weights from GitHub); 0: none
     nat_gateways: int = 1
+    #: ``all``: the interface endpoints of infra/network.py (traffic to AWS APIs stays on the AWS network);
+    #: ``none``: AWS APIs through the NAT gateway (needs nat_gateways >= 1; ~$280/month less at rest)
+    interface_endpoints: str = "all"
     emr_max_vcpu: int = 64
     emr_max_memory_gb: int = 256
     #: pre-initialised EMR Serverless capacity (a driver and two executors kept warm while the app runs)
@@ -86,6 +89,10 @@ class DeployConfig:
         config = cls(**values)
         if "/" not in config.github_repo:
             raise ValueError(f"github_repo must be owner/name, got {config.github_repo!r}")
+        if config.interface_endpoints not in ("all", "none"):
+            raise ValueError(f"interface_endpoints must be all or none, got {config.interface_endpoints!r}")
+        if config.interface_endpoints == "none" and config.nat_gateways < 1:
+            raise ValueError("interface_endpoints=none needs a NAT gateway (nat_gateways >= 1) to reach AWS APIs")
         if config.infer_backend not in ("ecs", "batch"):
             raise ValueError(f"infer_backend must be ecs or batch, got {config.infer_backend!r}")
         # bucket names (airflow-<prefix>-<account>-<region>: 63 characters at most), MWAA's and ECR's names

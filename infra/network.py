@@ -99,7 +99,8 @@ class NetworkStack(cdk.Stack):
             allow_all_outbound=False,
         )
         endpoints_sg.add_ingress_rule(ec2.Peer.ipv4(self.vpc.vpc_cidr_block), ec2.Port.tcp(443), "HTTPS from the VPC")
-        for name, service in INTERFACE_ENDPOINTS.items():
+        # interface_endpoints=none: AWS APIs through the NAT gateway instead (~$280/month less at rest)
+        for name, service in INTERFACE_ENDPOINTS.items() if config.interface_endpoints == "all" else ():
             self.vpc.add_interface_endpoint(
                 name,
                 service=service,

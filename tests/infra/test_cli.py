@@ -31,6 +31,8 @@ def test_context_pairs_and_their_types() -> None:
         parse_context(["nat_gateways"])
     with pytest.raises(ValueError, match="owner/name"):
         DeployConfig.from_context({"github_repo": "nope"}.get)
+    with pytest.raises(ValueError, match="NAT gateway"):
+        DeployConfig.from_context({"interface_endpoints": "none", "nat_gateways": 0}.get)
     with pytest.raises(ValueError, match="ecs or batch"):
         DeployConfig.from_context({"infer_backend": "lambda"}.get)
     with pytest.raises(ValueError, match="prefix"):

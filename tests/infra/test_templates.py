@@ -345,13 +345,19 @@ def test_mwaa_environment(templates: dict[str, Template]) -> None:
     assert {n.removeprefix("/cxr/settings/") for n in names if n.startswith("/cxr/settings/")} == settings
 
 
-def test_mwaa_requirements_version_from_context(tmp_path: Path) -> None:
+def test_context_keys_reach_the_templates(tmp_path: Path) -> None:
+    """requirements_version -> MWAA's object version; interface_endpoints=none -> only the S3 gateway
+    endpoint (AWS APIs through the NAT gateway)."""
     from infra.app import synth
 
     with environment_agnostic():
-        synth(tmp_path, {"requirements_version": "abc"}, nag=False, context_file=None)
-    mwaa = one(read_templates(tmp_path)["Cxr-Orchestration"], "AWS::MWAA::Environment")
+        synth(tmp_path, {"requirements_version": "abc", "interface_endpoints": "none"}, nag=False, context_file=None)
+    made = read_templates(tmp_path)
+    mwaa = one(made["Cxr-Orchestration"], "AWS::MWAA::Environment")
     assert mwaa["RequirementsS3ObjectVersion"] == "abc"
+    endpoint = one(made["Cxr-Network"], "AWS::EC2::VPCEndpoint")
+    assert endpoint["VpcEndpointType"] == "Gateway"
+    one(made["Cxr-Network"], "AWS::EC2::NatGateway")
 
 
 # --- monitoring -----------------------------------------------------------------------------------------------
