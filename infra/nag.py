@@ -114,8 +114,8 @@ def acknowledge(app: cdk.App) -> None:
             "*": NO_RESOURCE_TYPE.format(
                 actions="ecs:DiscoverPollEndpoint (the agent asks before it knows its cluster)"
             ),
-            f"{ecs}:cluster/AWSBatch-{prefix}-gpu*": batch_names,
-            f"{ecs}:container-instance/AWSBatch-{prefix}-gpu*": f"{batch_names}; its instances are container-instance/<cluster>/<id>",
+            f"{ecs}:cluster/AWSBatch-{compute.batch_name}*": batch_names,
+            f"{ecs}:container-instance/AWSBatch-{compute.batch_name}*": f"{batch_names}; its instances are container-instance/<cluster>/<id>",
         },
     )
 
@@ -142,7 +142,7 @@ def acknowledge(app: cdk.App) -> None:
             f"{ARN}:emr-serverless:{REGION_ACCOUNT}:/applications/{_export(app_id)}/jobruns/*": "the job runs of the one EMR Serverless application (run ids are made at start)",
             f"{ecs}:task-definition/{compute.task_definition.family}:*": "the revisions of the one task definition family",
             f"{ecs}:task/{_export(cluster)}/*": "the tasks of the one ECS cluster (task ids are made at start)",
-            f"{ARN}:batch:{REGION_ACCOUNT}:job-definition/{prefix}-infer-gpu:*": "the revisions of the one job definition",
+            f"{ARN}:batch:{REGION_ACCOUNT}:job-definition/{compute.job_definition_name}:*": "the revisions of the one job definition",
             f"{ARN}:batch:{REGION_ACCOUNT}:job/*": "batch:TerminateJob on the jobs it submitted: a job's ARN carries only "
             "its id, not its queue",
             f"{ARN}:glue:{REGION_ACCOUNT}:table/{catalog.database_name}/*": "the tables of the one Glue database, which the DAG creates",

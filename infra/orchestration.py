@@ -68,8 +68,8 @@ class OrchestrationStack(cdk.Stack):
             "cxr_ecs_task_definition": compute.task_definition.family,  # the newest ACTIVE revision
             "cxr_ecs_subnets": ",".join(network.private_subnets.subnet_ids),
             "cxr_ecs_security_groups": network.jobs_sg.security_group_id,
-            "cxr_batch_job_queue": f"{config.prefix}-gpu",
-            "cxr_batch_job_definition": f"{config.prefix}-infer-gpu",  # the newest ACTIVE revision
+            "cxr_batch_job_queue": compute.batch_name,
+            "cxr_batch_job_definition": compute.job_definition_name,  # the newest ACTIVE revision
             "cxr_athena_output": catalog.results_uri,
             "cxr_athena_db": catalog.database_name,
             "cxr_athena_workgroup": catalog.workgroup_name,
@@ -197,9 +197,9 @@ class OrchestrationStack(cdk.Stack):
             iam.PolicyStatement(
                 actions=["batch:SubmitJob"],
                 resources=[
-                    f"{arn}:batch:{region_account}:job-queue/{config.prefix}-gpu",
-                    f"{arn}:batch:{region_account}:job-definition/{config.prefix}-infer-gpu",
-                    f"{arn}:batch:{region_account}:job-definition/{config.prefix}-infer-gpu:*",
+                    f"{arn}:batch:{region_account}:job-queue/{compute.batch_name}",
+                    f"{arn}:batch:{region_account}:job-definition/{compute.job_definition_name}",
+                    f"{arn}:batch:{region_account}:job-definition/{compute.job_definition_name}:*",
                 ],
             ),
             iam.PolicyStatement(actions=["batch:TerminateJob"], resources=[f"{arn}:batch:{region_account}:job/*"]),
