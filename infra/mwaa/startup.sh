@@ -12,17 +12,16 @@
 # CXR_PSEUDONYM_KEY is not exported: only the Spark job (on EMR) makes pseudonyms.
 export CXR_PROFILE=aws
 export CXR_EMR_MODE=serverless
-if [ -n "${AIRFLOW__CXR__INPUT_URI:-}" ]; then export CXR_INPUT_URI="$AIRFLOW__CXR__INPUT_URI"; fi
-if [ -n "${AIRFLOW__CXR__LAKEHOUSE_URI:-}" ]; then export CXR_LAKEHOUSE_URI="$AIRFLOW__CXR__LAKEHOUSE_URI"; fi
-if [ -n "${AIRFLOW__CXR__METRICS_NAMESPACE:-}" ]; then export CXR_METRICS_NAMESPACE="$AIRFLOW__CXR__METRICS_NAMESPACE"; fi
-if [ -n "${AIRFLOW__CXR__INFER_BACKEND:-}" ]; then export CXR_INFER_BACKEND="$AIRFLOW__CXR__INFER_BACKEND"; fi
-# Fallback: the stack writes the same values to SSM (/cxr/settings/<NAME>); read what is still unset, so
-# that the DAG never falls back to a local default path on MWAA.
-for name in CXR_INPUT_URI CXR_LAKEHOUSE_URI CXR_METRICS_NAMESPACE CXR_INFER_BACKEND; do
-  eval "current=\${$name:-}"
-  if [ -z "$current" ] && command -v aws >/dev/null 2>&1; then
-    value=$(aws ssm get-parameter --name "/cxr/settings/$name" --query Parameter.Value --output text 2>/dev/null) \
-      && [ -n "$value" ] && [ "$value" != "None" ] && export "$name=$value" || true
+# Each setting: MWAA's option AIRFLOW__CXR__<NAME> when set; else the CXR_<NAME> already in the
+# environment; else the stack's copy in SSM (/cxr/settings/CXR_<NAME>), so that the DAG never falls back
+# to a local default path on MWAA.
+for name in INPUT_URI LAKEHOUSE_URI METRICS_NAMESPACE INFER_BACKEND; do
+  eval "value=\${AIRFLOW__CXR__$name:-}"
+  eval "current=\${CXR_$name:-}"
+  if [ -z "$value" ] && [ -z "$current" ] && command -v aws >/dev/null 2>&1; then
+    value=$(aws ssm get-parameter --name "/cxr/settings/CXR_$name" --query Parameter.Value --output text 2>/dev/null) \
+      || value=""
   fi
+  if [ -n "$value" ] && [ "$value" != "None" ]; then export "CXR_$name=$value"; fi
 done
 true  # an SSM miss leaves the setting unset; it does not fail MWAA's start
