@@ -153,19 +153,24 @@ def published_manifest_uri(lakehouse_uri: str, table: str) -> str:
 
 
 # --- object store clients --------------------------------------------------------------------------
-@lru_cache(maxsize=4)
-def _s3_client(endpoint_url: str, region: str, max_attempts: int = 5) -> Any:
+def _aws_client(service: str, endpoint_url: str, region: str, max_attempts: int, **config: Any) -> Any:
+    """A boto3 client of ``service`` at the endpoint override (moto, MinIO; empty: AWS) in ``region``, with
+    standard retries and the botocore ``config`` given."""
     import boto3
     from botocore.config import Config
 
     return boto3.client(
-        "s3",
+        service,
         endpoint_url=endpoint_url or None,
         region_name=region,
-        config=Config(
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            s3={"addressing_style": "path"} if endpoint_url else {},
-        ),
+        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, **config),
+    )
+
+
+@lru_cache(maxsize=4)
+def _s3_client(endpoint_url: str, region: str, max_attempts: int = 5) -> Any:
+    return _aws_client(
+        "s3", endpoint_url, region, max_attempts, s3={"addressing_style": "path"} if endpoint_url else {}
     )
 
 
@@ -176,16 +181,8 @@ def s3_client(settings: Settings) -> Any:
 
 @lru_cache(maxsize=4)
 def _cloudwatch_client(endpoint_url: str, region: str, max_attempts: int) -> Any:
-    import boto3
-    from botocore.config import Config
-
     # short timeouts: a metric is worth less than the task that publishes it
-    return boto3.client(
-        "cloudwatch",
-        endpoint_url=endpoint_url or None,
-        region_name=region,
-        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=10),
-    )
+    return _aws_client("cloudwatch", endpoint_url, region, max_attempts, connect_timeout=5, read_timeout=10)
 
 
 def put_metrics(namespace: str, metrics: Mapping[str, tuple[float, MetricUnit]], settings: Settings) -> None:
